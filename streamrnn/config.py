@@ -1,0 +1,200 @@
+"""The typed config tree: defaults, a TOML file, `section.key=value` overrides.
+
+Every setting lives in one small frozen dataclass per section. A bad value is refused
+before anything starts, with one ConfigError that names the key:
+
+    >>> load_config(overrides=["train.k2=8", "train.k1=16"])
+    ConfigError: train.k2 = 8 must be >= train.k1 = 16 ...
+
+Each field's `doc` metadata is its documentation: `--print-config` prints it next to
+the value, so the printed config is also the reference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key."""
+
+
+def _opt(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = _opt("lstm", "recurrent cell", choices=("lstm", "gru"))
+    vocab_size: int = _opt(256, "number of token ids; tokens must be < vocab_size (256 = bytes)")
+    embed_dim: int = _opt(64, "token embedding width")
+    hidden_size: int = _opt(256, "recurrent state width per layer")
+    num_layers: int = _opt(1, "stacked recurrent layers")
+
+    def check(self) -> None:
+        _positive(self, "vocab_size", "embed_dim", "hidden_size", "num_layers")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    k1: int = _opt(32, "an update every k1 new tokens of a stream, with loss on those k1 targets")
+    k2: int = _opt(128, "each update backpropagates through the last k2 inputs (k2 >= k1)")
+    optimizer: str = _opt("adam", "optimizer", choices=("adam", "sgd"))
+    lr: float = _opt(3e-3, "learning rate")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
+    max_batch_streams: int = _opt(256, "at most this many streams' windows in one update")
+    device: str = _opt("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    precision: str = _opt("fp32", "compute precision", choices=("fp32", "bf16", "fp64"))
+    seed: int = _opt(0, "seed for the initial weights")
+
+    def check(self) -> None:
+        _positive(self, "k1", "k2", "max_batch_streams")
+        if self.k2 < self.k1:
+            raise ConfigError(f"train.k2 = {self.k2} must be >= train.k1 = {self.k1}: "
+                              "each update backpropagates through the last k2 inputs and "
+                              "trains the newest k1 targets")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr = {self.lr} must be > 0")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"train.grad_clip = {self.grad_clip} must be >= 0 (0 = off)")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device = {self.device!r}: expected auto, cpu, cuda "
+                              "or cuda:N")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value < 1:
+            raise ConfigError(f"{_section_name(section)}.{name} = {value} must be >= 1")
+
+
+def _section_name(section: Any) -> str:
+    return next(f.name for f in dataclasses.fields(Config)
+                if f.default_factory is type(section))  # type: ignore[misc]
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, then the TOML file at `path` (if given), then `section.key=value`
+    overrides; validated. Raises ConfigError naming the offending key."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
+    if path is not None:
+        for section, table in _read_toml(Path(path)).items():
+            _merge(values, section, table, where=str(path))
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not _ or not name:
+            raise ConfigError(f"override {item!r}: expected section.key=value, "
+                              "for example train.k1=16")
+        _merge(values, section, {name: _parse_value(raw.strip())}, where="--set")
+    return _build(values)
+
+
+def config_from_dict(tree: dict[str, dict[str, Any]]) -> Config:
+    """A Config from a nested dict such as `Config.to_dict()` gives (checkpoints)."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
+    for section, table in tree.items():
+        _merge(values, section, table, where="saved config")
+    return _build(values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            tree = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for section, table in tree.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+    return tree
+
+
+def _merge(values: dict[str, dict[str, Any]], section: str, table: dict[str, Any],
+           where: str) -> None:
+    if section not in values:
+        raise ConfigError(f"{where}: unknown section [{section}]"
+                          f"{_did_you_mean(section, values)}; sections: {', '.join(values)}")
+    known = {f.name: f for f in dataclasses.fields(_sections()[section])}
+    for name, value in table.items():
+        if name not in known:
+            raise ConfigError(f"{where}: unknown key {section}.{name}"
+                              f"{_did_you_mean(name, known)}; keys in [{section}]: "
+                              f"{', '.join(known)}")
+        values[section][name] = _check_type(f"{section}.{name}", known[name], value)
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_type(key: str, spec: dataclasses.Field, value: Any) -> Any:
+    want = {"int": int, "float": float, "str": str, "bool": bool}[str(spec.type)]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} = {value!r}: expected {want.__name__}, "
+                          f"got {type(value).__name__}")
+    choices = spec.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def _parse_value(raw: str) -> Any:
+    """A TOML value (`16`, `3e-4`, `true`, `"x"`); anything else is taken as a string,
+    so `train.device=cuda` needs no quotes."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _build(values: dict[str, dict[str, Any]]) -> Config:
+    sections = {name: cls(**values[name]) for name, cls in _sections().items()}
+    for section in sections.values():
+        section.check()
+    return Config(**sections)
+
+
+def format_config(config: Config) -> str:
+    """The resolved config as TOML, each key with its documentation; loadable again."""
+    lines: list[str] = []
+    for section_field in dataclasses.fields(config):
+        section = getattr(config, section_field.name)
+        lines.append(f"[{section_field.name}]")
+        for f in dataclasses.fields(section):
+            value = _toml_value(getattr(section, f.name))
+            lines.append(f"{f.name} = {value:<12} # {f.metadata['doc']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

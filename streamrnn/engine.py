@@ -1,0 +1,113 @@
+"""One exact TBPTT(k1, k2) update for a batch of windows from many streams.
+
+    start states  h(s) gathered from the pools            (layers, B, hidden)
+    segment A     [s, p) from h(s)     -> h(p), kept as the next start state
+    segment B     [p, e) from h(p)     (gradient flows back through h(p) into A)
+    loss          mean cross-entropy of the newest n targets of every window
+    backward, clip, optimizer step; then h(p), detached, scattered into the pools
+
+Each segment is one fused sequence call (cuDNN on a GPU) for all streams in it; windows
+of unequal length (young streams, flushes) go through as a packed sequence, which gives
+every stream its state at its own length. The head runs only on the rows that carry a
+loss: k1 of the k2 window positions.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .model import RecurrentLM, State
+from .streams import Batch
+
+
+class Engine:
+    def __init__(self, model: RecurrentLM, optimizer: torch.optim.Optimizer,
+                 grad_clip: float, precision: str, device: torch.device):
+        self.model, self.optimizer = model, optimizer
+        self.grad_clip = grad_clip
+        self.device = device
+        self.bf16 = precision == "bf16"
+        self.last_grad_norm: torch.Tensor | None = None  # device scalar; read it lazily
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def step(self, batch: Batch, pools: State) -> torch.Tensor:
+        """Train one batch; returns the summed cross-entropy (nats) of its targets,
+        computed before the weights changed, as a device scalar (no host sync)."""
+        slots, tokens_a, rows_a, tokens_b, rows_b, loss_rows, targets = self._upload(
+            batch.slots, batch.tokens_a, batch.rows_a, batch.tokens_b, batch.rows_b,
+            batch.loss_rows, batch.targets)
+        tokens_a = tokens_a.view(batch.tokens_a.shape)
+        tokens_b = tokens_b.view(batch.tokens_b.shape)
+        start = tuple(pool[:, slots] for pool in pools)  # gather (layers, B, hidden)
+        num_streams = batch.num_streams
+
+        with self.autocast():
+            outputs = []
+            at_p = start
+            if len(batch.rows_a):
+                y_a, at_a = self._segment(tokens_a, batch.lengths_a,
+                                          _rows(start, rows_a, num_streams))
+                at_p = at_a if len(batch.rows_a) == num_streams else tuple(
+                    s.index_copy(1, rows_a, a.to(s.dtype)) for s, a in zip(start, at_a))
+                outputs.append(y_a.flatten(0, 1))
+            if len(batch.rows_b):
+                y_b, _ = self._segment(tokens_b, batch.lengths_b,
+                                       _rows(at_p, rows_b, num_streams))
+                outputs.append(y_b.flatten(0, 1))
+            y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            logits = self.model.head(y.index_select(0, loss_rows))  # (targets, vocab)
+        if logits.dtype == torch.bfloat16:
+            logits = logits.float()  # the loss in float32 even under bf16 autocast
+        total_ce = F.cross_entropy(logits, targets, reduction="sum")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        (total_ce / batch.num_targets).backward()
+        if self.grad_clip > 0:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            for pool, state in zip(pools, at_p):
+                pool[:, slots] = state.to(pool.dtype)  # scatter the next start states
+        return total_ce.detach()
+
+    def _segment(self, tokens: torch.Tensor, lengths: np.ndarray, state: State):
+        """Run the recurrent layers over (T, n) tokens from `state`; returns the top
+        layer's outputs (T, n, hidden) and each stream's state after its own length."""
+        x = self.model.embed(tokens)
+        rnn_state = self.model.from_tuple(state)
+        if lengths.min() == lengths.max():  # the common case: one dense fused call
+            y, rnn_state = self.model.rnn(x, rnn_state)
+        else:
+            packed = pack_padded_sequence(x, torch.from_numpy(lengths), enforce_sorted=False)
+            y, rnn_state = self.model.rnn(packed, rnn_state)
+            y, _ = pad_packed_sequence(y, total_length=tokens.shape[0])
+        return y, self.model.to_tuple(rnn_state)
+
+    def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """All of a step's integer inputs to the device in one copy, not seven."""
+        flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.int64)
+        host = torch.from_numpy(flat)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        on_device = host.to(self.device, non_blocking=True)
+        return list(on_device.split([a.size for a in arrays]))
+
+
+def _rows(state: State, rows: torch.Tensor, num_streams: int) -> State:
+    if len(rows) == num_streams:  # every stream: no gather needed
+        return state
+    return tuple(s.index_select(1, rows) for s in state)
+
+
+def nats_to_bits(nats: float) -> float:
+    return nats / math.log(2)

@@ -1,0 +1,202 @@
+"""The in-process API: feed tokens, get every TBPTT(k1, k2) update they make possible.
+
+    learner = streamrnn.Learner(streamrnn.load_config(overrides=["train.k1=16"]))
+    result = learner.learn_many({"a": tokens_a, "b": tokens_b})
+    result.bits / result.targets       # prequential bits per token of what was trained
+    learner.predict("a")               # log-probabilities of a's next token
+
+No sockets, no files: the daemon and library users share this class.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError, config_from_dict
+from .engine import Engine, nats_to_bits
+from .model import RecurrentLM
+from .streams import StreamId, StreamTable
+
+FORMAT = "streamrnn.learner/1"
+
+
+@dataclass(frozen=True)
+class LearnResult:
+    """What one call trained."""
+    streams: int = 0    # distinct streams that got at least one update
+    updates: int = 0    # optimizer steps taken
+    targets: int = 0    # tokens predicted and then trained on
+    bits: float = 0.0   # prequential bits over those targets (measured before each step)
+
+    @property
+    def bits_per_target(self) -> float:
+        return self.bits / self.targets if self.targets else float("nan")
+
+
+class Learner:
+    def __init__(self, config: Config):
+        self.config = config
+        train = config.train
+        self.device = resolve_device(train.device)
+        dtype = torch.float64 if train.precision == "fp64" else torch.float32
+        with torch.random.fork_rng(devices=[]):  # seed the weights, leave global RNG alone
+            torch.manual_seed(train.seed)
+            model = RecurrentLM(config.model)
+        self.model = model.to(self.device, dtype)
+        self.optimizer = make_optimizer(self.model, train.optimizer, train.lr)
+        self.streams = StreamTable(
+            train.k1, train.k2, (config.model.num_layers, config.model.hidden_size),
+            self.model.num_state_tensors, self.device, dtype)
+        self.engine = Engine(self.model, self.optimizer, train.grad_clip, train.precision,
+                             self.device)
+        # lifetime totals, part of the learned state
+        self.updates = 0
+        self.tokens_trained = 0
+        self.bits = 0.0
+
+    # ---- learning --------------------------------------------------------------------
+    def learn(self, stream_id: StreamId, tokens: Any) -> LearnResult:
+        """Append tokens to a stream and run every update that became possible."""
+        return self.learn_many({stream_id: tokens})
+
+    def learn_many(self, tokens_by_stream: Mapping[StreamId, Any]) -> LearnResult:
+        """Append tokens to several streams, then train their ready windows together:
+        each update takes the oldest ready window of up to train.max_batch_streams
+        streams. All tokens are checked first, so a bad one changes nothing."""
+        checked = {sid: self.check_tokens(t) for sid, t in tokens_by_stream.items()}
+        for sid, tokens in checked.items():
+            self.streams.append(sid, tokens)
+        return self._train()
+
+    def flush(self, stream_id: StreamId | None = None) -> LearnResult:
+        """Train the last r < k1 targets of one stream (or all) in a shorter update, so
+        nothing received stays untrained. The stream can continue afterwards."""
+        if stream_id is None:
+            slots = np.arange(len(self.streams.ids))
+        elif stream_id in self.streams.slot_of:
+            slots = np.array([self.streams.slot_of[stream_id]])
+        else:
+            return LearnResult()
+        return self._train(None, slots)  # full windows first, then the remainders
+
+    def _train(self, *phases: np.ndarray | None) -> LearnResult:
+        """Run updates until none is ready; a phase is None (full windows) or the slots
+        to flush."""
+        total_ce = None
+        updates = targets = 0
+        trained_slots: set[int] = set()
+        for flush_slots in phases or (None,):
+            while (batch := self.streams.next_batch(self.config.train.max_batch_streams,
+                                                    flush_slots)) is not None:
+                ce = self.engine.step(batch, self.streams.pools).double()
+                total_ce = ce if total_ce is None else total_ce + ce
+                updates += 1
+                targets += batch.num_targets
+                trained_slots.update(batch.slots.tolist())
+        if not updates:
+            return LearnResult()
+        bits = nats_to_bits(total_ce.item())  # note: a CPU-GPU sync, once per call
+        self.updates += updates
+        self.tokens_trained += targets
+        self.bits += bits
+        return LearnResult(len(trained_slots), updates, targets, bits)
+
+    # ---- prediction --------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, stream_id: StreamId) -> torch.Tensor:
+        """Log-probabilities (vocab_size,) of the stream's next token, on the CPU. A
+        stream with no tokens yet gets the uniform distribution."""
+        vocab = self.config.model.vocab_size
+        slot = self.streams.slot_of.get(stream_id)
+        if slot is None or self.streams.next_offset(stream_id) == 0:
+            return torch.full((vocab,), -float(np.log(vocab)))
+        tokens = torch.from_numpy(self.streams.tokens_from_start(slot).astype(np.int64))
+        state = tuple(pool[:, slot:slot + 1] for pool in self.streams.pools)
+        with self.engine.autocast():
+            logits, _ = self.model(tokens.to(self.device)[:, None],
+                                   self.model.from_tuple(state))
+        return torch.log_softmax(logits[-1, 0].float(), dim=-1).cpu()  # float32 is plenty
+
+    def check_tokens(self, tokens: Any) -> np.ndarray:
+        """tokens (list, numpy array or tensor of ints < vocab_size) -> int32 array."""
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().cpu().numpy()
+        array = np.asarray(tokens)
+        if array.ndim != 1:
+            raise ValueError(f"tokens must be one-dimensional, got shape {array.shape}")
+        if array.size == 0:
+            return np.zeros(0, np.int32)
+        if array.dtype.kind not in "iu":
+            raise ValueError(f"tokens must be integers, got {array.dtype}")
+        vocab = self.config.model.vocab_size
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside 0 .. {vocab - 1} "
+                             "(model.vocab_size)")
+        return array.astype(np.int32)
+
+    # ---- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: weights, optimizer, streams, totals.
+        Plain tensors and containers, so torch.load(weights_only=True) reads it."""
+        return {
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "streams": self.streams.state_dict(),
+            "totals": {"updates": self.updates, "tokens_trained": self.tokens_trained,
+                       "bits": self.bits},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != FORMAT:
+            raise ValueError(f"not a streamrnn learner state (format {state.get('format')!r},"
+                             f" expected {FORMAT!r})")
+        differing = incompatible_keys(self.config, config_from_dict(state["config"]))
+        if differing:
+            raise ValueError("saved state was learned with a different config: "
+                             + ", ".join(differing))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.streams.load_state_dict(state["streams"])
+        totals = state["totals"]
+        self.updates = int(totals["updates"])
+        self.tokens_trained = int(totals["tokens_trained"])
+        self.bits = float(totals["bits"])
+
+
+def incompatible_keys(ours: Config, saved: Config) -> list[str]:
+    """Settings that must match to continue from a saved state: the model's shape and
+    the window geometry. (Learning rate, batching, device may change.)"""
+    keys = [("model", name) for name in ours.model.__dataclass_fields__]
+    keys += [("train", "k1"), ("train", "k2"), ("train", "optimizer")]
+    return [f"{section}.{name} (saved {getattr(getattr(saved, section), name)!r}, "
+            f"now {getattr(getattr(ours, section), name)!r})"
+            for section, name in keys
+            if getattr(getattr(saved, section), name) != getattr(getattr(ours, section), name)]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device = {name!r} but this torch sees no CUDA device "
+                              f"(torch {torch.__version__}); use auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device = {name!r} but only "
+                              f"{torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def make_optimizer(model: torch.nn.Module, kind: str, lr: float) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    return torch.optim.SGD(model.parameters(), lr=lr)
+

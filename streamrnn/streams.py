@@ -1,0 +1,254 @@
+"""StreamTable: where every stream stands, and which windows train next. Never calls the model.
+
+A stream's tokens x_0, x_1, ... get positions 0, 1, ... Per stream (per *slot*) it keeps
+  num_tokens   N: tokens x_0 .. x_{N-1} are in the ring
+  trained_end  e: targets x_1 .. x_e are trained (input x_t predicts target x_{t+1})
+  start_pos    s: position of the stored window-start state h(s); always s <= e
+and the tokens x_s .. x_{N-1} in a host ring buffer, one row per slot. Tokens that do not
+fit yet wait in an overflow queue and move into the ring as windows slide past them.
+
+The window-start states live in device pools, one tensor (num_layers, capacity, hidden)
+per state tensor (h, and c for an LSTM), indexed by slot: forming a batch is a gather,
+committing it a scatter (engine.py).
+
+`next_batch` plans one update of exact TBPTT(k1, k2) (see DESIGN.md section 1): for each
+chosen stream a window of inputs [s, e) with e = trained_end + n (n = k1, or r < k1 on a
+flush), loss on the newest n targets, and the next start state taken at
+p = max(0, e + k1 - k2). The window is split at p into segment A = [s, p) and segment
+B = [p, e), so the forward pass hands over h(p) between two fused sequence calls.
+Everything here is numpy on the host: tokens are small, the per-step planning is
+vectorized over streams, and one upload per step moves it all to the device.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Hashable
+
+import numpy as np
+import torch
+
+StreamId = Hashable
+
+
+@dataclass
+class Batch:
+    """One update's windows, planned on the host. B streams, shapes in comments."""
+    slots: np.ndarray        # (B,) pool slot of each stream
+    num_targets: int         # targets in the whole batch (loss is their mean)
+    tokens_a: np.ndarray     # (Ta, nA) inputs of segment A = [s, p), left-aligned
+    lengths_a: np.ndarray    # (nA,) p - s of those streams (> 0)
+    rows_a: np.ndarray       # (nA,) which of the B streams have a segment A
+    tokens_b: np.ndarray     # (Tb, nB) inputs of segment B = [p, e), left-aligned
+    lengths_b: np.ndarray    # (nB,) e - p (> 0)
+    rows_b: np.ndarray       # (nB,)
+    loss_rows: np.ndarray    # (num_targets,) row of cat(yA.flatten(0,1), yB.flatten(0,1))
+                             #   whose output predicts each target
+    targets: np.ndarray      # (num_targets,) the target tokens
+
+    @property
+    def num_streams(self) -> int:
+        return len(self.slots)
+
+
+class StreamTable:
+    def __init__(self, k1: int, k2: int, state_shape: tuple[int, int], num_state_tensors: int,
+                 device: torch.device, dtype: torch.dtype, capacity: int = 16):
+        self.k1, self.k2 = k1, k2
+        # the ring holds a window's k2 + 1 tokens plus room for the next few windows
+        self.ring_width = k2 + 1 + 4 * k1
+        self.state_shape = state_shape  # (num_layers, hidden)
+        self.device, self.dtype = device, dtype
+        self.num_state_tensors = num_state_tensors
+        self.slot_of: dict[StreamId, int] = {}
+        self.ids: list[StreamId] = []
+        self.num_tokens = np.zeros(0, np.int64)
+        self.trained_end = np.zeros(0, np.int64)
+        self.start_pos = np.zeros(0, np.int64)
+        self.last_served = np.zeros(0, np.int64)  # turn of the stream's latest update
+        self.ring = np.zeros((0, self.ring_width), np.int32)
+        self.pools: tuple[torch.Tensor, ...] = tuple(
+            torch.zeros((state_shape[0], 0, state_shape[1]), device=device, dtype=dtype)
+            for _ in range(num_state_tensors))
+        self.overflow: dict[int, deque[np.ndarray]] = {}
+        self.turn = 0  # batches planned so far; orders streams fairly
+        self._grow(capacity)
+
+    # ---- intake ------------------------------------------------------------------
+    def slot(self, stream_id: StreamId) -> int:
+        """The stream's slot, creating the stream (zero state, no tokens) if new."""
+        slot = self.slot_of.get(stream_id)
+        if slot is None:
+            slot = len(self.ids)
+            if slot == len(self.num_tokens):
+                self._grow(2 * slot)
+            self.slot_of[stream_id] = slot
+            self.ids.append(stream_id)
+        return slot
+
+    def append(self, stream_id: StreamId, tokens: np.ndarray) -> None:
+        """Queue validated tokens (int32, each < vocab) at the end of the stream."""
+        if len(tokens) == 0:
+            return
+        slot = self.slot(stream_id)
+        if slot in self.overflow:
+            self.overflow[slot].append(tokens)
+            return
+        rest = self._write(slot, tokens)
+        if len(rest):
+            self.overflow[slot] = deque([rest])
+
+    def next_offset(self, stream_id: StreamId) -> int:
+        """Tokens received so far from this stream (= the next token's position)."""
+        slot = self.slot_of.get(stream_id)
+        if slot is None:
+            return 0
+        waiting = sum(len(t) for t in self.overflow.get(slot, ()))
+        return int(self.num_tokens[slot]) + waiting
+
+    def untrained(self, stream_id: StreamId) -> int:
+        """Targets received but not trained yet."""
+        slot = self.slot_of.get(stream_id)
+        return 0 if slot is None else max(0, self.next_offset(stream_id) - 1 -
+                                          int(self.trained_end[slot]))
+
+    def tokens_from_start(self, slot: int) -> np.ndarray:
+        """x_s .. x_{N-1} including the overflow: what brings h(s) to the newest position."""
+        start, end = self.start_pos[slot], self.num_tokens[slot]
+        ring_part = self.ring[slot, np.arange(start, end) % self.ring_width]
+        return np.concatenate([ring_part, *self.overflow.get(slot, ())])
+
+    def _write(self, slot: int, tokens: np.ndarray) -> np.ndarray:
+        end = self.num_tokens[slot]
+        free = self.ring_width - (end - self.start_pos[slot])
+        take = min(free, len(tokens))
+        self.ring[slot, np.arange(end, end + take) % self.ring_width] = tokens[:take]
+        self.num_tokens[slot] = end + take
+        return tokens[take:]
+
+    def _refill(self) -> None:
+        """Move waiting tokens into ring space freed by the windows that slid on."""
+        for slot in list(self.overflow):
+            queue = self.overflow[slot]
+            while queue:
+                rest = self._write(slot, queue[0])
+                if len(rest):
+                    queue[0] = rest
+                    break
+                queue.popleft()
+            if not queue:
+                del self.overflow[slot]
+
+    # ---- planning ------------------------------------------------------------------
+    def next_batch(self, max_streams: int, flush_slots: np.ndarray | None = None
+                   ) -> Batch | None:
+        """Plan the next update and mark its targets trained, or None if nothing is ready.
+
+        Normally every stream with k1 untrained targets is ready; with `flush_slots`,
+        those streams' remaining 1 <= r < k1 targets are (call it once no full window
+        is left). Each stream contributes its oldest ready window; when more than
+        `max_streams` are ready, those served least recently go first."""
+        self._refill()
+        used = len(self.ids)
+        untrained = self.num_tokens[:used] - 1 - self.trained_end[:used]
+        if flush_slots is None:
+            candidates = np.flatnonzero(untrained >= self.k1)
+        else:
+            flush_slots = np.asarray(flush_slots, np.int64)
+            candidates = np.sort(flush_slots[untrained[flush_slots] >= 1])
+        if len(candidates) == 0:
+            return None
+        if len(candidates) > max_streams:
+            order = np.lexsort((candidates, self.last_served[candidates]))
+            candidates = np.sort(candidates[order[:max_streams]])
+        slots = candidates
+        n = np.minimum(untrained[slots], self.k1)
+        batch = self._plan(slots, n)
+        self.turn += 1
+        self.last_served[slots] = self.turn
+        return batch
+
+    def _plan(self, slots: np.ndarray, n: np.ndarray) -> Batch:
+        k1, k2 = self.k1, self.k2
+        s = self.start_pos[slots]
+        e = self.trained_end[slots] + n
+        p = np.maximum(0, e + k1 - k2)
+        a, b, w = p - s, e - p, e - s
+        # tokens x_s .. x_e of every window, column per stream, left-aligned: (Wmax+1, B)
+        t = np.arange(w.max() + 1)[:, None]
+        positions = s[None, :] + np.minimum(t, w[None, :])  # pad by repeating x_e
+        window = self.ring[slots[None, :], positions % self.ring_width]
+
+        rows_a, rows_b = np.flatnonzero(a > 0), np.flatnonzero(b > 0)
+        tokens_a = window[:max(a.max(), 0), rows_a]
+        tb = np.arange(b.max())[:, None]
+        tokens_b = np.take_along_axis(
+            window[:, rows_b], np.minimum(a[rows_b][None, :] + tb, w[rows_b][None, :]), 0)
+
+        # output row that predicts each target: window index i in [w - n, w)
+        stream = np.repeat(np.arange(len(slots)), n)
+        first = np.cumsum(n) - n
+        i = np.repeat(w - n, n) + np.arange(n.sum()) - np.repeat(first, n)
+        in_a = i < a[stream]
+        index_a = np.full(len(slots), -1)
+        index_a[rows_a] = np.arange(len(rows_a))
+        index_b = np.full(len(slots), -1)
+        index_b[rows_b] = np.arange(len(rows_b))
+        row_in_a = i * len(rows_a) + index_a[stream]
+        row_in_b = tokens_a.size + (i - a[stream]) * len(rows_b) + index_b[stream]
+        loss_rows = np.where(in_a, row_in_a, row_in_b)
+        targets = window[i + 1, stream]
+
+        self.trained_end[slots] = e
+        self.start_pos[slots] = p
+        return Batch(slots=slots, num_targets=int(n.sum()),
+                     tokens_a=tokens_a, lengths_a=a[rows_a], rows_a=rows_a,
+                     tokens_b=tokens_b, lengths_b=b[rows_b], rows_b=rows_b,
+                     loss_rows=loss_rows, targets=targets)
+
+    # ---- capacity and persistence ---------------------------------------------------
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - len(self.num_tokens)
+        zeros = np.zeros(extra, np.int64)
+        self.num_tokens = np.concatenate([self.num_tokens, zeros])
+        self.trained_end = np.concatenate([self.trained_end, zeros])
+        self.start_pos = np.concatenate([self.start_pos, zeros])
+        self.last_served = np.concatenate([self.last_served, zeros])
+        self.ring = np.concatenate([self.ring, np.zeros((extra, self.ring_width), np.int32)])
+        layers, hidden = self.state_shape
+        self.pools = tuple(
+            torch.cat([pool, torch.zeros((layers, extra, hidden), device=self.device,
+                                         dtype=self.dtype)], dim=1)
+            for pool in self.pools)
+
+    def state_dict(self) -> dict:
+        used = len(self.ids)
+        return {
+            "ids": list(self.ids),
+            "num_tokens": torch.from_numpy(self.num_tokens[:used].copy()),
+            "trained_end": torch.from_numpy(self.trained_end[:used].copy()),
+            "start_pos": torch.from_numpy(self.start_pos[:used].copy()),
+            "last_served": torch.from_numpy(self.last_served[:used].copy()),
+            "ring": torch.from_numpy(self.ring[:used].copy()),
+            "overflow": {slot: torch.from_numpy(np.concatenate(list(q)))
+                         for slot, q in self.overflow.items()},
+            "pools": [pool[:, :used].cpu() for pool in self.pools],
+            "turn": self.turn,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        used = len(state["ids"])
+        if state["ring"].shape[1:] != (self.ring_width,):
+            raise ValueError("saved stream table has a different ring width (k1/k2 changed)")
+        self.__init__(self.k1, self.k2, self.state_shape, self.num_state_tensors,
+                      self.device, self.dtype, capacity=max(16, used))
+        self.ids = list(state["ids"])
+        self.slot_of = {sid: slot for slot, sid in enumerate(self.ids)}
+        for name in ("num_tokens", "trained_end", "start_pos", "last_served"):
+            getattr(self, name)[:used] = state[name].numpy()
+        self.ring[:used] = state["ring"].numpy()
+        self.overflow = {int(slot): deque([t.numpy().copy()])
+                         for slot, t in state["overflow"].items()}
+        for pool, saved in zip(self.pools, state["pools"]):
+            pool[:, :used] = saved.to(pool.device, pool.dtype)
+        self.turn = int(state["turn"])
