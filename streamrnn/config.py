@@ -44,7 +44,7 @@ class ModelConfig:
 class TrainConfig:
     k1: int = _opt(32, "an update every k1 new tokens of a stream, with loss on those k1 targets")
     k2: int = _opt(128, "each update backpropagates through the last k2 inputs (k2 >= k1)")
-    optimizer: str = _opt("adam", "optimizer", choices=("adam", "sgd"))
+    optimizer: str = _opt("adam", "update rule", choices=("adam", "sgd"))
     lr: float = _opt(3e-3, "learning rate")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
     max_batch_streams: int = _opt(256, "at most this many streams' windows in one update")
@@ -186,8 +186,11 @@ def format_config(config: Config) -> str:
         section = getattr(config, section_field.name)
         lines.append(f"[{section_field.name}]")
         for f in dataclasses.fields(section):
-            value = _toml_value(getattr(section, f.name))
-            lines.append(f"{f.name} = {value:<12} # {f.metadata['doc']}")
+            setting = f"{f.name} = {_toml_value(getattr(section, f.name))}"
+            doc = f.metadata["doc"]
+            if f.metadata["choices"]:
+                doc += ": " + " | ".join(f.metadata["choices"])
+            lines.append(f"{setting:<28} # {doc}")
         lines.append("")
     return "\n".join(lines)
 

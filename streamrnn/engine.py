@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .model import RecurrentLM, State
-from .streams import Batch
+from .streams import Batch, Geometry
 
 
 class Engine:
@@ -42,29 +42,30 @@ class Engine:
     def step(self, batch: Batch, pools: State) -> torch.Tensor:
         """Train one batch; returns the summed cross-entropy (nats) of its targets,
         computed before the weights changed, as a device scalar (no host sync)."""
-        slots, tokens_a, rows_a, tokens_b, rows_b, loss_rows, targets = self._upload(
-            batch.slots, batch.tokens_a, batch.rows_a, batch.tokens_b, batch.rows_b,
-            batch.loss_rows, batch.targets)
-        tokens_a = tokens_a.view(batch.tokens_a.shape)
-        tokens_b = tokens_b.view(batch.tokens_b.shape)
+        g = batch.geometry
+        rows_a, rows_b, loss_rows = self._geometry_on_device(g)
+        slots, tokens = self._upload(batch.slots, batch.tokens)
+        size_a, size_b = g.shape_a[0] * g.shape_a[1], g.shape_b[0] * g.shape_b[1]
+        tokens_a = tokens[:size_a].view(g.shape_a)
+        tokens_b = tokens[size_a:size_a + size_b].view(g.shape_b)
+        targets = tokens[size_a + size_b:]
         start = tuple(pool[:, slots] for pool in pools)  # gather (layers, B, hidden)
         num_streams = batch.num_streams
 
         with self.autocast():
             outputs = []
             at_p = start
-            if len(batch.rows_a):
-                y_a, at_a = self._segment(tokens_a, batch.lengths_a,
+            if len(g.rows_a):
+                y_a, at_a = self._segment(tokens_a, g.lengths_a,
                                           _rows(start, rows_a, num_streams))
-                at_p = at_a if len(batch.rows_a) == num_streams else tuple(
+                at_p = at_a if len(g.rows_a) == num_streams else tuple(
                     s.index_copy(1, rows_a, a.to(s.dtype)) for s, a in zip(start, at_a))
                 outputs.append(y_a.flatten(0, 1))
-            if len(batch.rows_b):
-                y_b, _ = self._segment(tokens_b, batch.lengths_b,
+            if len(g.rows_b):
+                y_b, _ = self._segment(tokens_b, g.lengths_b,
                                        _rows(at_p, rows_b, num_streams))
                 outputs.append(y_b.flatten(0, 1))
-            y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            logits = self.model.head(y.index_select(0, loss_rows))  # (targets, vocab)
+            logits = self.model.head(_loss_rows(outputs, g, loss_rows))  # (targets, vocab)
         if logits.dtype == torch.bfloat16:
             logits = logits.float()  # the loss in float32 even under bf16 autocast
         total_ce = F.cross_entropy(logits, targets, reduction="sum")
@@ -93,14 +94,35 @@ class Engine:
             y, _ = pad_packed_sequence(y, total_length=tokens.shape[0])
         return y, self.model.to_tuple(rnn_state)
 
+    def _geometry_on_device(self, g: Geometry) -> list[torch.Tensor]:
+        """rows_a, rows_b, loss_rows on the device, uploaded once per geometry."""
+        if self.device not in g.device:
+            g.device[self.device] = self._upload(g.rows_a, g.rows_b, g.loss_rows)
+        return g.device[self.device]
+
     def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        """All of a step's integer inputs to the device in one copy, not seven."""
+        """Integer arrays to the device in one copy."""
         flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.int64)
         host = torch.from_numpy(flat)
         if self.device.type == "cuda":
             host = host.pin_memory()
         on_device = host.to(self.device, non_blocking=True)
         return list(on_device.split([a.size for a in arrays]))
+
+
+def _loss_rows(outputs: list[torch.Tensor], g: Geometry, loss_rows: torch.Tensor):
+    """The output rows that predict the targets, (targets, hidden). In steady state they
+    are the tail of one segment's output: a view, no copy."""
+    if g.loss_span is not None:
+        begin, end = g.loss_span
+        for y in outputs:
+            if end <= len(y):
+                return y[begin:end]
+            begin, end = begin - len(y), end - len(y)
+            if begin < 0:
+                break
+    y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return y.index_select(0, loss_rows)
 
 
 def _rows(state: State, rows: torch.Tensor, num_streams: int) -> State:

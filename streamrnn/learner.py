@@ -121,8 +121,10 @@ class Learner:
         return torch.log_softmax(logits[-1, 0].float(), dim=-1).cpu()  # float32 is plenty
 
     def check_tokens(self, tokens: Any) -> np.ndarray:
-        """tokens (list, numpy array or tensor of ints < vocab_size) -> int32 array."""
-        if isinstance(tokens, torch.Tensor):
+        """tokens (bytes, list, numpy array or tensor of ints < vocab_size) -> int32."""
+        if isinstance(tokens, (bytes, bytearray, memoryview)):
+            tokens = np.frombuffer(tokens, np.uint8)  # bytes are byte tokens
+        elif isinstance(tokens, torch.Tensor):
             tokens = tokens.detach().cpu().numpy()
         array = np.asarray(tokens)
         if array.ndim != 1:

@@ -22,7 +22,7 @@ vectorized over streams, and one upload per step moves it all to the device.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable
 
 import numpy as np
@@ -32,23 +32,75 @@ StreamId = Hashable
 
 
 @dataclass
+class Geometry:
+    """The shape of a batch of windows: everything that depends only on each stream's
+    (segment A length, segment B length, targets), not on where the streams stand.
+    In steady state every update has the same geometry, so it is computed once and
+    its device copies are reused (engine.py). B streams, shapes in comments."""
+    shape_a: tuple[int, int]  # (Ta, nA): inputs of segment A = [s, p), left-aligned
+    lengths_a: np.ndarray     # (nA,) p - s of the streams that have one (> 0)
+    rows_a: np.ndarray        # (nA,) which of the B streams they are
+    shape_b: tuple[int, int]  # (Tb, nB): inputs of segment B = [p, e)
+    lengths_b: np.ndarray     # (nB,) e - p (> 0)
+    rows_b: np.ndarray        # (nB,)
+    loss_rows: np.ndarray     # (targets,) row of cat(yA.flatten(0,1), yB.flatten(0,1))
+                              #   whose output predicts each target
+    loss_span: tuple[int, int] | None  # loss_rows as a range, when they are one
+    num_targets: int          # the loss is the mean over these
+    gather_stream: np.ndarray  # (Ta*nA + Tb*nB + targets,) for every token to upload:
+    gather_offset: np.ndarray  #   its stream (0..B-1) and its position minus that stream's s
+    device: dict = field(default_factory=dict)  # engine's cache of device copies
+
+
+@dataclass
 class Batch:
-    """One update's windows, planned on the host. B streams, shapes in comments."""
-    slots: np.ndarray        # (B,) pool slot of each stream
-    num_targets: int         # targets in the whole batch (loss is their mean)
-    tokens_a: np.ndarray     # (Ta, nA) inputs of segment A = [s, p), left-aligned
-    lengths_a: np.ndarray    # (nA,) p - s of those streams (> 0)
-    rows_a: np.ndarray       # (nA,) which of the B streams have a segment A
-    tokens_b: np.ndarray     # (Tb, nB) inputs of segment B = [p, e), left-aligned
-    lengths_b: np.ndarray    # (nB,) e - p (> 0)
-    rows_b: np.ndarray       # (nB,)
-    loss_rows: np.ndarray    # (num_targets,) row of cat(yA.flatten(0,1), yB.flatten(0,1))
-                             #   whose output predicts each target
-    targets: np.ndarray      # (num_targets,) the target tokens
+    """One update: B streams' slots, their tokens, and the geometry that lays them out."""
+    slots: np.ndarray    # (B,) pool slot of each stream
+    tokens: np.ndarray   # (Ta*nA + Tb*nB + targets,) segment A inputs, B inputs, targets
+    geometry: Geometry
 
     @property
     def num_streams(self) -> int:
         return len(self.slots)
+
+    @property
+    def num_targets(self) -> int:
+        return self.geometry.num_targets
+
+
+def plan_geometry(a: np.ndarray, b: np.ndarray, n: np.ndarray) -> Geometry:
+    """Lay out windows with segment lengths a (A), b (B) and n newest targets each."""
+    num = len(a)
+    w = a + b
+    rows_a, rows_b = np.flatnonzero(a > 0), np.flatnonzero(b > 0)
+    ta, tb = int(a.max()), int(b.max())
+    # segment A inputs: window positions 0 .. a-1 (padding repeats the last one)
+    off_a = np.minimum(np.arange(ta)[:, None], a[rows_a][None, :] - 1)
+    # segment B inputs: window positions a .. a+b-1
+    off_b = a[rows_b][None, :] + np.minimum(np.arange(tb)[:, None], b[rows_b][None, :] - 1)
+    # targets: window positions i + 1 for the inputs i in [w - n, w), time-major (the
+    # k-th newest target of every stream, then the next), so that in steady state they
+    # are the last rows of segment B's output: a slice, not a gather
+    stream = np.repeat(np.arange(num), n)
+    first = np.cumsum(n) - n
+    k = np.arange(n.sum()) - np.repeat(first, n)
+    order = np.lexsort((stream, k))
+    stream, k = stream[order], k[order]
+    i = np.repeat(w - n, n)[order] + k
+    index_a = np.full(num, -1)
+    index_a[rows_a] = np.arange(len(rows_a))
+    index_b = np.full(num, -1)
+    index_b[rows_b] = np.arange(len(rows_b))
+    loss_rows = np.where(i < a[stream], i * len(rows_a) + index_a[stream],
+                         ta * len(rows_a) + (i - a[stream]) * len(rows_b) + index_b[stream])
+    gather_stream = np.concatenate([np.broadcast_to(rows_a, off_a.shape).ravel(),
+                                    np.broadcast_to(rows_b, off_b.shape).ravel(), stream])
+    gather_offset = np.concatenate([off_a.ravel(), off_b.ravel(), i + 1])
+    span = None
+    if len(loss_rows) and np.array_equal(loss_rows, loss_rows[0] + np.arange(len(loss_rows))):
+        span = (int(loss_rows[0]), int(loss_rows[0]) + len(loss_rows))
+    return Geometry((ta, len(rows_a)), a[rows_a], rows_a, (tb, len(rows_b)), b[rows_b],
+                    rows_b, loss_rows, span, int(n.sum()), gather_stream, gather_offset)
 
 
 class StreamTable:
@@ -72,6 +124,7 @@ class StreamTable:
             for _ in range(num_state_tensors))
         self.overflow: dict[int, deque[np.ndarray]] = {}
         self.turn = 0  # batches planned so far; orders streams fairly
+        self._geometries: dict[tuple, Geometry] = {}
         self._grow(capacity)
 
     # ---- intake ------------------------------------------------------------------
@@ -169,42 +222,20 @@ class StreamTable:
         return batch
 
     def _plan(self, slots: np.ndarray, n: np.ndarray) -> Batch:
-        k1, k2 = self.k1, self.k2
         s = self.start_pos[slots]
         e = self.trained_end[slots] + n
-        p = np.maximum(0, e + k1 - k2)
-        a, b, w = p - s, e - p, e - s
-        # tokens x_s .. x_e of every window, column per stream, left-aligned: (Wmax+1, B)
-        t = np.arange(w.max() + 1)[:, None]
-        positions = s[None, :] + np.minimum(t, w[None, :])  # pad by repeating x_e
-        window = self.ring[slots[None, :], positions % self.ring_width]
-
-        rows_a, rows_b = np.flatnonzero(a > 0), np.flatnonzero(b > 0)
-        tokens_a = window[:max(a.max(), 0), rows_a]
-        tb = np.arange(b.max())[:, None]
-        tokens_b = np.take_along_axis(
-            window[:, rows_b], np.minimum(a[rows_b][None, :] + tb, w[rows_b][None, :]), 0)
-
-        # output row that predicts each target: window index i in [w - n, w)
-        stream = np.repeat(np.arange(len(slots)), n)
-        first = np.cumsum(n) - n
-        i = np.repeat(w - n, n) + np.arange(n.sum()) - np.repeat(first, n)
-        in_a = i < a[stream]
-        index_a = np.full(len(slots), -1)
-        index_a[rows_a] = np.arange(len(rows_a))
-        index_b = np.full(len(slots), -1)
-        index_b[rows_b] = np.arange(len(rows_b))
-        row_in_a = i * len(rows_a) + index_a[stream]
-        row_in_b = tokens_a.size + (i - a[stream]) * len(rows_b) + index_b[stream]
-        loss_rows = np.where(in_a, row_in_a, row_in_b)
-        targets = window[i + 1, stream]
-
+        p = np.maximum(0, e + self.k1 - self.k2)
+        key = (n.tobytes(), (p - s).tobytes(), (e - p).tobytes())
+        geometry = self._geometries.get(key)
+        if geometry is None:
+            if len(self._geometries) >= 256:  # young streams make many; keep it bounded
+                self._geometries.clear()
+            geometry = self._geometries[key] = plan_geometry(p - s, e - p, n)
+        positions = s[geometry.gather_stream] + geometry.gather_offset
+        tokens = self.ring[slots[geometry.gather_stream], positions % self.ring_width]
         self.trained_end[slots] = e
         self.start_pos[slots] = p
-        return Batch(slots=slots, num_targets=int(n.sum()),
-                     tokens_a=tokens_a, lengths_a=a[rows_a], rows_a=rows_a,
-                     tokens_b=tokens_b, lengths_b=b[rows_b], rows_b=rows_b,
-                     loss_rows=loss_rows, targets=targets)
+        return Batch(slots, tokens, geometry)
 
     # ---- capacity and persistence ---------------------------------------------------
     def _grow(self, capacity: int) -> None:

@@ -1,0 +1,61 @@
+"""The command line as a user meets it: real subprocesses, real output."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def streamrnn(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "streamrnn", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_lists_the_commands():
+    out = streamrnn("--help")
+    assert out.returncode == 0
+    for command in ("demo", "bench", "config"):
+        assert command in out.stdout
+
+
+def test_bad_config_is_one_clear_error():
+    out = streamrnn("config", "--set", "train.k1=64", "--set", "train.k2=32")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("streamrnn: config error: train.k2 = 32 must be >= "
+                                  "train.k1 = 64: each update backpropagates through the "
+                                  "last k2 inputs and trains the newest k1 targets")
+    assert "Traceback" not in out.stderr
+
+
+def test_print_config_shows_the_resolved_values():
+    out = streamrnn("demo", "--print-config", "--set", "model.kind=gru")
+    assert out.returncode == 0
+    assert 'kind = "gru"' in out.stdout and "[train]" in out.stdout
+
+
+def test_demo_learns_and_samples():
+    out = streamrnn("demo", "--seconds", "6", "--streams", "3", "--set",
+                    "model.hidden_size=64", "--set", "train.k2=64")
+    assert out.returncode == 0, out.stderr
+    assert "prequential bits/byte:" in out.stdout
+    assert "sampled from the model" in out.stdout
+    summary = next(line for line in out.stdout.splitlines() if line.startswith("prequential"))
+    overall = float(summary.split()[2].rstrip(","))
+    assert 0 < overall < 8  # learning something: below the 8 bits of a uniform guess
+
+
+@pytest.mark.slow
+def test_bench_writes_json_with_ratios(tmp_path):
+    path = tmp_path / "bench.json"
+    out = streamrnn("bench", "--configs", "small", "--seconds", "1.5", "--rounds", "1",
+                    "--json", str(path), timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(path.read_text())
+    strategies = {row["strategy"] for row in result["rows"]}
+    assert strategies == {"engine", "recompute", "seed_chunk_cell", "seed_sliding_cell"}
+    assert all(row["tokens_per_s"] > 0 and not row["error"] for row in result["rows"])
+    ratio = result["ratios"][0]
+    assert ratio["config"] == "small" and ratio["vs_recompute"] > 0
+    assert "engine: recompute" in out.stdout

@@ -1,0 +1,74 @@
+"""Config: defaults, TOML files, overrides, and one clear error naming the key."""
+from __future__ import annotations
+
+import pytest
+
+from streamrnn import ConfigError, load_config
+from streamrnn.config import config_from_dict, format_config
+
+
+def test_defaults_are_valid():
+    config = load_config()
+    assert config.model.kind == "lstm" and config.model.vocab_size == 256
+    assert config.train.k1 <= config.train.k2
+    assert config.train.optimizer in ("adam", "sgd")
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nkind = "gru"\nhidden_size = 32\n[train]\nk1 = 4\nk2 = 9\n'
+                    'lr = 1\n')
+    config = load_config(path, ["train.k2=12", "train.device=cpu", "model.num_layers=2"])
+    assert (config.model.kind, config.model.hidden_size, config.model.num_layers) == (
+        "gru", 32, 2)
+    assert (config.train.k1, config.train.k2, config.train.device) == (4, 12, "cpu")
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.k1=16", "train.k2=8"], "train.k2 = 8 must be >= train.k1 = 16"),
+    (["model.vocab_size=0"], "model.vocab_size = 0 must be >= 1"),
+    (["model.hidden_size=-3"], "model.hidden_size = -3 must be >= 1"),
+    (["train.k1=abc"], "train.k1 = 'abc': expected int, got str"),
+    (["train.k1=2.5"], "train.k1 = 2.5: expected int, got float"),
+    (["train.k1=true"], "train.k1 = True: expected int, got bool"),
+    (["model.kind=transformer"], "model.kind = 'transformer': expected one of lstm, gru"),
+    (["train.precision=fp16"], "train.precision = 'fp16': expected one of"),
+    (["train.device=gpu"], "train.device = 'gpu'"),
+    (["train.lr=0"], "train.lr = 0.0 must be > 0"),
+    (["train.grad_clip=-1"], "train.grad_clip = -1.0 must be >= 0"),
+    (["train.optimiser=sgd"], "unknown key train.optimiser (did you mean 'optimizer'?)"),
+    (["trian.k1=3"], "unknown section [trian] (did you mean 'train'?)"),
+    (["k1=3"], "expected section.key=value"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert message in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\nk1 = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    flat = tmp_path / "flat.toml"
+    flat.write_text("k1 = 3\n")
+    with pytest.raises(ConfigError, match="must be a \\[section\\]"):
+        load_config(flat)
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[model]\nhiden_size = 3\n")
+    with pytest.raises(ConfigError, match=f"{typo}: unknown key model.hiden_size"):
+        load_config(typo)
+
+
+def test_printed_config_loads_back(tmp_path):
+    config = load_config(overrides=["model.kind=gru", "train.lr=0.25", "train.device=cpu"])
+    text = format_config(config)
+    assert "# recurrent cell" in text and 'kind = "gru"' in text
+    path = tmp_path / "printed.toml"
+    path.write_text(text)
+    assert load_config(path) == config
+    assert config_from_dict(config.to_dict()) == config

@@ -1,0 +1,79 @@
+"""The engine on CUDA: the same TBPTT as the float64 reference, within the precision.
+
+Run on a GPU machine with `./scripts/test -m gpu` (or scripts/device-check)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import streamrnn
+from reference import ReferenceTBPTT
+from test_engine_reference import EMBED, HIDDEN, VOCAB, random_tokens
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (none visible to torch)")]
+
+
+def cuda_pair(precision, kind="lstm", layers=2, k1=3, k2=7, optimizer="adam"):
+    config = streamrnn.load_config(overrides=[
+        f"model.kind={kind}", f"model.vocab_size={VOCAB}", f"model.embed_dim={EMBED}",
+        f"model.hidden_size={HIDDEN}", f"model.num_layers={layers}", f"train.k1={k1}",
+        f"train.k2={k2}", f"train.optimizer={optimizer}", "train.lr=0.02",
+        "train.grad_clip=0.5", f"train.precision={precision}", "train.device=cuda"])
+    learner = streamrnn.Learner(config)
+    params = {n: p.detach().cpu() for n, p in learner.model.named_parameters()}
+    return learner, ReferenceTBPTT(params, kind, layers, HIDDEN, k1, k2, optimizer, 0.02, 0.5)
+
+
+def feed(learner, reference, seed=0):
+    rng = np.random.default_rng(seed)
+    chunks = [{"a": random_tokens(rng, 30)},
+              {"a": random_tokens(rng, 9), "b": random_tokens(rng, 23), "c": random_tokens(rng, 5)}]
+    for chunk in chunks:
+        learner.learn_many(chunk)
+        reference.feed(chunk)
+    learner.flush()
+    reference.flush()
+
+
+def max_error(learner, reference):
+    return max((p.detach().cpu().double() - reference.params[n].detach()).abs().max().item()
+               for n, p in learner.model.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cuda_fp64_matches_reference(kind):
+    learner, reference = cuda_pair("fp64", kind)
+    feed(learner, reference)
+    assert max_error(learner, reference) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cuda_fp32_cudnn_matches_reference(kind):
+    learner, reference = cuda_pair("fp32", kind)
+    feed(learner, reference)
+    assert max_error(learner, reference) < 2e-4  # cuDNN float32 (TF32 may be allowed)
+
+
+def test_cuda_bf16_learns():
+    learner, _ = cuda_pair("bf16")
+    result = learner.learn("s", np.arange(400) % VOCAB)
+    assert result.targets == 399 // 3 * 3 and np.isfinite(result.bits)
+
+
+def test_cuda_state_resumes_on_cpu():
+    learner, _ = cuda_pair("fp32")
+    learner.learn("s", np.arange(100) % VOCAB)
+    buffer = io.BytesIO()
+    torch.save(learner.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True, map_location="cpu")
+    cpu = streamrnn.Learner(streamrnn.load_config(overrides=[
+        f"model.vocab_size={VOCAB}", f"model.embed_dim={EMBED}", f"model.hidden_size={HIDDEN}",
+        "model.num_layers=2", "train.k1=3", "train.k2=7", "train.device=cpu"]))
+    cpu.load_state_dict(state)
+    assert cpu.streams.next_offset("s") == 100
+    assert torch.allclose(cpu.predict("s"), learner.predict("s"), atol=1e-4)

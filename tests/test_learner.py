@@ -1,0 +1,147 @@
+"""The in-process API: inputs it takes and refuses, prediction, flush, exact resume."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import streamrnn
+
+SMALL = ["model.vocab_size=13", "model.embed_dim=6", "model.hidden_size=10",
+         "train.k1=4", "train.k2=10", "train.device=cpu"]
+
+
+def make(*extra):
+    return streamrnn.Learner(streamrnn.load_config(overrides=[*SMALL, *extra]))
+
+
+def params(learner):
+    return [p.detach().clone() for p in learner.model.parameters()]
+
+
+def test_accepts_lists_arrays_and_tensors_alike():
+    tokens = np.random.default_rng(0).integers(0, 13, 40)
+    results = []
+    forms = (tokens.tolist(), tokens, tokens.astype(np.uint8), torch.from_numpy(tokens),
+             bytes(tokens.astype(np.uint8)))
+    for form in forms:
+        learner = make()
+        results.append((learner.learn("s", form), params(learner)))
+    first_result, first_params = results[0]
+    assert first_result.updates == 9 and first_result.targets == 36
+    for result, ps in results[1:]:
+        assert result == first_result
+        assert all(torch.equal(a, b) for a, b in zip(ps, first_params))
+
+
+@pytest.mark.parametrize("bad,message", [
+    ([[1, 2], [3, 4]], "one-dimensional"),
+    ([0.5, 1.0], "integers"),
+    ([True, False], "integers"),
+    ([1, -1], "token id -1 is outside 0 .. 12"),
+    ([1, 13], "token id 13 is outside 0 .. 12"),
+])
+def test_bad_tokens_are_refused_and_change_nothing(bad, message):
+    learner = make()
+    before = params(learner)
+    with pytest.raises(ValueError, match=message):
+        learner.learn_many({"good": list(range(12)) * 3, "bad": bad})
+    assert learner.streams.next_offset("good") == 0  # the good stream was not taken either
+    assert all(torch.equal(a, b) for a, b in zip(before, params(learner)))
+
+
+def test_empty_input_is_fine():
+    learner = make()
+    assert learner.learn("s", []) == streamrnn.LearnResult()
+    assert learner.flush() == streamrnn.LearnResult()
+    assert learner.flush("never-seen") == streamrnn.LearnResult()
+
+
+def test_flush_trains_the_rest_and_the_stream_continues():
+    learner = make()
+    learner.learn("s", list(range(11)))       # 10 targets: two updates of 4, 2 left
+    assert learner.tokens_trained == 8
+    result = learner.flush("s")
+    assert (result.updates, result.targets) == (1, 2)
+    assert learner.streams.untrained("s") == 0
+    learner.learn("s", list(range(4)))        # continues: 4 more targets, one update
+    assert learner.tokens_trained == 14
+    assert learner.flush().targets == 0
+
+
+def test_every_target_once_for_a_huge_call():
+    learner = make()
+    n = 5000  # far more than the ring holds: the rest waits and moves in as windows slide
+    result = learner.learn("s", np.arange(n) % 13)
+    assert result.targets == (n - 1) // 4 * 4
+    assert learner.flush().targets == (n - 1) % 4
+    assert learner.tokens_trained == n - 1
+
+
+def test_max_batch_streams_bounds_each_update():
+    learner = make("train.max_batch_streams=3")
+    result = learner.learn_many({f"s{i}": list(range(9)) for i in range(7)})  # 2 windows each
+    assert result.targets == 7 * 8
+    assert result.updates == 5  # 14 windows, at most 3 per update, oldest windows first
+    assert result.streams == 7
+
+
+def test_predict_young_stream_equals_a_plain_forward():
+    learner = make()
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6]  # shorter than k2 - k1: window start stays at 0
+    learner.learn("s", tokens)
+    got = learner.predict("s")
+    with torch.no_grad():
+        logits, _ = learner.model(torch.tensor(tokens)[:, None], None)
+    assert torch.allclose(got, torch.log_softmax(logits[-1, 0], -1), atol=1e-6)
+    assert got.shape == (13,) and torch.isclose(got.exp().sum(), torch.tensor(1.0))
+
+
+def test_predict_unknown_stream_is_uniform():
+    got = make().predict("nobody")
+    assert torch.allclose(got, torch.full((13,), -np.log(13.0)))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_state_dict_resumes_exactly(kind):
+    rng = np.random.default_rng(1)
+    first = {f"s{i}": rng.integers(0, 13, 30 + 7 * i) for i in range(3)}
+    second = {f"s{i}": rng.integers(0, 13, 25) for i in range(4)}
+    original = make(f"model.kind={kind}", "train.optimizer=adam")
+    original.learn_many(first)
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = make(f"model.kind={kind}", "train.optimizer=adam")
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.streams.next_offset("s2") == 44
+    results = [learner.learn_many(second) for learner in (original, resumed)]
+    results += [learner.flush() for learner in (original, resumed)]
+    assert results[0] == results[1] and results[2] == results[3]
+    assert all(torch.equal(a, b) for a, b in zip(params(original), params(resumed)))
+    assert torch.equal(original.predict("s3"), resumed.predict("s3"))
+    assert (original.updates, original.tokens_trained, original.bits) == (
+        resumed.updates, resumed.tokens_trained, resumed.bits)
+
+
+def test_state_from_another_model_is_refused():
+    state = make().state_dict()
+    with pytest.raises(ValueError, match="model.hidden_size \\(saved 10, now 12\\)"):
+        make("model.hidden_size=12").load_state_dict(state)
+    with pytest.raises(ValueError, match="not a streamrnn learner state"):
+        make().load_state_dict({"format": "something else"})
+
+
+def test_gpu_device_without_cuda_is_a_config_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error is for machines without it")
+    with pytest.raises(streamrnn.ConfigError, match="train.device = 'cuda' but"):
+        streamrnn.Learner(streamrnn.load_config(overrides=["train.device=cuda"]))
+
+
+def test_bf16_learns_on_cpu():
+    learner = make("train.precision=bf16")
+    result = learner.learn("s", np.arange(200) % 13)
+    assert result.targets == 196 and np.isfinite(result.bits)
