@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
-from .config import ConfigError, format_config, load_config
+from .config import ConfigError, IngestConfig, format_config, load_config
+
+DEFAULT_ENDPOINT = IngestConfig().endpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +31,37 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streamrnn",
         description="Learn recurrent language models online from live token streams.")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the daemon (until SIGTERM/SIGINT)",
+                       description="Bind the ZeroMQ ingest endpoint and the metrics endpoint, "
+                       "learn from every stream producers send, answer position, status and "
+                       "predict requests. See README, 'Wire protocol'.")
+    _config_options(p)
+    p.set_defaults(run=_serve)
+
+    p = sub.add_parser("feed", help="send files or stdin to the daemon as byte streams",
+                       description="Send each FILE as a stream of byte tokens (named by its "
+                       "path, or all to --stream), appended at the stream's end, with "
+                       "backpressure and resends; waits until the daemon acknowledged all of "
+                       "it. '-' reads stdin (stream 'stdin'). Exits 1 with a message if the "
+                       "daemon is unreachable or refuses the data.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="file to send, or - for stdin")
+    _endpoint_option(p)
+    p.add_argument("--stream", help="send everything to this one stream, in order")
+    p.add_argument("--retry-seconds", type=float, default=60, help="keep retrying this long "
+                   "without progress (daemon restarting, busy) before giving up (60)")
+    p.add_argument("--chunk", type=int, default=4096, help="bytes per message (4096)")
+    p.add_argument("--no-flush", dest="flush", action="store_false", help="do not ask the "
+                   "daemon to train the streams' last bytes right away at the end")
+    p.set_defaults(run=_feed)
+
+    p = sub.add_parser("status", help="ask a running daemon how it is doing",
+                       description="Updates, streams, tokens received and trained, recent "
+                       "bits/token and throughput, uptime.")
+    _endpoint_option(p)
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.add_argument("--timeout", type=float, default=5, help="seconds to wait for an answer")
+    p.set_defaults(run=_status)
 
     p = sub.add_parser("demo", help="learn real text live and show bits/byte falling",
                        description="Feed Python standard library sources as parallel byte "
@@ -72,6 +107,12 @@ def _config_options(p: argparse.ArgumentParser, print_flag: bool = True) -> None
                        help="print the resolved config and exit")
 
 
+def _endpoint_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default=os.environ.get("STREAMRNN_ENDPOINT", DEFAULT_ENDPOINT),
+                   help=f"the daemon's ingest endpoint (default $STREAMRNN_ENDPOINT or "
+                   f"{DEFAULT_ENDPOINT})")
+
+
 def _load(args, defaults=()):
     config = load_config(args.config, [*defaults, *args.overrides])
     if getattr(args, "print_config", False):
@@ -83,6 +124,54 @@ def _load(args, defaults=()):
 def _config(args) -> int:
     print(format_config(load_config(args.config, args.overrides)), end="")
     return 0
+
+
+def _serve(args) -> int:
+    from . import daemon
+    config = _load(args)
+    return 0 if config is None else daemon.serve(config)
+
+
+def _feed(args) -> int:
+    from . import feed
+    return feed.run(args.endpoint, args.files, args.stream, args.retry_seconds, args.chunk,
+                    args.flush)
+
+
+def _status(args) -> int:
+    from .client import Producer, ProducerError
+    try:
+        with Producer(args.endpoint, retry_seconds=args.timeout,
+                      reply_timeout=args.timeout) as producer:
+            status = producer.status()
+    except ProducerError as e:
+        print(f"streamrnn status: {e}", file=sys.stderr)
+        return 1
+    status.pop("type", None)
+    status.pop("id", None)
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def format_status(s: dict) -> str:
+    bits = s.get("recent_bits_per_token")
+    hours, rest = divmod(int(s["uptime_seconds"]), 3600)
+    return "\n".join([
+        f"streamrnn {s['version']} on {s['device']}, up {hours}h{rest // 60:02d}m"
+        f"{rest % 60:02d}s: {s['model']}, TBPTT({s['tbptt'][0]}, {s['tbptt'][1]})",
+        f"updates         {s['updates']:,}",
+        f"streams         {s['streams']:,}",
+        f"tokens received {s['tokens_received']:,}  (queued, not trained yet: "
+        f"{s['queued_tokens']:,})",
+        f"tokens trained  {s['tokens_trained']:,}  ({s['bits'] / max(1, s['tokens_trained']):.3f}"
+        f" bits/token over the model's life)",
+        f"recent          {s['recent_tokens_per_second']:,.0f} tokens/s, "
+        + (f"{bits:.3f} bits/token" if bits is not None else "no training in the last minute"),
+        f"last checkpoint {s['last_checkpoint'] or 'none'}",
+    ])
 
 
 def _demo(args) -> int:

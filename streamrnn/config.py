@@ -51,6 +51,10 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     precision: str = _opt("fp32", "compute precision", choices=("fp32", "bf16", "fp64"))
     seed: int = _opt(0, "seed for the initial weights")
+    flush_after_seconds: float = _opt(30.0, "daemon: a stream idle this long has its last "
+                                      "r < k1 targets trained (0 = never)")
+    updates_per_turn: int = _opt(8, "daemon: at most this many updates between two "
+                                 "looks at the network, so intake never starves")
 
     def check(self) -> None:
         _positive(self, "k1", "k2", "max_batch_streams")
@@ -62,15 +66,72 @@ class TrainConfig:
             raise ConfigError(f"train.lr = {self.lr} must be > 0")
         if not self.grad_clip >= 0:
             raise ConfigError(f"train.grad_clip = {self.grad_clip} must be >= 0 (0 = off)")
+        if not self.flush_after_seconds >= 0:
+            raise ConfigError(f"train.flush_after_seconds = {self.flush_after_seconds} "
+                              "must be >= 0 (0 = never)")
+        _positive(self, "updates_per_turn")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device = {self.device!r}: expected auto, cpu, cuda "
                               "or cuda:N")
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    endpoint: str = _opt("tcp://127.0.0.1:5557", "ZeroMQ endpoint the daemon binds: "
+                         "tcp://HOST:PORT or ipc:///PATH")
+    max_message_bytes: int = _opt(1 << 20, "larger messages are refused (too_large); "
+                                  "over twice this, the sender is disconnected")
+    max_tokens_per_message: int = _opt(65536, "more tokens in one message are refused")
+    max_stream_id_bytes: int = _opt(256, "longest stream id, in UTF-8 bytes")
+    max_streams: int = _opt(100_000, "live streams at most; tokens for more are refused")
+    max_queued_tokens: int = _opt(4_000_000, "received but untrained tokens at most; "
+                                  "beyond it producers are told busy")
+    busy_retry_ms: int = _opt(100, "retry hint sent with busy")
+    max_messages_per_turn: int = _opt(1000, "messages handled between two training turns")
+
+    def check(self) -> None:
+        if not re.fullmatch(r"(tcp://[^:]+:\d+|ipc://.+|inproc://.+)", self.endpoint):
+            raise ConfigError(f"ingest.endpoint = {self.endpoint!r}: expected "
+                              "tcp://HOST:PORT or ipc:///PATH")
+        _positive(self, "max_message_bytes", "max_tokens_per_message", "max_stream_id_bytes",
+                  "max_streams", "max_queued_tokens", "busy_retry_ms", "max_messages_per_turn")
+        if self.max_queued_tokens < self.max_tokens_per_message:
+            raise ConfigError(f"ingest.max_queued_tokens = {self.max_queued_tokens} must be "
+                              f">= ingest.max_tokens_per_message = "
+                              f"{self.max_tokens_per_message}: a full message must fit")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    address: str = _opt("127.0.0.1", "Prometheus /metrics bind address (loopback: see "
+                        "README before exposing it)")
+    port: int = _opt(9108, "Prometheus /metrics port (0 = no metrics endpoint)")
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"metrics.port = {self.port} must be in 0 .. 65535")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = _opt("auto", "auto: console on a terminal, JSON lines otherwise",
+                       choices=("auto", "json", "console"))
+    level: str = _opt("info", "least severe level logged",
+                      choices=("debug", "info", "warning", "error"))
+    summary_seconds: float = _opt(60.0, "a progress line this often (0 = none)")
+
+    def check(self) -> None:
+        if not self.summary_seconds >= 0:
+            raise ConfigError(f"log.summary_seconds = {self.summary_seconds} must be >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .config import Config
 from .learner import Learner
@@ -102,29 +101,9 @@ def _summary(learner: Learner, p: Progress, streams: dict, fed: dict, say) -> di
         f"{p.recent_bits_per_byte:.3f} at the end  (same bytes: xz -9e {xz:.3f}, "
         f"bzip2 -9 {bzip:.3f})")
     name = next(iter(streams))
-    sample = generate(learner, name, 240)
+    sample = bytes(t for t in learner.generate(name, 240, temperature=0.7) if t < 256)
     say(f"sampled from the model, continuing {name}:")
     say("  | " + sample.decode("utf-8", "replace").replace("\n", "\n  | "))
     return {"bytes": p.num_bytes, "seconds": elapsed, "bits_per_byte": p.bits_per_byte,
             "recent_bits_per_byte": p.recent_bits_per_byte, "xz_bits_per_byte": xz,
             "bzip2_bits_per_byte": bzip, "updates": learner.updates}
-
-
-@torch.no_grad()
-def generate(learner: Learner, stream_id, num_tokens: int, temperature: float = 0.7,
-             seed: int = 0) -> bytes:
-    """Sample a continuation of a stream from the model; the stream is not changed."""
-    model = learner.model
-    slot = learner.streams.slot_of[stream_id]
-    history = torch.from_numpy(learner.streams.tokens_from_start(slot).astype(np.int64))
-    state = model.from_tuple(tuple(pool[:, slot:slot + 1] for pool in learner.streams.pools))
-    logits, state = model(history.to(learner.device)[:, None], state)
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(num_tokens):
-        probs = torch.softmax(logits[-1, 0].float().cpu() / temperature, dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=generator))
-        out.append(token)
-        logits, state = model(torch.tensor([[token]], device=learner.device), state)
-    return bytes(t for t in out if t < 256)
-

@@ -10,7 +10,7 @@ No sockets, no files: the daemon and library users share this class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ class LearnResult:
     updates: int = 0    # optimizer steps taken
     targets: int = 0    # tokens predicted and then trained on
     bits: float = 0.0   # prequential bits over those targets (measured before each step)
+    batch_streams: tuple[int, ...] = ()  # streams in each update, in order
 
     @property
     def bits_per_target(self) -> float:
@@ -69,40 +70,62 @@ class Learner:
         checked = {sid: self.check_tokens(t) for sid, t in tokens_by_stream.items()}
         for sid, tokens in checked.items():
             self.streams.append(sid, tokens)
-        return self._train()
+        return self.train()
 
-    def flush(self, stream_id: StreamId | None = None) -> LearnResult:
-        """Train the last r < k1 targets of one stream (or all) in a shorter update, so
-        nothing received stays untrained. The stream can continue afterwards."""
+    def add(self, stream_id: StreamId, tokens: Any) -> None:
+        """Append tokens to a stream without training (see `train`)."""
+        self.streams.append(stream_id, self.check_tokens(tokens))
+
+    def train(self, max_updates: int | None = None) -> LearnResult:
+        """Run ready updates, at most `max_updates` (None: until none is ready)."""
+        return self._train((None,), max_updates)
+
+    def flush(self, stream_id: StreamId | Iterable[StreamId] | None = None) -> LearnResult:
+        """Train the last r < k1 targets of a stream, of several, or of all (None) in a
+        shorter update, so nothing received stays untrained. Streams continue afterwards."""
         if stream_id is None:
-            slots = np.arange(len(self.streams.ids))
-        elif stream_id in self.streams.slot_of:
-            slots = np.array([self.streams.slot_of[stream_id]])
+            ids = self.streams.ids
+        elif isinstance(stream_id, (list, tuple, set, frozenset)):
+            ids = stream_id
         else:
+            ids = [stream_id]
+        slots = np.array([self.streams.slot_of[s] for s in ids if s in self.streams.slot_of],
+                         np.int64)
+        if len(slots) == 0:
             return LearnResult()
-        return self._train(None, slots)  # full windows first, then the remainders
+        return self._train((None, slots))  # full windows first, then the remainders
 
-    def _train(self, *phases: np.ndarray | None) -> LearnResult:
-        """Run updates until none is ready; a phase is None (full windows) or the slots
-        to flush."""
+    def _train(self, phases: tuple, max_updates: int | None = None) -> LearnResult:
+        """Run updates until none is ready (or max_updates); a phase is None (full
+        windows) or the slots to flush."""
         total_ce = None
         updates = targets = 0
         trained_slots: set[int] = set()
-        for flush_slots in phases or (None,):
-            while (batch := self.streams.next_batch(self.config.train.max_batch_streams,
-                                                    flush_slots)) is not None:
+        widths: list[int] = []
+        for flush_slots in phases:
+            while max_updates is None or updates < max_updates:
+                batch = self.streams.next_batch(self.config.train.max_batch_streams,
+                                                flush_slots)
+                if batch is None:
+                    break
                 ce = self.engine.step(batch, self.streams.pools).double()
                 total_ce = ce if total_ce is None else total_ce + ce
                 updates += 1
                 targets += batch.num_targets
                 trained_slots.update(batch.slots.tolist())
+                widths.append(batch.num_streams)
         if not updates:
             return LearnResult()
         bits = nats_to_bits(total_ce.item())  # note: a CPU-GPU sync, once per call
         self.updates += updates
         self.tokens_trained += targets
         self.bits += bits
-        return LearnResult(len(trained_slots), updates, targets, bits)
+        return LearnResult(len(trained_slots), updates, targets, bits, tuple(widths))
+
+    @property
+    def untrained_tokens(self) -> int:
+        """Targets received but not trained yet, over all streams."""
+        return self.streams.total_tokens - self.streams.num_nonempty - self.tokens_trained
 
     # ---- prediction --------------------------------------------------------------------
     @torch.no_grad()
@@ -119,6 +142,30 @@ class Learner:
             logits, _ = self.model(tokens.to(self.device)[:, None],
                                    self.model.from_tuple(state))
         return torch.log_softmax(logits[-1, 0].float(), dim=-1).cpu()  # float32 is plenty
+
+    @torch.no_grad()
+    def generate(self, stream_id: StreamId, num_tokens: int, temperature: float = 1.0,
+                 seed: int = 0) -> list[int]:
+        """Sample a continuation of a stream from the model; the stream is unchanged."""
+        model = self.model
+        slot = self.streams.slot_of.get(stream_id)
+        if slot is None or self.streams.next_offset(stream_id) == 0:
+            logits = torch.zeros(1, 1, self.config.model.vocab_size)
+            state = None
+        else:
+            history = torch.from_numpy(self.streams.tokens_from_start(slot).astype(np.int64))
+            state = model.from_tuple(tuple(pool[:, slot:slot + 1]
+                                           for pool in self.streams.pools))
+            with self.engine.autocast():
+                logits, state = model(history.to(self.device)[:, None], state)
+        generator = torch.Generator().manual_seed(seed)
+        out: list[int] = []
+        for _ in range(num_tokens):
+            probs = torch.softmax(logits[-1, 0].float().cpu() / temperature, dim=-1)
+            out.append(int(torch.multinomial(probs, 1, generator=generator)))
+            with self.engine.autocast():
+                logits, state = model(torch.tensor([[out[-1]]], device=self.device), state)
+        return out
 
     def check_tokens(self, tokens: Any) -> np.ndarray:
         """tokens (bytes, list, numpy array or tensor of ints < vocab_size) -> int32."""

@@ -125,6 +125,8 @@ class StreamTable:
         self.overflow: dict[int, deque[np.ndarray]] = {}
         self.turn = 0  # batches planned so far; orders streams fairly
         self._geometries: dict[tuple, Geometry] = {}
+        self.total_tokens = 0   # tokens received, all streams (overflow included)
+        self.num_nonempty = 0   # streams with at least one token
         self._grow(capacity)
 
     # ---- intake ------------------------------------------------------------------
@@ -144,6 +146,9 @@ class StreamTable:
         if len(tokens) == 0:
             return
         slot = self.slot(stream_id)
+        if self.next_offset(stream_id) == 0:
+            self.num_nonempty += 1
+        self.total_tokens += len(tokens)
         if slot in self.overflow:
             self.overflow[slot].append(tokens)
             return
@@ -283,3 +288,5 @@ class StreamTable:
         for pool, saved in zip(self.pools, state["pools"]):
             pool[:, :used] = saved.to(pool.device, pool.dtype)
         self.turn = int(state["turn"])
+        self.total_tokens = sum(self.next_offset(sid) for sid in self.ids)
+        self.num_nonempty = sum(1 for sid in self.ids if self.next_offset(sid) > 0)

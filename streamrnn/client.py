@@ -1,0 +1,272 @@
+"""The producer library: push tokens to a streamrnn daemon and lose none of them.
+
+    with Producer("tcp://127.0.0.1:5557") as producer:
+        producer.send("logs/web-1", tokens)      # blocks while the window of unacked
+        producer.send("logs/web-1", more)        #   messages is full (backpressure)
+        producer.flush()                         # wait until every message is acked
+
+Each message carries its stream's offset, so the daemon can tell a resend from new data.
+Messages stay in the window until acked. When the daemon says busy, or a gap (it missed
+an earlier message), or stops answering (restart, network), the producer resends the
+stream's unacked messages from the daemon's expected offset, for up to
+`retry_seconds` without progress before giving up with `Unreachable`.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from .wire import encode_tokens, pack
+
+
+class ProducerError(Exception):
+    """The daemon refused data or could not be reached."""
+
+
+class Refused(ProducerError):
+    def __init__(self, reason: str, message: str, stream: str | None = None):
+        super().__init__(f"daemon refused {'stream ' + repr(stream) + ' ' if stream else ''}"
+                         f"data ({reason}): {message}")
+        self.reason, self.stream = reason, stream
+
+
+class Unreachable(ProducerError):
+    pass
+
+
+@dataclass
+class _Pending:
+    stream: str
+    offset: int
+    tokens: np.ndarray
+    transmission: int = 0        # id of the latest send of this message
+    sent_at: float = 0.0
+    resend_at: float | None = None  # set when it waits to go out again
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.tokens)
+
+
+@dataclass
+class _Stats:
+    messages_sent: int = 0
+    resends: int = 0
+    busy: int = 0
+    tokens_acked: int = 0
+    ack_latencies: list[float] = field(default_factory=list)
+
+
+class Producer:
+    def __init__(self, endpoint: str, *, window: int = 64, max_tokens_per_message: int = 4096,
+                 reply_timeout: float = 2.0, retry_seconds: float = 30.0,
+                 context: zmq.Context | None = None, socket_options: dict | None = None,
+                 keep_latencies: bool = False):
+        self.endpoint = endpoint
+        self.window, self.max_tokens = window, max_tokens_per_message
+        self.reply_timeout, self.retry_seconds = reply_timeout, retry_seconds
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.linger = 0
+        self.socket.immediate = 1         # no queueing for a daemon that is not there
+        self.socket.reconnect_ivl = 100
+        self.socket.reconnect_ivl_max = 1000
+        for option, value in (socket_options or {}).items():
+            self.socket.setsockopt(option, value)
+        self.socket.connect(endpoint)
+        self.pending: OrderedDict[int, _Pending] = OrderedDict()  # by transmission id
+        self.next_offset: dict[str, int] = {}   # where this producer appends next
+        self.answers: dict[int, dict] = {}      # replies to position/status/... requests
+        self.ids = itertools.count(1)
+        self.last_progress = time.monotonic()
+        self.error: ProducerError | None = None
+        self.stats = _Stats()
+        self.keep_latencies = keep_latencies
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    # ---- sending -------------------------------------------------------------------------
+    def send(self, stream: str, tokens: Any, offset: int | None = None) -> None:
+        """Append tokens to a stream (at `offset` if given: the position of the first one;
+        else after what this producer sent, or at the daemon's end for a new stream)."""
+        tokens = np.asarray(tokens if not isinstance(tokens, (bytes, bytearray))
+                            else np.frombuffer(tokens, np.uint8))
+        if offset is None:
+            offset = self.next_offset.get(stream)
+            if offset is None:
+                offset = self.position(stream)
+        for begin in range(0, max(len(tokens), 1), self.max_tokens):
+            piece = tokens[begin:begin + self.max_tokens]
+            while len(self.pending) >= self.window:
+                self._pump(0.05)
+            self._raise_error()
+            self._transmit(_Pending(stream, offset + begin, piece))
+        self.next_offset[stream] = offset + len(tokens)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every message sent so far is acknowledged."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.pending:
+            self._raise_error()
+            if deadline is not None and time.monotonic() > deadline:
+                raise Unreachable(f"{len(self.pending)} messages still unacknowledged by "
+                                  f"{self.endpoint} after {timeout} s")
+            self._pump(0.05)
+        self._raise_error()
+
+    @property
+    def unacked(self) -> int:
+        return len(self.pending)
+
+    # ---- requests with one answer ----------------------------------------------------------
+    def position(self, stream: str) -> int:
+        """The daemon's next expected offset for a stream (0 for a new one)."""
+        return int(self.request({"type": "position", "stream": stream})["next_offset"])
+
+    def status(self) -> dict:
+        return self.request({"type": "status"})
+
+    def request(self, message: dict) -> dict:
+        """Send a request and wait for its answer, asking again while the daemon is away."""
+        started = time.monotonic()
+        while True:
+            request_id = next(self.ids)
+            if self._send({**message, "id": request_id}):
+                deadline = time.monotonic() + self.reply_timeout
+                while time.monotonic() < deadline:
+                    self._pump(0.05)
+                    if request_id in self.answers:
+                        answer = self.answers.pop(request_id)
+                        if answer.get("type") == "nack":
+                            raise Refused(answer.get("reason", "?"), answer.get("message", ""),
+                                          message.get("stream"))
+                        return answer
+            else:
+                time.sleep(0.05)
+            if time.monotonic() - started > self.retry_seconds:
+                raise Unreachable(f"no answer from {self.endpoint} within "
+                                  f"{self.retry_seconds:g} s: is `streamrnn serve` running "
+                                  "there?")
+
+    # ---- internals -------------------------------------------------------------------------
+    def _send(self, message: dict | bytes) -> bool:
+        try:
+            self.socket.send(message if isinstance(message, bytes) else pack(message),
+                             zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # not connected (immediate) or the pipe is full: try later
+            return False
+
+    def _transmit(self, entry: _Pending) -> None:
+        if not self.pending:
+            self.last_progress = time.monotonic()  # the no-progress clock starts now
+        entry.transmission = next(self.ids)
+        entry.sent_at = time.monotonic()
+        if self._send(encode_tokens(entry.stream, entry.offset, entry.tokens,
+                                    entry.transmission)):
+            entry.resend_at = None
+            self.stats.messages_sent += 1
+        else:
+            entry.resend_at = entry.sent_at + 0.1
+        self.pending[entry.transmission] = entry
+
+    def _pump(self, timeout: float) -> None:
+        """Read replies for up to `timeout` seconds, then resend whatever is due."""
+        if self.socket.poll(int(timeout * 1000), zmq.POLLIN):
+            while True:
+                try:
+                    raw = self.socket.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_reply(raw)
+        self._resend_due()
+
+    def _on_reply(self, raw: bytes) -> None:
+        try:
+            reply = msgpack.unpackb(raw, raw=False)
+        except Exception:
+            return  # not from a streamrnn daemon; nothing to act on
+        if not isinstance(reply, dict):
+            return
+        kind, reply_id = reply.get("type"), reply.get("id")
+        entry = self.pending.get(reply_id)
+        if kind == "ack" and isinstance(reply.get("next_offset"), int):
+            self._acked(reply["stream"], reply["next_offset"])
+        elif kind == "busy" and entry is not None:
+            self.stats.busy += 1
+            self._rewind(entry.stream, entry.offset, reply.get("retry_after_ms", 100) / 1000)
+        elif kind == "nack" and entry is not None:
+            if reply.get("reason") == "gap" and isinstance(reply.get("next_offset"), int):
+                self._rewind(entry.stream, reply["next_offset"], 0.0)
+            else:
+                self.error = Refused(reply.get("reason", "?"), reply.get("message", ""),
+                                     entry.stream)
+                del self.pending[reply_id]
+        elif reply_id is not None and entry is None:
+            self.answers[reply_id] = reply
+        if len(self.answers) > 1000:  # answers nobody waits for any more
+            self.answers.clear()
+
+    def _acked(self, stream: str, next_offset: int) -> None:
+        now = time.monotonic()
+        for tid in [t for t, e in self.pending.items()
+                    if e.stream == stream and e.end <= next_offset]:
+            entry = self.pending.pop(tid)
+            self.stats.tokens_acked += len(entry.tokens)
+            if self.keep_latencies:
+                self.stats.ack_latencies.append(now - entry.sent_at)
+            self.last_progress = now
+
+    def _rewind(self, stream: str, expected: int, delay: float) -> None:
+        """Send the stream's unacked messages again, in order, after `delay` seconds."""
+        entries = [e for e in self.pending.values() if e.stream == stream]
+        if entries and entries[0].offset > expected:
+            self.error = ProducerError(
+                f"the daemon expects stream {stream!r} at offset {expected}, but this "
+                f"producer's oldest unacknowledged data starts at {entries[0].offset}: "
+                "acknowledged data was lost on the daemon's side")
+            return
+        due = time.monotonic() + delay
+        for entry in entries:  # a later gap nack must not cut a busy wait short
+            entry.resend_at = due if entry.resend_at is None else max(entry.resend_at, due)
+
+    def _resend_due(self) -> None:
+        now = time.monotonic()
+        if self.pending and now - self.last_progress > self.retry_seconds:
+            why = ("it kept answering busy (overloaded)" if self.stats.busy else
+                   "is `streamrnn serve` running there?")
+            self.error = Unreachable(
+                f"no progress from {self.endpoint} for {self.retry_seconds:g} s with "
+                f"{len(self.pending)} messages unacknowledged: {why}")
+            return
+        oldest = next(iter(self.pending.values()), None)
+        if oldest is not None and oldest.resend_at is None and \
+                now - oldest.sent_at > self.reply_timeout:
+            # no answer: the daemon restarted or the network dropped; go back to the
+            # oldest unacked message of every stream (duplicates are acked, not retrained)
+            for entry in self.pending.values():
+                entry.resend_at = now
+        due = [e for e in self.pending.values() if e.resend_at is not None and e.resend_at <= now]
+        for entry in due:
+            del self.pending[entry.transmission]
+            self.stats.resends += 1
+            self._transmit(entry)
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error

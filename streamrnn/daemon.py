@@ -1,0 +1,296 @@
+"""`streamrnn serve`: the long-running daemon.
+
+    start:  learner, metrics endpoint, bind the ROUTER
+    loop:   poll -> handle requests (bounded) -> train (bounded) -> housekeeping
+    stop:   SIGTERM/SIGINT only set a flag; the loop ends its turn, then an ordered
+            shutdown closes the socket and the metrics endpoint
+
+One thread does everything that touches the model, so no locks: a predict request is
+answered between two training turns, while learning goes on.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections import OrderedDict, Counter as Tally, deque
+
+import prometheus_client
+import torch
+import zmq
+
+from . import logs, wire
+from .config import Config
+from .learner import LearnResult, Learner
+from .metrics import Metrics
+from .source import Incoming, Source
+
+HOUSEKEEPING_SECONDS = 0.5
+REFUSAL_LOG_SECONDS = 10.0
+RECENT_SECONDS = 60.0
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.log = logs.get("streamrnn.daemon")
+        self.stop_requested = False
+        self.limits = wire.Limits(config.model.vocab_size, config.ingest.max_message_bytes,
+                                  config.ingest.max_tokens_per_message,
+                                  config.ingest.max_stream_id_bytes)
+        self.started = time.time()
+        self.last_seen: OrderedDict[str, float] = OrderedDict()  # streams with fresh input
+        self.recent: deque[tuple[float, int, float]] = deque()  # (time, targets, bits)
+        self.refused: Tally[str] = Tally()
+        self.refused_example = ""
+        self.training_pending = False
+        self.next_housekeeping = self.next_refusal_log = 0.0
+        self.next_summary = time.monotonic() + config.log.summary_seconds
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def run(self) -> int:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+        try:
+            self.start()
+            while not self.stop_requested:
+                self.turn()
+        finally:
+            self.shutdown()
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_requested = True  # the loop notices within one turn
+
+    def start(self) -> None:
+        c = self.config
+        self.log.info("starting", model=f"{c.model.kind} {c.model.num_layers}x"
+                      f"{c.model.hidden_size} vocab {c.model.vocab_size}",
+                      tbptt=f"({c.train.k1}, {c.train.k2})", optimizer=c.train.optimizer,
+                      lr=c.train.lr, device=c.train.device, precision=c.train.precision)
+        self.learner = Learner(c)
+        self.metrics = Metrics()
+        self.metrics.watch_device(self._device_memory)
+        self.metrics.build.info({"version": _version(), "torch": torch.__version__,
+                                 "device": str(self.learner.device)})
+        self.metrics.queue_limit.set(c.ingest.max_queued_tokens)
+        self.metrics_server = None
+        if c.metrics.port:
+            self.metrics_server = self.metrics.serve(c.metrics.address, c.metrics.port)
+        self.context = zmq.Context()
+        self.source = Source(c.ingest, self.context)
+        self.log.info("listening", endpoint=self.source.endpoint,
+                      metrics=(f"http://{c.metrics.address}:{c.metrics.port}/metrics"
+                               if c.metrics.port else "off"), device=str(self.learner.device))
+
+    def shutdown(self) -> None:
+        self.log.info("stopping")
+        if hasattr(self, "source"):
+            self.source.close()
+            self.context.term()
+        if getattr(self, "metrics_server", None):
+            server, thread = self.metrics_server
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+        self._log_refusals(force=True)
+        if hasattr(self, "learner"):
+            self.log.info("stopped", updates=self.learner.updates,
+                          tokens_trained=self.learner.tokens_trained)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def turn(self) -> None:
+        """One turn: take what the network has, train a bounded amount, look after things."""
+        timeout_ms = 0 if self.training_pending else 50
+        if self.source.socket.poll(timeout_ms, zmq.POLLIN):
+            for incoming in self.source.receive(self.config.ingest.max_messages_per_turn):
+                self.handle(incoming)
+        max_updates = self.config.train.updates_per_turn
+        started = time.perf_counter()
+        result = self.learner.train(max_updates)  # ends with a device sync (bits)
+        self.account(result, time.perf_counter() - started)
+        self.training_pending = result.updates == max_updates
+        now = time.monotonic()
+        if now >= self.next_housekeeping:
+            self.next_housekeeping = now + HOUSEKEEPING_SECONDS
+            self.housekeeping(now)
+
+    def handle(self, incoming: Incoming) -> None:
+        if incoming.payload is None:
+            refusal = wire.Refusal("malformed", "expected one frame from a DEALER socket, or "
+                                   "an empty frame and one frame from a REQ socket")
+        else:
+            refusal = wire.decode(incoming.payload, self.limits)
+        if isinstance(refusal, wire.Refusal):
+            return self.refuse(incoming.envelope, refusal)
+        request = refusal
+        self.metrics.messages.labels(request.type).inc()
+        reply = getattr(self, f"_on_{request.type}")(request)
+        if reply.get("type") == "nack":
+            self._count_refusal(reply["reason"], reply["message"])
+        if request.request_id is not None:
+            reply["id"] = request.request_id
+        self.source.reply(incoming.envelope, reply)
+
+    def refuse(self, envelope: list[bytes], refusal: wire.Refusal) -> None:
+        self._count_refusal(refusal.reason, refusal.message)
+        self.source.reply(envelope, wire.refusal_reply(refusal))
+
+    # ---- requests ------------------------------------------------------------------------
+    def _on_tokens(self, r: wire.Request) -> dict:
+        streams = self.learner.streams
+        expected = streams.next_offset(r.stream)
+        if r.offset > expected:
+            return _nack("gap", f"offset {r.offset} is past the stream's end: the next "
+                         f"expected offset is {expected}", stream=r.stream,
+                         next_offset=expected)
+        new = r.tokens[expected - r.offset:]
+        if len(new):
+            if r.stream not in streams.slot_of and \
+                    len(streams.ids) >= self.config.ingest.max_streams:
+                return _nack("too_many_streams", f"{len(streams.ids)} streams already "
+                             "(ingest.max_streams)", stream=r.stream)
+            if self.learner.untrained_tokens + len(new) > self.config.ingest.max_queued_tokens:
+                self.metrics.busy.inc()
+                return {"type": "busy", "stream": r.stream,
+                        "retry_after_ms": self.config.ingest.busy_retry_ms}
+            self.learner.add(r.stream, new)
+            self.last_seen[r.stream] = time.monotonic()
+            self.last_seen.move_to_end(r.stream)
+        self.metrics.tokens_received.inc(len(new))
+        self.metrics.tokens_duplicate.inc(len(r.tokens) - len(new))
+        return {"type": "ack", "stream": r.stream, "next_offset": expected + len(new),
+                "accepted": len(new), "duplicates": len(r.tokens) - len(new)}
+
+    def _on_position(self, r: wire.Request) -> dict:
+        return {"type": "position", "stream": r.stream,
+                "next_offset": self.learner.streams.next_offset(r.stream)}
+
+    def _on_predict(self, r: wire.Request) -> dict:
+        probs = self.learner.predict(r.stream).exp()
+        values, tokens = torch.topk(probs, r.top_k)
+        return {"type": "prediction", "stream": r.stream,
+                "next_offset": self.learner.streams.next_offset(r.stream),
+                "top": [[int(t), float(v)] for t, v in zip(tokens, values)]}
+
+    def _on_generate(self, r: wire.Request) -> dict:
+        tokens = self.learner.generate(r.stream, r.num_tokens, r.temperature, r.seed)
+        return {"type": "generated", "stream": r.stream, "tokens": tokens}
+
+    def _on_flush(self, r: wire.Request) -> dict:
+        # scheduled, not done here: training the queue first could hold intake for long
+        streams = list(self.last_seen) if r.stream is None else (
+            [r.stream] if r.stream in self.last_seen else [])
+        for stream in streams:
+            self.last_seen[stream] = -math.inf
+            self.last_seen.move_to_end(stream, last=False)
+        return {"type": "flush", "stream": r.stream, "scheduled": len(streams)}
+
+    def _on_status(self, r: wire.Request) -> dict:
+        return {"type": "status", **self.status()}
+
+    def status(self) -> dict:
+        learner = self.learner
+        recent_targets = sum(t for _, t, _ in self.recent)
+        recent_bits = sum(b for _, _, b in self.recent)
+        window = max(1e-9, min(RECENT_SECONDS, time.time() - self.started))
+        c = self.config
+        return {
+            "version": _version(), "uptime_seconds": time.time() - self.started,
+            "device": str(learner.device),
+            "model": f"{c.model.kind} {c.model.num_layers}x{c.model.hidden_size}",
+            "tbptt": [c.train.k1, c.train.k2],
+            "updates": learner.updates, "tokens_trained": learner.tokens_trained,
+            "bits": learner.bits, "tokens_received": learner.streams.total_tokens,
+            "streams": len(learner.streams.ids), "queued_tokens": learner.untrained_tokens,
+            "recent_bits_per_token": (recent_bits / recent_targets if recent_targets
+                                      else None),
+            "recent_tokens_per_second": recent_targets / window,
+            "last_checkpoint": None,
+        }
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+    def account(self, result: LearnResult, seconds: float) -> None:
+        m = self.metrics
+        m.updates_per_turn.observe(result.updates)
+        if not result.updates:
+            return
+        m.updates.inc(result.updates)
+        m.tokens_trained.inc(result.targets)
+        for width in result.batch_streams:
+            m.batch_streams.observe(width)
+            m.update_seconds.observe(seconds / result.updates)
+        if math.isfinite(result.bits):
+            m.bits.inc(result.bits)
+            now = time.time()
+            self.recent.append((now, result.targets, result.bits))
+            while self.recent and self.recent[0][0] < now - RECENT_SECONDS:
+                self.recent.popleft()
+        else:
+            m.nonfinite_updates.inc()
+            self.log.error("loss is not finite", updates=result.updates, bits=result.bits)
+
+    def housekeeping(self, now: float) -> None:
+        flush_after = self.config.train.flush_after_seconds or math.inf
+        if not self.training_pending:
+            idle = []  # streams idle long enough, or asked to flush (-inf)
+            while self.last_seen and now - next(iter(self.last_seen.values())) >= flush_after:
+                idle.append(self.last_seen.popitem(last=False)[0])
+            if idle:
+                started = time.perf_counter()
+                result = self.learner.flush(idle)
+                self.account(result, time.perf_counter() - started)
+                self.metrics.flushes.inc(result.streams)
+        m, learner = self.metrics, self.learner
+        m.active_streams.set(len(learner.streams.ids))
+        m.queue_tokens.set(learner.untrained_tokens)
+        m.learning_rate.set(learner.optimizer.param_groups[0]["lr"])
+        if learner.engine.last_grad_norm is not None:
+            m.grad_norm.set(float(learner.engine.last_grad_norm))  # a device sync, 2/s
+        self._log_refusals()
+        summary = self.config.log.summary_seconds
+        if summary and now >= self.next_summary:
+            self.next_summary = now + summary
+            s = self.status()
+            self.log.info("progress", updates=s["updates"], tokens_trained=s["tokens_trained"],
+                          tokens_per_second=round(s["recent_tokens_per_second"]),
+                          bits_per_token=s["recent_bits_per_token"], streams=s["streams"],
+                          queued_tokens=s["queued_tokens"])
+
+    def _count_refusal(self, reason: str, message: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        self.refused[reason] += 1
+        self.refused_example = message
+
+    def _log_refusals(self, force: bool = False) -> None:
+        """One line per burst of refused input, not one per message."""
+        now = time.monotonic()
+        if self.refused and (force or now >= self.next_refusal_log):
+            self.log.warning("refused input", counts=dict(self.refused),
+                             example=self.refused_example)
+            self.refused.clear()
+            self.next_refusal_log = now + REFUSAL_LOG_SECONDS
+
+    def _device_memory(self) -> tuple[float, float]:
+        device = self.learner.device
+        if device.type != "cuda":
+            return 0.0, 0.0
+        return (float(torch.cuda.memory_allocated(device)),
+                float(torch.cuda.memory_reserved(device)))
+
+
+def _nack(reason: str, message: str, **extra) -> dict:
+    return {"type": "nack", "reason": reason, "message": message, **extra}
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def serve(config: Config) -> int:
+    logs.configure(config.log.format, config.log.level)
+    prometheus_client.disable_created_metrics()  # no *_created series: noise for dashboards
+    return Daemon(config).run()

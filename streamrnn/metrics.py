@@ -1,0 +1,96 @@
+"""Every Prometheus metric of the daemon, defined in one place, on a private registry.
+
+Base units, `_total` counters, histograms (not summaries), no per-stream labels: the
+number of streams is unbounded. rate(streamrnn_prequential_bits_total) over
+rate(streamrnn_tokens_trained_total) is the live bits/token over any window.
+Counters count since the process started, as Prometheus expects; the lifetime totals
+of the learned state are in `streamrnn status --json`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import start_http_server
+
+from .wire import REASONS
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.tokens_received = Counter(
+            "streamrnn_tokens_received", "Tokens accepted from producers (new, not "
+            "duplicates).", registry=r)
+        self.tokens_duplicate = Counter(
+            "streamrnn_tokens_duplicate", "Tokens received again at an offset already "
+            "accepted, acknowledged and not trained twice.", registry=r)
+        self.tokens_trained = Counter(
+            "streamrnn_tokens_trained", "Targets trained (a stream of N tokens gives N-1 "
+            "once flushed).", registry=r)
+        self.bits = Counter(
+            "streamrnn_prequential_bits", "Prequential bits over the trained targets, each "
+            "measured before the update that trains it.", registry=r)
+        self.updates = Counter("streamrnn_updates", "Optimizer steps taken.", registry=r)
+        self.nonfinite_updates = Counter(
+            "streamrnn_nonfinite_loss_updates", "Training turns whose loss was NaN or "
+            "infinite.", registry=r)
+        self.messages = Counter("streamrnn_messages", "Messages received, by request "
+                                "type.", ["type"], registry=r)
+        self.rejected = Counter("streamrnn_messages_rejected", "Messages refused (nack), by "
+                                "reason.", ["reason"], registry=r)
+        self.busy = Counter("streamrnn_busy_replies", "Token messages answered busy (queue "
+                            "full) and not taken.", registry=r)
+        self.flushes = Counter("streamrnn_stream_flushes", "Streams whose last targets were "
+                               "trained by a flush (idle or requested).", registry=r)
+        self.update_seconds = Histogram(
+            "streamrnn_update_duration_seconds", "Wall time per update (a training turn's "
+            "time over its updates; the turn ends with a device sync).",
+            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.updates_per_turn = Histogram(
+            "streamrnn_turn_updates", "Updates run in one turn of the main loop.",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.batch_streams = Histogram(
+            "streamrnn_update_streams", "Streams in one update (batch width).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r)
+        self.active_streams = Gauge("streamrnn_active_streams", "Streams the daemon holds.",
+                                    registry=r)
+        self.queue_tokens = Gauge("streamrnn_ingest_queue_tokens", "Received tokens not "
+                                  "trained yet.", registry=r)
+        self.queue_limit = Gauge("streamrnn_ingest_queue_limit_tokens", "ingest."
+                                 "max_queued_tokens: beyond it producers get busy.", registry=r)
+        self.learning_rate = Gauge("streamrnn_learning_rate", "Current learning rate.",
+                                   registry=r)
+        self.grad_norm = Gauge("streamrnn_grad_norm", "Gradient norm before clipping, at "
+                               "the latest turn (NaN when clipping is off).", registry=r)
+        self.start_time = Gauge("streamrnn_start_time_seconds", "When this process started "
+                                "(Unix time).", registry=r)
+        self.build = Info("streamrnn_build", "Version, torch and device.", registry=r)
+        self.start_time.set(time.time())
+        for reason in REASONS:
+            self.rejected.labels(reason)  # every series exists from the start, at 0
+        self.grad_norm.set(float("nan"))
+
+    def watch_device(self, memory: Callable[[], tuple[float, float]]) -> None:
+        """GPU memory (allocated, reserved) in bytes, read at scrape time; 0 on a CPU."""
+        self.registry.register(_DeviceMemory(memory))
+
+    def serve(self, address: str, port: int):
+        """Serve /metrics on a thread; returns (server, thread) for shutdown."""
+        return start_http_server(port, addr=address, registry=self.registry)
+
+
+class _DeviceMemory:
+    def __init__(self, read: Callable[[], tuple[float, float]]):
+        self.read = read
+
+    def collect(self):
+        allocated, reserved = self.read()
+        family = GaugeMetricFamily("streamrnn_device_memory_bytes", "Accelerator memory "
+                                   "held by torch (0 on a CPU).", labels=["kind"])
+        family.add_metric(["allocated"], allocated)
+        family.add_metric(["reserved"], reserved)
+        yield family

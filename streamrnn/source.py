@@ -1,0 +1,61 @@
+"""The daemon's network edge: a ZeroMQ ROUTER that producers' DEALER (or REQ) sockets reach.
+
+It receives without blocking, splits the routing envelope from the payload, and sends
+replies back along the same envelope. Decoding and checking are wire.py's; deciding
+what to answer is the daemon's. No torch here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zmq
+
+from .config import IngestConfig
+from .wire import pack
+
+
+@dataclass(frozen=True)
+class Incoming:
+    envelope: list[bytes]  # routing id (and the empty delimiter a REQ socket adds)
+    payload: bytes | None  # None: the frames did not have the shape of a request
+
+
+class Source:
+    def __init__(self, config: IngestConfig, context: zmq.Context):
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.linger = 0
+        # the transport drops peers sending more than this; up to twice the message limit
+        # they still get a readable "too_large" refusal from the daemon
+        self.socket.maxmsgsize = 2 * config.max_message_bytes + 4096
+        self.socket.rcvhwm = 10_000
+        self.socket.sndhwm = 10_000
+        # reap half-open connections of producers that vanished
+        self.socket.heartbeat_ivl = 10_000
+        self.socket.heartbeat_timeout = 30_000
+        self.socket.bind(config.endpoint)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def receive(self, max_messages: int) -> list[Incoming]:
+        """Up to max_messages waiting requests, without blocking."""
+        out: list[Incoming] = []
+        while len(out) < max_messages:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) == 2:                      # DEALER: [id, payload]
+                out.append(Incoming(frames[:1], frames[1]))
+            elif len(frames) == 3 and frames[1] == b"":  # REQ: [id, "", payload]
+                out.append(Incoming(frames[:2], frames[2]))
+            else:
+                out.append(Incoming(frames[:1], None))
+        return out
+
+    def reply(self, envelope: list[bytes], message: dict) -> None:
+        try:
+            self.socket.send_multipart([*envelope, pack(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the producer is not reading its replies: it will time out and ask again
+
+    def close(self) -> None:
+        self.socket.close(linger=0)

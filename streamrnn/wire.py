@@ -1,0 +1,186 @@
+"""The wire protocol: msgpack maps over ZeroMQ, decoded and checked without trusting them.
+
+Pure functions, no sockets and no torch: `decode` turns one untrusted payload into a
+request or a `Refusal` (reason code + message), `encode_*` build the payloads. The
+daemon (source.py) and the producer client (client.py) share them; README.md,
+"Wire protocol", is the specification they implement.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+# Refusal reasons: stable, machine-readable, one counter label each.
+REASONS = ("malformed", "too_large", "unknown_type", "bad_field", "bad_stream_id",
+           "too_many_tokens", "token_out_of_range", "gap", "too_many_streams")
+REQUEST_TYPES = ("tokens", "position", "status", "predict", "generate", "flush")
+MAX_GENERATE = 4096
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_message_bytes: int
+    max_tokens_per_message: int
+    max_stream_id_bytes: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str       # one of REASONS
+    message: str      # for a human
+    request_id: Any = None
+
+
+@dataclass(frozen=True)
+class Request:
+    type: str                  # one of REQUEST_TYPES
+    request_id: Any = None     # the producer's "id", echoed in the reply
+    stream: str | None = None
+    offset: int = 0            # tokens: position of the first token in the stream
+    tokens: np.ndarray | None = None  # tokens: int32, each < vocab_size
+    top_k: int = 10            # predict
+    num_tokens: int = 0        # generate
+    temperature: float = 1.0   # generate
+    seed: int = 0              # generate
+
+
+def decode(payload: bytes, limits: Limits) -> Request | Refusal:
+    """One message from the network -> a checked Request, or the reason it is refused."""
+    if len(payload) > limits.max_message_bytes:
+        return Refusal("too_large", f"message of {len(payload)} bytes; the limit is "
+                       f"{limits.max_message_bytes} (ingest.max_message_bytes)")
+    try:
+        # every max_*_len follows from len(payload), so a forged length cannot allocate
+        # more than the message itself; hostile nesting raises StackError, caught here
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=True,
+                                  max_map_len=16, max_str_len=limits.max_stream_id_bytes * 4)
+    except Exception as e:  # msgpack raises several types; all mean "not a message"
+        return Refusal("malformed", f"not a msgpack message: {type(e).__name__}: {e}"[:300])
+    if not isinstance(message, dict):
+        return Refusal("malformed", f"expected a msgpack map, got {type(message).__name__}")
+    request_id = message.get("id")
+    if request_id is not None and not isinstance(request_id, (int, str)):
+        return Refusal("bad_field", "id must be an integer or a string")
+    try:
+        return _decode_fields(message, request_id, limits)
+    except _Refused as e:
+        return Refusal(e.reason, e.message, request_id)
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, message: str):
+        self.reason, self.message = reason, message
+
+
+def _decode_fields(m: dict, request_id: Any, limits: Limits) -> Request:
+    kind = m.get("type")
+    if kind not in REQUEST_TYPES:
+        raise _Refused("unknown_type", f"type {kind!r} is not one of "
+                       f"{', '.join(REQUEST_TYPES)}")
+    if kind == "status":
+        return Request("status", request_id)
+    if kind == "flush" and m.get("stream") is None:
+        return Request("flush", request_id)
+    stream = _stream_id(m.get("stream"), limits)
+    if kind == "position" or kind == "flush":
+        return Request(kind, request_id, stream)
+    if kind == "predict":
+        top_k = _int(m, "top_k", 10, 1, limits.vocab_size)
+        return Request("predict", request_id, stream, top_k=top_k)
+    if kind == "generate":
+        temperature = m.get("temperature", 1.0)
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+                or not 0.01 <= temperature <= 100:
+            raise _Refused("bad_field", "temperature must be a number in 0.01 .. 100")
+        return Request("generate", request_id, stream,
+                       num_tokens=_int(m, "num_tokens", 200, 1, MAX_GENERATE),
+                       temperature=float(temperature), seed=_int(m, "seed", 0, 0, 2**63 - 1))
+    offset = _int(m, "offset", None, 0, 2**62)
+    return Request("tokens", request_id, stream, offset=offset,
+                   tokens=_tokens(m, limits))
+
+
+def _stream_id(value: Any, limits: Limits) -> str:
+    if not isinstance(value, str):
+        raise _Refused("bad_stream_id", "stream must be a string (UTF-8 on the wire)")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if not 1 <= size <= limits.max_stream_id_bytes:
+        raise _Refused("bad_stream_id", f"stream id of {size} bytes; allowed 1 .. "
+                       f"{limits.max_stream_id_bytes} (ingest.max_stream_id_bytes)")
+    if not value.isprintable():
+        raise _Refused("bad_stream_id", "stream id must be printable (no control characters)")
+    return value
+
+
+def _int(m: dict, key: str, default: int | None, low: int, high: int) -> int:
+    value = m.get(key, default)
+    if value is None:
+        raise _Refused("bad_field", f"{key} is missing")
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _Refused("bad_field", f"{key} must be an integer in {low} .. {high}")
+    return value
+
+
+def _tokens(m: dict, limits: Limits) -> np.ndarray:
+    raw = m.get("tokens")
+    if isinstance(raw, bytes):
+        width = m.get("width")
+        if width not in (2, 4) or isinstance(width, bool):
+            raise _Refused("bad_field", "width must be 2 (uint16) or 4 (uint32) when tokens "
+                           "is bin")
+        if len(raw) % width:
+            raise _Refused("bad_field", f"tokens has {len(raw)} bytes, not a multiple of "
+                           f"width {width}")
+        _count(len(raw) // width, limits)
+        tokens = np.frombuffer(raw, "<u2" if width == 2 else "<u4").astype(np.int64)
+    elif isinstance(raw, list):
+        _count(len(raw), limits)
+        if not all(type(t) is int for t in raw):  # bool is not a token
+            raise _Refused("bad_field", "tokens as an array must hold integers only")
+        if raw and (min(raw) < -2**63 or max(raw) >= 2**63):
+            raise _Refused("token_out_of_range", "token ids must fit in 64 bits")
+        tokens = np.array(raw, np.int64)
+    else:
+        raise _Refused("bad_field", "tokens must be bin (little-endian uint16/uint32) or an "
+                       "array of integers")
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= limits.vocab_size):
+        bad = tokens.min() if tokens.min() < 0 else tokens.max()
+        raise _Refused("token_out_of_range", f"token {bad} is outside 0 .. "
+                       f"{limits.vocab_size - 1} (model.vocab_size)")
+    return tokens.astype(np.int32)
+
+
+def _count(num_tokens: int, limits: Limits) -> None:
+    if num_tokens > limits.max_tokens_per_message:
+        raise _Refused("too_many_tokens", f"{num_tokens} tokens in one message; the limit "
+                       f"is {limits.max_tokens_per_message} (ingest.max_tokens_per_message)")
+
+
+# ---- building messages (both sides) ----------------------------------------------------
+def pack(message: dict) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def encode_tokens(stream: str, offset: int, tokens: np.ndarray, request_id: Any = None,
+                  width: int | None = None) -> bytes:
+    """A tokens message; tokens travel as little-endian uint16 when they fit, else uint32."""
+    tokens = np.asarray(tokens)
+    if width is None:
+        width = 2 if len(tokens) == 0 or int(tokens.max()) < 65536 else 4
+    data = tokens.astype("<u2" if width == 2 else "<u4").tobytes()
+    message = {"type": "tokens", "stream": stream, "offset": int(offset), "tokens": data,
+               "width": width}
+    if request_id is not None:
+        message["id"] = request_id
+    return pack(message)
+
+
+def refusal_reply(refusal: Refusal, **extra: Any) -> dict:
+    reply = {"type": "nack", "reason": refusal.reason, "message": refusal.message, **extra}
+    if refusal.request_id is not None:
+        reply["id"] = refusal.request_id
+    return reply
