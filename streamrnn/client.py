@@ -84,6 +84,7 @@ class Producer:
         self.pending: OrderedDict[int, _Pending] = OrderedDict()  # by transmission id
         self.next_offset: dict[str, int] = {}   # where this producer appends next
         self.answers: dict[int, dict] = {}      # replies to position/status/... requests
+        self.latest_ack: dict[str, int] = {}    # per stream, the newest acked transmission
         self.ids = itertools.count(1)
         self.last_progress = time.monotonic()
         self.error: ProducerError | None = None
@@ -205,13 +206,19 @@ class Producer:
         kind, reply_id = reply.get("type"), reply.get("id")
         entry = self.pending.get(reply_id)
         if kind == "ack" and isinstance(reply.get("next_offset"), int):
+            if isinstance(reply_id, int):
+                self.latest_ack[reply["stream"]] = max(reply_id,
+                                                       self.latest_ack.get(reply["stream"], 0))
             self._acked(reply["stream"], reply["next_offset"])
         elif kind == "busy" and entry is not None:
             self.stats.busy += 1
-            self._rewind(entry.stream, entry.offset, reply.get("retry_after_ms", 100) / 1000)
+            self._rewind(entry.stream, None, reply.get("retry_after_ms", 100) / 1000)
         elif kind == "nack" and entry is not None:
             if reply.get("reason") == "gap" and isinstance(reply.get("next_offset"), int):
-                self._rewind(entry.stream, reply["next_offset"], 0.0)
+                # the daemon handles one producer's messages in order: a gap reported for
+                # a message sent before the latest acked one is old news, only a resend
+                fresh = reply_id > self.latest_ack.get(entry.stream, 0)
+                self._rewind(entry.stream, reply["next_offset"] if fresh else None, 0.0)
             else:
                 self.error = Refused(reply.get("reason", "?"), reply.get("message", ""),
                                      entry.stream)
@@ -231,10 +238,12 @@ class Producer:
                 self.stats.ack_latencies.append(now - entry.sent_at)
             self.last_progress = now
 
-    def _rewind(self, stream: str, expected: int, delay: float) -> None:
-        """Send the stream's unacked messages again, in order, after `delay` seconds."""
-        entries = [e for e in self.pending.values() if e.stream == stream]
-        if entries and entries[0].offset > expected:
+    def _rewind(self, stream: str, expected: int | None, delay: float) -> None:
+        """Send the stream's unacked messages again, in order, after `delay` seconds.
+        `expected` is the daemon's current end of the stream, when known."""
+        entries = sorted((e for e in self.pending.values() if e.stream == stream),
+                         key=lambda e: e.offset)
+        if entries and expected is not None and entries[0].offset > expected:
             self.error = ProducerError(
                 f"the daemon expects stream {stream!r} at offset {expected}, but this "
                 f"producer's oldest unacknowledged data starts at {entries[0].offset}: "

@@ -76,6 +76,9 @@ class Daemon:
         self.metrics.build.info({"version": _version(), "torch": torch.__version__,
                                  "device": str(self.learner.device)})
         self.metrics.queue_limit.set(c.ingest.max_queued_tokens)
+        # read at scrape time (the HTTP thread reads plain ints: no lock needed)
+        self.metrics.active_streams.set_function(lambda: len(self.learner.streams.ids))
+        self.metrics.queue_tokens.set_function(lambda: self.learner.untrained_tokens)
         self.metrics_server = None
         if c.metrics.port:
             self.metrics_server = self.metrics.serve(c.metrics.address, c.metrics.port)
@@ -244,8 +247,6 @@ class Daemon:
                 self.account(result, time.perf_counter() - started)
                 self.metrics.flushes.inc(result.streams)
         m, learner = self.metrics, self.learner
-        m.active_streams.set(len(learner.streams.ids))
-        m.queue_tokens.set(learner.untrained_tokens)
         m.learning_rate.set(learner.optimizer.param_groups[0]["lr"])
         if learner.engine.last_grad_norm is not None:
             m.grad_norm.set(float(learner.engine.last_grad_norm))  # a device sync, 2/s

@@ -52,12 +52,14 @@ def decode(payload: bytes, limits: Limits) -> Request | Refusal:
     """One message from the network -> a checked Request, or the reason it is refused."""
     if len(payload) > limits.max_message_bytes:
         return Refusal("too_large", f"message of {len(payload)} bytes; the limit is "
-                       f"{limits.max_message_bytes} (ingest.max_message_bytes)")
+                       f"{limits.max_message_bytes} (ingest.max_message_bytes)",
+                       _request_id(payload))
     try:
         # every max_*_len follows from len(payload), so a forged length cannot allocate
         # more than the message itself; hostile nesting raises StackError, caught here
-        message = msgpack.unpackb(payload, raw=False, strict_map_key=True,
-                                  max_map_len=16, max_str_len=limits.max_stream_id_bytes * 4)
+        # invalid UTF-8 survives as surrogates, so a bad stream id is refused by name
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_map_len=16,
+                                  unicode_errors="surrogateescape")
     except Exception as e:  # msgpack raises several types; all mean "not a message"
         return Refusal("malformed", f"not a msgpack message: {type(e).__name__}: {e}"[:300])
     if not isinstance(message, dict):
@@ -69,6 +71,17 @@ def decode(payload: bytes, limits: Limits) -> Request | Refusal:
         return _decode_fields(message, request_id, limits)
     except _Refused as e:
         return Refusal(e.reason, e.message, request_id)
+
+
+def _request_id(payload: bytes) -> Any:
+    """The id of a message refused for its size, so the producer knows which one it was
+    (the socket's MAXMSGSIZE keeps this read bounded to twice the limit)."""
+    try:
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_map_len=16)
+        request_id = message.get("id") if isinstance(message, dict) else None
+        return request_id if isinstance(request_id, (int, str)) else None
+    except Exception:
+        return None
 
 
 class _Refused(Exception):
@@ -107,7 +120,10 @@ def _decode_fields(m: dict, request_id: Any, limits: Limits) -> Request:
 def _stream_id(value: Any, limits: Limits) -> str:
     if not isinstance(value, str):
         raise _Refused("bad_stream_id", "stream must be a string (UTF-8 on the wire)")
-    size = len(value.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise _Refused("bad_stream_id", "stream id is not valid UTF-8") from None
     if not 1 <= size <= limits.max_stream_id_bytes:
         raise _Refused("bad_stream_id", f"stream id of {size} bytes; allowed 1 .. "
                        f"{limits.max_stream_id_bytes} (ingest.max_stream_id_bytes)")
