@@ -63,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5, help="seconds to wait for an answer")
     p.set_defaults(run=_status)
 
-    p = sub.add_parser("demo", help="learn real text live and show bits/byte falling",
-                       description="Feed Python standard library sources as parallel byte "
-                       "streams to the engine, with live progress, then a summary and a "
-                       "sample of generated text.")
-    _config_options(p)
-    p.add_argument("--seconds", type=float, default=120, help="how long to learn (120)")
+    p = sub.add_parser("demo", help="the whole system live: daemon, producers, learning",
+                       description="Start `streamrnn serve` on its defaults in a temporary "
+                       "folder, feed Python standard library sources to it as parallel byte "
+                       "streams through the producer client, show bits/byte falling, then a "
+                       "summary and a text sampled from the learned model.")
+    p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   dest="overrides", help="a setting for the demo's daemon (repeatable)")
+    p.add_argument("--seconds", type=float, default=120, help="how long to feed (120)")
     p.add_argument("--streams", type=int, default=8, help="source files fed in parallel (8)")
     p.add_argument("--chunk", type=int, default=256, help="bytes per stream per turn (256)")
     p.set_defaults(run=_demo)
@@ -87,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=12, help="time per strategy and config")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     p.add_argument("--json", default="streamrnn-bench.json", help="where to write results")
+    p.add_argument("--e2e", action="store_true", help="instead: the daemon fed by producer "
+                   "processes over tcp loopback, next to the engine alone, plus ack latency")
+    p.add_argument("--streams", type=int, default=64, help="--e2e: streams (64)")
+    p.add_argument("--producers", type=int, default=4, help="--e2e: producer processes (4)")
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("config", help="check a config and print it resolved",
@@ -176,16 +182,19 @@ def format_status(s: dict) -> str:
 
 def _demo(args) -> int:
     from . import demo
-    config = _load(args)
-    if config is not None:
-        demo.run(config, args.seconds, args.streams, args.chunk)
-    return 0
+    load_config(None, args.overrides)  # a bad --set stops here, with its message
+    return demo.run(args.overrides, args.seconds, args.streams, args.chunk)
 
 
 def _bench(args) -> int:
     from . import bench
     config = _load(args, defaults=("train.optimizer=sgd", "train.lr=0.05"))
-    if config is not None:
+    if config is None:
+        return 0
+    if args.e2e:
+        from . import bench_e2e
+        bench_e2e.run(config, args.streams, args.producers, args.seconds, args.json)
+    else:
         bench.run(args.configs, args.strategies, args.seconds, config, args.json,
                   rounds=args.rounds)
     return 0

@@ -85,6 +85,7 @@ class Producer:
         self.next_offset: dict[str, int] = {}   # where this producer appends next
         self.answers: dict[int, dict] = {}      # replies to position/status/... requests
         self.latest_ack: dict[str, int] = {}    # per stream, the newest acked transmission
+        self.paused_until = 0.0                 # after a busy reply, new data waits
         self.ids = itertools.count(1)
         self.last_progress = time.monotonic()
         self.error: ProducerError | None = None
@@ -112,7 +113,7 @@ class Producer:
                 offset = self.position(stream)
         for begin in range(0, max(len(tokens), 1), self.max_tokens):
             piece = tokens[begin:begin + self.max_tokens]
-            while len(self.pending) >= self.window:
+            while len(self.pending) >= self.window or time.monotonic() < self.paused_until:
                 self._pump(0.05)
             self._raise_error()
             self._transmit(_Pending(stream, offset + begin, piece))
@@ -211,8 +212,12 @@ class Producer:
                                                        self.latest_ack.get(reply["stream"], 0))
             self._acked(reply["stream"], reply["next_offset"])
         elif kind == "busy" and entry is not None:
+            # the daemon's queue is shared by all streams: hold every new message back for
+            # a while, not just this stream's, or the other streams keep it overloaded
             self.stats.busy += 1
-            self._rewind(entry.stream, None, reply.get("retry_after_ms", 100) / 1000)
+            delay = reply.get("retry_after_ms", 100) / 1000
+            self.paused_until = max(self.paused_until, time.monotonic() + delay)
+            self._rewind(entry.stream, None, delay)
         elif kind == "nack" and entry is not None:
             if reply.get("reason") == "gap" and isinstance(reply.get("next_offset"), int):
                 # the daemon handles one producer's messages in order: a gap reported for

@@ -108,17 +108,22 @@ class Daemon:
         """One turn: take what the network has, train a bounded amount, look after things."""
         timeout_ms = 0 if self.training_pending else 50
         if self.source.socket.poll(timeout_ms, zmq.POLLIN):
-            for incoming in self.source.receive(self.config.ingest.max_messages_per_turn):
-                self.handle(incoming)
+            self.intake()
         max_updates = self.config.train.updates_per_turn
         started = time.perf_counter()
-        result = self.learner.train(max_updates)  # ends with a device sync (bits)
+        # between updates the socket is read again: acks wait one update, not a turn
+        result = self.learner.train(max_updates, between=self.intake)  # ends with a sync
         self.account(result, time.perf_counter() - started)
         self.training_pending = result.updates == max_updates
         now = time.monotonic()
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_SECONDS
             self.housekeeping(now)
+
+    def intake(self) -> None:
+        """Handle what the network has, without waiting (bounded per call)."""
+        for incoming in self.source.receive(self.config.ingest.max_messages_per_turn):
+            self.handle(incoming)
 
     def handle(self, incoming: Incoming) -> None:
         if incoming.payload is None:
@@ -158,7 +163,7 @@ class Daemon:
             if self.learner.untrained_tokens + len(new) > self.config.ingest.max_queued_tokens:
                 self.metrics.busy.inc()
                 return {"type": "busy", "stream": r.stream,
-                        "retry_after_ms": self.config.ingest.busy_retry_ms}
+                        "retry_after_ms": self._retry_after_ms()}
             self.learner.add(r.stream, new)
             self.last_seen[r.stream] = time.monotonic()
             self.last_seen.move_to_end(r.stream)
@@ -166,6 +171,18 @@ class Daemon:
         self.metrics.tokens_duplicate.inc(len(r.tokens) - len(new))
         return {"type": "ack", "stream": r.stream, "next_offset": expected + len(new),
                 "accepted": len(new), "duplicates": len(r.tokens) - len(new)}
+
+    def _retry_after_ms(self) -> int:
+        """How long until the queue is down to 3/4 of its limit at the recent training
+        rate (at least ingest.busy_retry_ms, at most 5 s): producers that wait that long
+        find room, instead of resending into a full queue."""
+        limit = self.config.ingest.max_queued_tokens
+        excess = self.learner.untrained_tokens - 0.75 * limit
+        recent = sum(t for _, t, _ in self.recent)
+        window = min(RECENT_SECONDS, max(1.0, time.time() - self.started))
+        rate = recent / window
+        wait_ms = 1000 * excess / rate if rate > 0 else 1000
+        return int(min(5000, max(self.config.ingest.busy_retry_ms, wait_ms)))
 
     def _on_position(self, r: wire.Request) -> dict:
         return {"type": "position", "stream": r.stream,

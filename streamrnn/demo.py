@@ -1,109 +1,174 @@
-"""`streamrnn demo`: watch the engine learn real text, live.
+"""`streamrnn demo`: the whole system on its defaults, watched live.
 
-Several Python standard library sources are fed as parallel streams, a few hundred bytes
-per stream per turn; a progress line shows bytes/s and the prequential bits/byte (each
-byte predicted before it is trained on) falling. At the end: a summary next to what xz
-and bzip2 achieve on the same bytes, and a short text sampled from the learned model.
+Starts `streamrnn serve` (default config, a temporary state folder, free loopback
+ports), feeds Python standard library sources as parallel byte streams through the real
+producer client, and shows what the daemon reports: bytes/s trained and the prequential
+bits/byte (every byte predicted before it is trained on) falling. Then a summary next to
+what xz and bzip2 achieve on the same bytes, and a text sampled from the learned model.
+The daemon's queue is kept small, so its busy replies pace the producer: backpressure
+at work.
 """
 from __future__ import annotations
 
 import bz2
 import lzma
+import os
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from .config import Config
-from .learner import Learner
+from .client import Producer, ProducerError
 from .textdata import stdlib_files
 
 
-@dataclass
-class Progress:
-    """Running totals for the progress line; bits include each stream's first byte at
-    8 bits (it has no prediction), so the figure compares with a compressor's."""
-    started: float = field(default_factory=time.perf_counter)
-    num_bytes: int = 0
-    bits: float = 0.0
-    recent: list[tuple[int, float]] = field(default_factory=list)  # (targets, bits)
-
-    def add(self, num_bytes: int, bits: float) -> None:
-        self.num_bytes += num_bytes
-        self.bits += bits
-        self.recent = (self.recent + [(num_bytes, bits)])[-20:]
-
-    @property
-    def recent_bits_per_byte(self) -> float:
-        n = sum(t for t, _ in self.recent)
-        return sum(b for _, b in self.recent) / n if n else float("nan")
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.bits / self.num_bytes if self.num_bytes else float("nan")
-
-
-def run(config: Config, seconds: float, num_streams: int, chunk: int, out=sys.stdout) -> dict:
-    learner = Learner(config)
-    files = stdlib_files(limit=num_streams)
-    streams = {f.name: f.read_bytes() for f in files}
-    interactive = out.isatty()
+def run(overrides: list[str], seconds: float, num_streams: int, chunk: int,
+        out=sys.stdout) -> int:
     say = lambda text: print(text, file=out, flush=True)
-    say(f"streamrnn demo: learning {len(streams)} Python sources as parallel byte streams "
-        f"on {learner.device} ({config.model.kind.upper()} {config.model.num_layers}x"
-        f"{config.model.hidden_size}, TBPTT({config.train.k1}, {config.train.k2}), "
-        f"{config.train.optimizer} lr {config.train.lr:g}) for {seconds:g} s")
-    progress = Progress()
-    fed = {name: 0 for name in streams}
+    with tempfile.TemporaryDirectory(prefix="streamrnn-demo-") as state:
+        port, metrics_port = _free_port(), _free_port()
+        endpoint = f"tcp://127.0.0.1:{port}"
+        log_path = Path(state) / "daemon.log"
+        daemon = _start_daemon(endpoint, metrics_port, state, overrides, log_path)
+        try:
+            with Producer(endpoint, retry_seconds=120) as control:
+                info = control.status()  # waits until the daemon answers
+                files = stdlib_files(limit=num_streams)
+                say(f"streamrnn demo: daemon up at {endpoint} on {info['device']} "
+                    f"({info['model']}, TBPTT({info['tbptt'][0]}, {info['tbptt'][1]})); "
+                    f"feeding {len(files)} Python sources as parallel byte streams for "
+                    f"{seconds:g} s")
+                feeder = _Feeder(endpoint, files, chunk)
+                feeder.start()
+                _watch(control, feeder, seconds, out)
+                feeder.stop()
+                for f in files:
+                    control.request({"type": "flush", "stream": f.name})
+                final = _drain(control)
+                _summary(control, feeder, final, say)
+                say(f"(while it ran, Prometheus metrics were at "
+                    f"http://127.0.0.1:{metrics_port}/metrics; `streamrnn serve` runs one "
+                    "that stays)")
+        except (ProducerError, KeyboardInterrupt) as e:
+            say(f"streamrnn demo: {e or 'interrupted'}")
+            say(log_path.read_text(errors="replace")[-3000:])
+            return 1
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+    return 0
+
+
+def _start_daemon(endpoint: str, metrics_port: int, state: str, overrides: list[str],
+                  log_path: Path) -> subprocess.Popen:
+    settings = [f"ingest.endpoint={endpoint}", f"metrics.port={metrics_port}",
+                "log.format=json", "ingest.max_queued_tokens=65536", *overrides]
+    args = [sys.executable, "-m", "streamrnn", "serve"]
+    for item in settings:
+        args += ["--set", item]
+    return subprocess.Popen(args, cwd=state, stdout=open(log_path, "wb"),
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+class _Feeder(threading.Thread):
+    """Sends the files round-robin, `chunk` bytes of each in turn, until stopped."""
+
+    def __init__(self, endpoint: str, files: list[Path], chunk: int):
+        super().__init__(daemon=True)
+        self.endpoint, self.chunk = endpoint, chunk
+        self.data = {f.name: f.read_bytes() for f in files}
+        self.sent = {name: 0 for name in self.data}
+        self.stopping = threading.Event()
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            with Producer(self.endpoint, retry_seconds=120) as producer:
+                while not self.stopping.is_set() and any(
+                        self.sent[n] < len(d) for n, d in self.data.items()):
+                    for name, data in self.data.items():
+                        piece = data[self.sent[name]:self.sent[name] + self.chunk]
+                        if piece and not self.stopping.is_set():
+                            producer.send(name, np.frombuffer(piece, np.uint8))
+                            self.sent[name] += len(piece)
+                producer.flush()
+        except Exception as e:  # reported by the main thread
+            self.error = e
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
+        if self.error:
+            raise ProducerError(f"feeding failed: {self.error}")
+
+    def bytes_fed(self) -> bytes:
+        return b"".join(d[:self.sent[n]] for n, d in self.data.items())
+
+
+def _watch(control: Producer, feeder: _Feeder, seconds: float, out) -> None:
+    interactive = out.isatty()
+    started = time.monotonic()
+    history: list[tuple[float, int, float]] = []  # (time, trained, bits)
     last_print = 0.0
-    while time.perf_counter() - progress.started < seconds:
-        piece = {name: data[fed[name]:fed[name] + chunk] for name, data in streams.items()
-                 if fed[name] < len(data)}
-        if not piece:
-            break
-        result = learner.learn_many({n: np.frombuffer(b, np.uint8) for n, b in piece.items()})
-        first_bytes = sum(1 for n in piece if fed[n] == 0)  # no prediction: 8 bits each
-        for name, b in piece.items():
-            fed[name] += len(b)
-        progress.add(result.targets + first_bytes, result.bits + 8.0 * first_bytes)
-        now = time.perf_counter()
-        if now - last_print >= (0.5 if interactive else 10.0):
-            last_print = now
-            line = _progress_line(progress, seconds, len(piece))
-            print("\r" + line if interactive else line, end="" if interactive else "\n",
-                  file=out, flush=True)
-    result = learner.flush()
-    progress.add(result.targets, result.bits)
+    while (elapsed := time.monotonic() - started) < seconds and feeder.is_alive():
+        time.sleep(0.5)
+        s = control.status()
+        now = time.monotonic()
+        history.append((now, s["tokens_trained"], s["bits"]))
+        if now - last_print < (1.0 if interactive else 10.0):
+            continue
+        last_print = now
+        past = next((h for h in history if h[0] >= now - 10), history[0])
+        trained, bits = s["tokens_trained"] - past[1], s["bits"] - past[2]
+        recent = f"{bits / trained:5.2f}" if trained else "  -  "
+        overall = s["bits"] / s["tokens_trained"] if s["tokens_trained"] else float("nan")
+        done = min(1.0, elapsed / seconds)
+        bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
+        line = (f"[{bar}] {elapsed:4.0f}/{seconds:.0f}s  trained {s['tokens_trained']:>9,} B"
+                f"  {trained / max(now - past[0], 1e-9):>7,.0f} B/s  bits/byte: now {recent}"
+                f"  overall {overall:5.2f}  streams {s['streams']}")
+        print("\r" + line if interactive else line, end="" if interactive else "\n",
+              file=out, flush=True)
     if interactive:
         print(file=out)
-    return _summary(learner, progress, streams, fed, say)
 
 
-def _progress_line(p: Progress, seconds: float, num_streams: int) -> str:
-    elapsed = time.perf_counter() - p.started
-    done = min(1.0, elapsed / seconds)
-    bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
-    return (f"[{bar}] {elapsed:4.0f}/{seconds:.0f}s  {p.num_bytes:>9,} bytes  "
-            f"{p.num_bytes / max(elapsed, 1e-9):>7,.0f} B/s  bits/byte: now "
-            f"{p.recent_bits_per_byte:5.2f}  overall {p.bits_per_byte:5.2f}  "
-            f"streams {num_streams}")
+def _drain(control: Producer, timeout: float = 120) -> dict:
+    """Wait until everything fed, flushed streams included, has been trained."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = control.status()
+        if s["queued_tokens"] == 0 or time.monotonic() > deadline:
+            return s
+        time.sleep(0.2)
 
 
-def _summary(learner: Learner, p: Progress, streams: dict, fed: dict, say) -> dict:
-    elapsed = time.perf_counter() - p.started
-    seen = b"".join(data[:fed[name]] for name, data in streams.items())
-    xz = 8 * len(lzma.compress(seen, preset=9 | lzma.PRESET_EXTREME)) / len(seen)
-    bzip = 8 * len(bz2.compress(seen, 9)) / len(seen)
-    say(f"learned {p.num_bytes:,} bytes in {elapsed:.0f} s ({p.num_bytes / elapsed:,.0f} "
-        f"bytes/s), {learner.updates:,} updates")
-    say(f"prequential bits/byte: {p.bits_per_byte:.3f} overall, "
-        f"{p.recent_bits_per_byte:.3f} at the end  (same bytes: xz -9e {xz:.3f}, "
-        f"bzip2 -9 {bzip:.3f})")
-    name = next(iter(streams))
-    sample = bytes(t for t in learner.generate(name, 240, temperature=0.7) if t < 256)
+def _summary(control: Producer, feeder: _Feeder, s: dict, say) -> None:
+    seen = feeder.bytes_fed()
+    streams = sum(1 for n in feeder.sent if feeder.sent[n])
+    # each stream's first byte has no prediction: charge it 8 bits, as a compressor would
+    bits_per_byte = (s["bits"] + 8 * streams) / max(1, s["tokens_trained"] + streams)
+    xz = 8 * len(lzma.compress(seen, preset=9 | lzma.PRESET_EXTREME)) / max(1, len(seen))
+    bzip = 8 * len(bz2.compress(seen, 9)) / max(1, len(seen))
+    say(f"trained {s['tokens_trained']:,} of {len(seen):,} bytes fed, {s['updates']:,} "
+        f"updates, in {s['uptime_seconds']:.0f} s")
+    say(f"prequential bits/byte: {bits_per_byte:.3f} overall (same bytes: xz -9e {xz:.3f}, "
+        f"bzip2 -9 {bzip:.3f}); the model learned while it predicted, on one pass")
+    name = next(iter(feeder.data))
+    generated = control.request({"type": "generate", "stream": name, "num_tokens": 240,
+                                 "temperature": 0.7})["tokens"]
     say(f"sampled from the model, continuing {name}:")
-    say("  | " + sample.decode("utf-8", "replace").replace("\n", "\n  | "))
-    return {"bytes": p.num_bytes, "seconds": elapsed, "bits_per_byte": p.bits_per_byte,
-            "recent_bits_per_byte": p.recent_bits_per_byte, "xz_bits_per_byte": xz,
-            "bzip2_bits_per_byte": bzip, "updates": learner.updates}
+    text = bytes(t for t in generated if t < 256).decode("utf-8", "replace")
+    say("  | " + text.replace("\n", "\n  | "))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -10,7 +10,7 @@ No sockets, no files: the daemon and library users share this class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -76,9 +76,12 @@ class Learner:
         """Append tokens to a stream without training (see `train`)."""
         self.streams.append(stream_id, self.check_tokens(tokens))
 
-    def train(self, max_updates: int | None = None) -> LearnResult:
-        """Run ready updates, at most `max_updates` (None: until none is ready)."""
-        return self._train((None,), max_updates)
+    def train(self, max_updates: int | None = None,
+              between: Callable[[], None] | None = None) -> LearnResult:
+        """Run ready updates, at most `max_updates` (None: until none is ready).
+        `between` is called after each update (the daemon reads its socket there, so
+        replies wait for one update, not for a whole turn)."""
+        return self._train((None,), max_updates, between)
 
     def flush(self, stream_id: StreamId | Iterable[StreamId] | None = None) -> LearnResult:
         """Train the last r < k1 targets of a stream, of several, or of all (None) in a
@@ -95,7 +98,8 @@ class Learner:
             return LearnResult()
         return self._train((None, slots))  # full windows first, then the remainders
 
-    def _train(self, phases: tuple, max_updates: int | None = None) -> LearnResult:
+    def _train(self, phases: tuple, max_updates: int | None = None,
+               between: Callable[[], None] | None = None) -> LearnResult:
         """Run updates until none is ready (or max_updates); a phase is None (full
         windows) or the slots to flush."""
         total_ce = None
@@ -114,6 +118,8 @@ class Learner:
                 targets += batch.num_targets
                 trained_slots.update(batch.slots.tolist())
                 widths.append(batch.num_streams)
+                if between is not None:
+                    between()
         if not updates:
             return LearnResult()
         bits = nats_to_bits(total_ce.item())  # note: a CPU-GPU sync, once per call

@@ -16,7 +16,7 @@ def streamrnn(*args, timeout=120):
 def test_help_lists_the_commands():
     out = streamrnn("--help")
     assert out.returncode == 0
-    for command in ("demo", "bench", "config"):
+    for command in ("serve", "feed", "status", "demo", "bench", "config"):
         assert command in out.stdout
 
 
@@ -30,20 +30,21 @@ def test_bad_config_is_one_clear_error():
 
 
 def test_print_config_shows_the_resolved_values():
-    out = streamrnn("demo", "--print-config", "--set", "model.kind=gru")
+    out = streamrnn("serve", "--print-config", "--set", "model.kind=gru")
     assert out.returncode == 0
     assert 'kind = "gru"' in out.stdout and "[train]" in out.stdout
 
 
 def test_demo_learns_and_samples():
-    out = streamrnn("demo", "--seconds", "6", "--streams", "3", "--set",
-                    "model.hidden_size=64", "--set", "train.k2=64")
+    out = streamrnn("demo", "--seconds", "8", "--streams", "3", "--set",
+                    "model.hidden_size=64", "--set", "train.k2=64", timeout=300)
     assert out.returncode == 0, out.stderr
     assert "prequential bits/byte:" in out.stdout
     assert "sampled from the model" in out.stdout
     summary = next(line for line in out.stdout.splitlines() if line.startswith("prequential"))
     overall = float(summary.split()[2].rstrip(","))
     assert 0 < overall < 8  # learning something: below the 8 bits of a uniform guess
+    assert "daemon up at tcp://127.0.0.1:" in out.stdout
 
 
 @pytest.mark.slow
@@ -59,3 +60,15 @@ def test_bench_writes_json_with_ratios(tmp_path):
     ratio = result["ratios"][0]
     assert ratio["config"] == "small" and ratio["vs_recompute"] > 0
     assert "engine: recompute" in out.stdout
+
+
+@pytest.mark.slow
+def test_bench_e2e_reports_daemon_next_to_engine(tmp_path):
+    path = tmp_path / "e2e.json"
+    out = streamrnn("bench", "--e2e", "--seconds", "2", "--streams", "4", "--producers", "2",
+                    "--set", "model.hidden_size=32", "--json", str(path), timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(path.read_text())
+    assert result["engine_tokens_per_s"] > 0 and result["daemon"]["tokens_per_s"] > 0
+    assert result["daemon"]["ack_latency_s"]["count"] > 0
+    assert "x the engine" in out.stdout

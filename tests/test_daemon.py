@@ -166,7 +166,8 @@ def test_stream_cap_and_busy(tmp_path):
             # 29 targets each stay queued: fewer than k1, and no flush for 30 s
             assert c.ask(tokens("a", 0, range(30)))["type"] == "ack"
             busy = c.ask(tokens("b", 0, range(30)))
-            assert busy == {"type": "busy", "stream": "b", "retry_after_ms": 250}
+            assert busy["type"] == "busy" and busy["stream"] == "b"
+            assert 250 <= busy["retry_after_ms"] <= 5000  # at least ingest.busy_retry_ms
             assert c.ask(tokens("b", 0, range(20)))["type"] == "ack"  # 29 + 19 <= 50
             cap = c.ask(tokens("c", 0, range(2)))
             assert cap["reason"] == "too_many_streams"

@@ -1,0 +1,129 @@
+"""`streamrnn bench --e2e`: the daemon end to end against the engine alone, in one run.
+
+1. engine: streamrnn.Learner in this process trains the streams' text (the upper bound).
+2. daemon: `streamrnn serve` in a subprocess, fed over tcp loopback by producer
+   processes (the real client), as fast as its backpressure lets them.
+Reported: tokens trained per second of each and their ratio (the plumbing's cost), and
+the producers' ack latency p50/p99/max. Same config, same text, same machine.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from .config import Config, format_config
+from .textdata import text_streams
+
+
+def run(base: Config, num_streams: int, num_producers: int, seconds: float,
+        json_path: str | None, echo=print, extra_settings: tuple[str, ...] = ()) -> dict:
+    from .bench import _engine, machine_info
+    from .learner import resolve_device
+    config = replace(base, train=replace(base.train, max_batch_streams=max(
+        base.train.max_batch_streams, num_streams)))
+    device = resolve_device(config.train.device)
+    data = text_streams(num_streams, int(max(200_000, 40_000 * seconds)))
+    echo(f"# streamrnn bench --e2e on {machine_info(device)['device']}: {num_streams} "
+         f"streams, {num_producers} producer processes, {seconds:g} s each")
+    tokens, elapsed, _ = _engine(config, data, device, seconds)
+    engine_tps = tokens / elapsed
+    echo(f"engine (in process)   {engine_tps:12,.0f} tokens/s")
+    daemon = _measure_daemon(config, data, num_producers, seconds, extra_settings)
+    ratio = daemon["tokens_per_s"] / engine_tps if engine_tps else float("nan")
+    lat = daemon["ack_latency_s"]
+    echo(f"daemon (end to end)   {daemon['tokens_per_s']:12,.0f} tokens/s   "
+         f"{ratio:.2f}x the engine")
+    echo(f"ack latency           p50 {lat['p50'] * 1e3:.1f} ms, p99 {lat['p99'] * 1e3:.1f} ms,"
+         f" max {lat['max'] * 1e3:.1f} ms over {lat['count']:,} acks")
+    result = {"info": machine_info(device), "streams": num_streams,
+              "producers": num_producers, "seconds": seconds,
+              "engine_tokens_per_s": engine_tps, "daemon": daemon,
+              "daemon_vs_engine": ratio, "config": config.to_dict()}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+        echo(f"# wrote {json_path}")
+    return result
+
+
+def _measure_daemon(config: Config, data: list[bytes], num_producers: int, seconds: float,
+                    extra_settings: tuple[str, ...]) -> dict:
+    from .client import Producer
+    with tempfile.TemporaryDirectory(prefix="streamrnn-bench-") as state:
+        port = _free_port()
+        endpoint = f"tcp://127.0.0.1:{port}"
+        config_path = os.path.join(state, "config.toml")
+        with open(config_path, "w") as f:
+            f.write(format_config(config))
+        args = [sys.executable, "-m", "streamrnn", "serve", "--config", config_path,
+                "--set", f"ingest.endpoint={endpoint}", "--set", "metrics.port=0",
+                "--set", "log.format=json", *[a for s in extra_settings for a in ("--set", s)]]
+        daemon = subprocess.Popen(args, cwd=state, stdout=open(os.path.join(state, "log"), "wb"),
+                                  stderr=subprocess.STDOUT)
+        try:
+            with Producer(endpoint, retry_seconds=120) as control:
+                control.status()
+                context = multiprocessing.get_context("spawn")
+                results = context.Queue()
+                shares = [list(range(i, len(data), num_producers)) for i in range(num_producers)]
+                workers = [context.Process(target=_produce, args=(
+                    endpoint, {f"s{j}": data[j] for j in share}, seconds + 5, results))
+                    for share in shares if share]
+                for w in workers:
+                    w.start()
+                # measure the training rate once the queue is full, for `seconds`
+                time.sleep(min(5.0, seconds / 2))
+                first = control.status()
+                t0 = time.monotonic()
+                time.sleep(seconds)
+                last = control.status()
+                t1 = time.monotonic()
+                reports = [results.get(timeout=seconds + 120) for _ in workers]
+                for w in workers:
+                    w.join(timeout=30)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+    latencies = np.concatenate([np.asarray(r["latencies"]) for r in reports] or [np.zeros(1)])
+    return {"tokens_per_s": (last["tokens_trained"] - first["tokens_trained"]) / (t1 - t0),
+            "tokens_acked": sum(r["acked"] for r in reports),
+            "busy_replies": sum(r["busy"] for r in reports),
+            "ack_latency_s": {"p50": float(np.percentile(latencies, 50)),
+                              "p99": float(np.percentile(latencies, 99)),
+                              "max": float(latencies.max()), "count": int(latencies.size)}}
+
+
+def _produce(endpoint: str, streams: dict[str, bytes], seconds: float, results) -> None:
+    """One producer process: send its streams round-robin for `seconds`, then report."""
+    from .client import Producer
+    chunk = 1024
+    stop = time.monotonic() + seconds
+    with Producer(endpoint, retry_seconds=120, keep_latencies=True) as producer:
+        offset = 0
+        while time.monotonic() < stop and offset < min(len(d) for d in streams.values()):
+            for name, data in streams.items():
+                producer.send(name, np.frombuffer(data[offset:offset + chunk], np.uint8))
+            offset += chunk
+        producer.flush(timeout=300)
+        results.put({"acked": producer.stats.tokens_acked, "busy": producer.stats.busy,
+                     "latencies": producer.stats.ack_latencies})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit("use `streamrnn bench --e2e`")
