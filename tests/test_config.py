@@ -72,3 +72,10 @@ def test_printed_config_loads_back(tmp_path):
     path.write_text(text)
     assert load_config(path) == config
     assert config_from_dict(config.to_dict()) == config
+
+
+def test_readme_shows_the_current_defaults():
+    """README's configuration block is `streamrnn config`'s output: keep them in step."""
+    from pathlib import Path
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert format_config(load_config()).strip() in readme
