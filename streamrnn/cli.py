@@ -37,7 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "learn from every stream producers send, answer position, status and "
                        "predict requests. See README, 'Wire protocol'.")
     _config_options(p)
+    p.add_argument("--fresh", action="store_true", help="start from scratch even though "
+                   "checkpoint.dir holds state (it is moved aside, not deleted)")
     p.set_defaults(run=_serve)
+
+    p = sub.add_parser("checkpoint", help="save, list or inspect checkpoints",
+                       description="save: ask a running daemon to write a checkpoint now. "
+                       "list: the checkpoints in a folder. inspect PATH: one checkpoint.")
+    p.add_argument("action", choices=("save", "list", "inspect"))
+    p.add_argument("path", nargs="?", help="inspect: the checkpoint file; list: the folder "
+                   "(default: checkpoint.dir of --config, plus /checkpoints)")
+    _endpoint_option(p)
+    p.add_argument("--config", metavar="FILE", help="list: take checkpoint.dir from here")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_checkpoint)
 
     p = sub.add_parser("feed", help="send files or stdin to the daemon as byte streams",
                        description="Send each FILE as a stream of byte tokens (named by its "
@@ -135,7 +148,67 @@ def _config(args) -> int:
 def _serve(args) -> int:
     from . import daemon
     config = _load(args)
-    return 0 if config is None else daemon.serve(config)
+    return 0 if config is None else daemon.serve(config, fresh=args.fresh)
+
+
+def _checkpoint(args) -> int:
+    from . import checkpoint
+    if args.action == "save":
+        from .client import Producer, ProducerError
+        try:
+            with Producer(args.endpoint, retry_seconds=10, reply_timeout=300) as producer:
+                reply = producer.request({"type": "checkpoint"})
+        except ProducerError as e:
+            print(f"streamrnn checkpoint: {e}", file=sys.stderr)
+            return 1
+        if not reply.get("ok"):
+            print(f"streamrnn checkpoint: {reply.get('error')}", file=sys.stderr)
+            return 1
+        print(json.dumps(reply) if args.json else f"saved {reply['path']} "
+              f"(log position {reply['wal_seq']}, {reply['seconds']} s)")
+        return 0
+    if args.action == "inspect":
+        if not args.path:
+            print("streamrnn checkpoint inspect: which file? (PATH)", file=sys.stderr)
+            return 2
+        paths = [args.path]
+    else:
+        from pathlib import Path
+        folder = Path(args.path or Path(load_config(args.config).checkpoint.resolved_dir())
+                      / "checkpoints")
+        paths = sorted(folder.glob("checkpoint-*.pt"), reverse=True)
+        if not paths and not args.json:
+            print(f"no checkpoints in {folder}")
+    rows = []
+    for path in paths:
+        try:
+            rows.append({"path": str(path), **checkpoint.summary(checkpoint.load(path))})
+        except checkpoint.CheckpointError as e:
+            rows.append({"path": str(path), "error": str(e)})
+    if args.json:
+        print(json.dumps(rows[0] if args.action == "inspect" else rows, indent=1))
+    else:
+        for row in rows:
+            print(format_checkpoint(row, full=args.action == "inspect"))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def format_checkpoint(row: dict, full: bool) -> str:
+    if "error" in row:
+        return f"{row['path']}: UNREADABLE: {row['error']}"
+    import time as _time
+    created = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(row["created"]))
+    bpt = f"{row['bits_per_token']:.3f}" if row["bits_per_token"] is not None else "-"
+    line = (f"{row['path']}: {created}, {row['updates']:,} updates, {row['streams']:,} "
+            f"streams, {row['tokens_trained']:,} tokens trained, {bpt} bits/token, log "
+            f"position {row['wal_seq']}")
+    if not full:
+        return line
+    model, train = row["config"]["model"], row["config"]["train"]
+    return "\n".join([line, f"  model: {model['kind']} {model['num_layers']}x"
+                      f"{model['hidden_size']}, vocab {model['vocab_size']}, embed "
+                      f"{model['embed_dim']}; TBPTT({train['k1']}, {train['k2']}), "
+                      f"{train['optimizer']} lr {train['lr']}", f"  version {row['version']}"])
 
 
 def _feed(args) -> int:

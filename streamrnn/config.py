@@ -126,12 +126,49 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = _opt("", "checkpoints and the write-ahead log live here; empty: "
+                    "$STATE_DIRECTORY (systemd) if set, else ./streamrnn-state")
+    interval_seconds: float = _opt(300.0, "a checkpoint this often (0 = only on stop or "
+                                   "request)")
+    interval_updates: int = _opt(0, "and every this many updates (0 = off)")
+    keep: int = _opt(3, "newest checkpoints kept (>= 2: one may be half-written)")
+
+    def check(self) -> None:
+        if self.keep < 2:
+            raise ConfigError(f"checkpoint.keep = {self.keep} must be >= 2: the newest may "
+                              "be the one a crash interrupted")
+        if not self.interval_seconds >= 0 or self.interval_updates < 0:
+            raise ConfigError("checkpoint.interval_seconds and checkpoint.interval_updates "
+                              "must be >= 0")
+
+    def resolved_dir(self) -> str:
+        import os
+        return self.dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or \
+            "streamrnn-state"
+
+
+@dataclass(frozen=True)
+class WalConfig:
+    mode: str = _opt("fsync", "fsync: ack once on disk; async: ack on receipt, fsync every "
+                     "sync_ms (a crash may lose that much); off: no log, a crash loses "
+                     "everything since the last checkpoint", choices=("fsync", "async", "off"))
+    sync_ms: int = _opt(200, "async mode: fsync at least this often")
+    segment_bytes: int = _opt(64 << 20, "start a new log file after this many bytes")
+
+    def check(self) -> None:
+        _positive(self, "sync_ms", "segment_bytes")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wal: WalConfig = field(default_factory=WalConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

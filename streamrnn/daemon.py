@@ -23,6 +23,7 @@ import zmq
 from . import logs, wire
 from .config import Config
 from .learner import LearnResult, Learner
+from .durability import Durability, IncompatibleState, LogFull
 from .metrics import Metrics
 from .source import Incoming, Source
 
@@ -32,8 +33,10 @@ RECENT_SECONDS = 60.0
 
 
 class Daemon:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, fresh: bool = False):
         self.config = config
+        self.fresh = fresh
+        self.outbox: list[tuple[list[bytes], dict]] = []  # replies waiting for the fsync
         self.log = logs.get("streamrnn.daemon")
         self.stop_requested = False
         self.limits = wire.Limits(config.model.vocab_size, config.ingest.max_message_bytes,
@@ -57,6 +60,10 @@ class Daemon:
             self.start()
             while not self.stop_requested:
                 self.turn()
+            self.source.close()  # no more input: everything acked is in the log
+            saved = self.durability.checkpoint(wait=True)  # the next start replays nothing
+            if saved is None:
+                self.log.error("final checkpoint failed; the next start replays the log")
         finally:
             self.shutdown()
         return 0
@@ -79,6 +86,13 @@ class Daemon:
         # read at scrape time (the HTTP thread reads plain ints: no lock needed)
         self.metrics.active_streams.set_function(lambda: len(self.learner.streams.ids))
         self.metrics.queue_tokens.set_function(lambda: self.learner.untrained_tokens)
+        self.durability = Durability(c, self.learner, self.metrics, self.log)
+        self.durability.recover(self.fresh)  # before anyone can send: state first
+        now = time.monotonic()
+        for stream in self.learner.streams.ids:  # recovered streams still owe a flush
+            if self.learner.streams.untrained(stream) > 0:
+                self.last_seen[stream] = now
+        self.metrics.wal_bytes.set_function(lambda: self.durability.wal_bytes)
         self.metrics_server = None
         if c.metrics.port:
             self.metrics_server = self.metrics.serve(c.metrics.address, c.metrics.port)
@@ -93,6 +107,8 @@ class Daemon:
         if hasattr(self, "source"):
             self.source.close()
             self.context.term()
+        if hasattr(self, "durability"):
+            self.durability.close()
         if getattr(self, "metrics_server", None):
             server, thread = self.metrics_server
             server.shutdown()
@@ -111,8 +127,13 @@ class Daemon:
             self.intake()
         max_updates = self.config.train.updates_per_turn
         started = time.perf_counter()
-        # between updates the socket is read again: acks wait one update, not a turn
-        result = self.learner.train(max_updates, between=self.intake)  # ends with a sync
+        result = LearnResult()
+        if self.durability.healthy:  # no training that the log cannot record
+            try:
+                # between updates the socket is read again: acks wait one update at most
+                result = self.learner.train(max_updates, between=self._after_update)
+            except LogFull:
+                pass  # the update ran, its record did not: a checkpoint will hold it
         self.account(result, time.perf_counter() - started)
         self.training_pending = result.updates == max_updates
         now = time.monotonic()
@@ -121,9 +142,19 @@ class Daemon:
             self.housekeeping(now)
 
     def intake(self) -> None:
-        """Handle what the network has, without waiting (bounded per call)."""
+        """Handle what the network has, without waiting (bounded per call); the replies go
+        out once the log holds everything they acknowledge."""
         for incoming in self.source.receive(self.config.ingest.max_messages_per_turn):
             self.handle(incoming)
+        if self.outbox:
+            self.durability.commit()
+            for envelope, reply in self.outbox:
+                self.source.reply(envelope, reply)
+            self.outbox.clear()
+
+    def _after_update(self) -> None:
+        self.durability.log_train()  # in log order, between the tokens it saw and after
+        self.intake()
 
     def handle(self, incoming: Incoming) -> None:
         if incoming.payload is None:
@@ -140,11 +171,11 @@ class Daemon:
             self._count_refusal(reply["reason"], reply["message"])
         if request.request_id is not None:
             reply["id"] = request.request_id
-        self.source.reply(incoming.envelope, reply)
+        self.outbox.append((incoming.envelope, reply))
 
     def refuse(self, envelope: list[bytes], refusal: wire.Refusal) -> None:
         self._count_refusal(refusal.reason, refusal.message)
-        self.source.reply(envelope, wire.refusal_reply(refusal))
+        self.outbox.append((envelope, wire.refusal_reply(refusal)))
 
     # ---- requests ------------------------------------------------------------------------
     def _on_tokens(self, r: wire.Request) -> dict:
@@ -164,6 +195,9 @@ class Daemon:
                 self.metrics.busy.inc()
                 return {"type": "busy", "stream": r.stream,
                         "retry_after_ms": self._retry_after_ms()}
+            if not self.durability.log_tokens(r.stream, new):
+                self.metrics.busy.inc()
+                return {"type": "busy", "stream": r.stream, "retry_after_ms": 1000}
             self.learner.add(r.stream, new)
             self.last_seen[r.stream] = time.monotonic()
             self.last_seen.move_to_end(r.stream)
@@ -201,12 +235,20 @@ class Daemon:
 
     def _on_flush(self, r: wire.Request) -> dict:
         # scheduled, not done here: training the queue first could hold intake for long
-        streams = list(self.last_seen) if r.stream is None else (
-            [r.stream] if r.stream in self.last_seen else [])
-        for stream in streams:
+        streams = self.learner.streams
+        candidates = streams.ids if r.stream is None else [r.stream]
+        scheduled = [sid for sid in candidates if streams.untrained(sid) > 0]
+        for stream in scheduled:
             self.last_seen[stream] = -math.inf
             self.last_seen.move_to_end(stream, last=False)
-        return {"type": "flush", "stream": r.stream, "scheduled": len(streams)}
+        return {"type": "flush", "stream": r.stream, "scheduled": len(scheduled)}
+
+    def _on_checkpoint(self, r: wire.Request) -> dict:
+        saved = self.durability.checkpoint(wait=True)
+        if saved is None:
+            return {"type": "checkpoint", "ok": False,
+                    "error": "the write failed; see the daemon's log"}
+        return {"type": "checkpoint", "ok": True, **_saved(saved)}
 
     def _on_status(self, r: wire.Request) -> dict:
         return {"type": "status", **self.status()}
@@ -228,7 +270,7 @@ class Daemon:
             "recent_bits_per_token": (recent_bits / recent_targets if recent_targets
                                       else None),
             "recent_tokens_per_second": recent_targets / window,
-            "last_checkpoint": None,
+            "last_checkpoint": _saved(self.durability.last_checkpoint),
         }
 
     # ---- bookkeeping ---------------------------------------------------------------------
@@ -254,15 +296,13 @@ class Daemon:
 
     def housekeeping(self, now: float) -> None:
         flush_after = self.config.train.flush_after_seconds or math.inf
-        if not self.training_pending:
+        if not self.training_pending and self.durability.healthy:
             idle = []  # streams idle long enough, or asked to flush (-inf)
             while self.last_seen and now - next(iter(self.last_seen.values())) >= flush_after:
                 idle.append(self.last_seen.popitem(last=False)[0])
             if idle:
-                started = time.perf_counter()
-                result = self.learner.flush(idle)
-                self.account(result, time.perf_counter() - started)
-                self.metrics.flushes.inc(result.streams)
+                self._flush(idle)
+        self.durability.maybe_checkpoint(now)
         m, learner = self.metrics, self.learner
         m.learning_rate.set(learner.optimizer.param_groups[0]["lr"])
         if learner.engine.last_grad_norm is not None:
@@ -276,6 +316,19 @@ class Daemon:
                           tokens_per_second=round(s["recent_tokens_per_second"]),
                           bits_per_token=s["recent_bits_per_token"], streams=s["streams"],
                           queued_tokens=s["queued_tokens"])
+
+    def _flush(self, streams: list[str]) -> None:
+        started = time.perf_counter()
+        try:
+            self.durability.log_flush(streams)
+        except LogFull:
+            for stream in streams:  # again once the log has room
+                self.last_seen[stream] = -math.inf
+                self.last_seen.move_to_end(stream, last=False)
+            return
+        result = self.learner.flush(streams)
+        self.account(result, time.perf_counter() - started)
+        self.metrics.flushes.inc(result.streams)
 
     def _count_refusal(self, reason: str, message: str) -> None:
         self.metrics.rejected.labels(reason).inc()
@@ -299,6 +352,13 @@ class Daemon:
                 float(torch.cuda.memory_reserved(device)))
 
 
+def _saved(saved) -> dict | None:
+    if saved is None:
+        return None
+    return {"path": str(saved.path), "wal_seq": saved.wal_seq,
+            "seconds": round(saved.seconds, 3)}
+
+
 def _nack(reason: str, message: str, **extra) -> dict:
     return {"type": "nack", "reason": reason, "message": message, **extra}
 
@@ -308,7 +368,11 @@ def _version() -> str:
     return __version__
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, fresh: bool = False) -> int:
     logs.configure(config.log.format, config.log.level)
     prometheus_client.disable_created_metrics()  # no *_created series: noise for dashboards
-    return Daemon(config).run()
+    try:
+        return Daemon(config, fresh).run()
+    except IncompatibleState as e:
+        logs.get().error("refusing to start", reason=str(e))
+        return 2

@@ -102,7 +102,7 @@ class Learner:
                between: Callable[[], None] | None = None) -> LearnResult:
         """Run updates until none is ready (or max_updates); a phase is None (full
         windows) or the slots to flush."""
-        total_ce = None
+        update_ce: list[torch.Tensor] = []  # device scalars: no sync until the end
         updates = targets = 0
         trained_slots: set[int] = set()
         widths: list[int] = []
@@ -112,8 +112,7 @@ class Learner:
                                                 flush_slots)
                 if batch is None:
                     break
-                ce = self.engine.step(batch, self.streams.pools).double()
-                total_ce = ce if total_ce is None else total_ce + ce
+                update_ce.append(self.engine.step(batch, self.streams.pools))
                 updates += 1
                 targets += batch.num_targets
                 trained_slots.update(batch.slots.tolist())
@@ -122,10 +121,14 @@ class Learner:
                     between()
         if not updates:
             return LearnResult()
-        bits = nats_to_bits(total_ce.item())  # note: a CPU-GPU sync, once per call
+        # note: a CPU-GPU sync, once per call. The lifetime total adds update by update,
+        # so it comes out the same however updates were grouped into calls (recovery)
+        bits = 0.0
+        for nats in torch.stack(update_ce).double().tolist():
+            bits += nats_to_bits(nats)
+            self.bits += nats_to_bits(nats)
         self.updates += updates
         self.tokens_trained += targets
-        self.bits += bits
         return LearnResult(len(trained_slots), updates, targets, bits, tuple(widths))
 
     @property

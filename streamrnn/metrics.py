@@ -69,6 +69,26 @@ class Metrics:
         self.start_time = Gauge("streamrnn_start_time_seconds", "When this process started "
                                 "(Unix time).", registry=r)
         self.build = Info("streamrnn_build", "Version, torch and device.", registry=r)
+        self.checkpoint_last_success = Gauge(
+            "streamrnn_checkpoint_last_success_timestamp_seconds", "When the newest "
+            "checkpoint was written (Unix time; the loaded one's at start).", registry=r)
+        self.checkpoint_seconds = Histogram(
+            "streamrnn_checkpoint_duration_seconds", "Time to write a checkpoint.",
+            buckets=(.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
+        self.checkpoint_failures = Counter(
+            "streamrnn_checkpoint_failures", "Checkpoint writes that failed (the previous "
+            "one stays).", registry=r)
+        self.checkpoint_load_failures = Counter(
+            "streamrnn_checkpoint_load_failures", "Checkpoints found unreadable at start "
+            "(an older one was used).", registry=r)
+        self.wal_bytes = Gauge("streamrnn_wal_bytes", "Size of the write-ahead log on disk.",
+                               registry=r)
+        self.wal_failures = Counter(
+            "streamrnn_wal_write_failures", "Records the write-ahead log could not take "
+            "(disk full); the input was answered busy.", registry=r)
+        self.recovery_replayed_tokens = Counter(
+            "streamrnn_recovery_replayed_tokens", "Tokens replayed from the write-ahead log "
+            "at start.", registry=r)
         self.start_time.set(time.time())
         for reason in REASONS:
             self.rejected.labels(reason)  # every series exists from the start, at 0

@@ -58,4 +58,5 @@ class Source:
             pass  # the producer is not reading its replies: it will time out and ask again
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        if not self.socket.closed:
+            self.socket.close(linger=0)

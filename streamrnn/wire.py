@@ -16,7 +16,8 @@ import numpy as np
 # Refusal reasons: stable, machine-readable, one counter label each.
 REASONS = ("malformed", "too_large", "unknown_type", "bad_field", "bad_stream_id",
            "too_many_tokens", "token_out_of_range", "gap", "too_many_streams")
-REQUEST_TYPES = ("tokens", "position", "status", "predict", "generate", "flush")
+REQUEST_TYPES = ("tokens", "position", "status", "predict", "generate", "flush",
+                 "checkpoint")
 MAX_GENERATE = 4096
 
 
@@ -94,8 +95,8 @@ def _decode_fields(m: dict, request_id: Any, limits: Limits) -> Request:
     if kind not in REQUEST_TYPES:
         raise _Refused("unknown_type", f"type {kind!r} is not one of "
                        f"{', '.join(REQUEST_TYPES)}")
-    if kind == "status":
-        return Request("status", request_id)
+    if kind in ("status", "checkpoint"):
+        return Request(kind, request_id)
     if kind == "flush" and m.get("stream") is None:
         return Request("flush", request_id)
     stream = _stream_id(m.get("stream"), limits)

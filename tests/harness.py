@@ -35,13 +35,15 @@ class DaemonProcess:
         self.log_path = workdir / f"daemon-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> "DaemonProcess":
-        args = [sys.executable, "-m", "streamrnn", "serve"]
+    def start(self, wait: bool = True, env: dict | None = None,
+              args: tuple[str, ...] = ()) -> "DaemonProcess":
+        command = [sys.executable, "-m", "streamrnn", "serve", *args]
         for item in self.overrides:
-            args += ["--set", item]
+            command += ["--set", item]
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=self.workdir,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         if wait:
             self.wait_ready()
         return self
@@ -63,6 +65,16 @@ class DaemonProcess:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
+
+    def events(self) -> list[dict]:
+        import json
+        out = []
+        for line in self.log().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,42 @@
+"""Fault injection for the durability tests: crash or fail at a named point, on cue.
+
+    STREAMRNN_CRASH_AT=wal_fsync:3      SIGKILL this process the 3rd time it reaches
+                                        the point (an instant a random kill rarely hits)
+    STREAMRNN_FAIL_AT=checkpoint_write:1  raise ENOSPC from the 1st time on (disk full)
+
+Points: wal_write, wal_fsync, checkpoint_write. Unset (always, outside tests), each check
+is one dictionary lookup.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+_hits: dict[str, int] = {}
+
+
+def _cue(variable: str) -> tuple[str, int] | None:
+    value = os.environ.get(variable)
+    if not value:
+        return None
+    point, _, count = value.partition(":")
+    return point, int(count or 1)
+
+
+def _reached(variable: str, point: str) -> bool:
+    cue = _cue(variable)
+    if cue is None or cue[0] != point:
+        return False
+    _hits[variable + point] = _hits.get(variable + point, 0) + 1
+    return _hits[variable + point] >= cue[1]
+
+
+def maybe_crash(point: str) -> None:
+    if _reached("STREAMRNN_CRASH_AT", point):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_fail(point: str) -> None:
+    if _reached("STREAMRNN_FAIL_AT", point):
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {point})")

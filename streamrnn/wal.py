@@ -1,0 +1,182 @@
+"""The write-ahead log: every change to the learned state, in order, before it is acked.
+
+Records are msgpack maps numbered by a global sequence number `q`:
+    {"q": n, "t": "tokens", "s": stream, "k": <uint32 LE bytes>}  tokens appended
+    {"q": n, "t": "train"}                                        one update ran
+    {"q": n, "t": "flush", "s": [streams]}                        these were flushed
+Replaying them in order onto the checkpoint that covers records <= its `q` rebuilds the
+exact state: the batching of every update follows from the table the records built.
+
+On disk: segment files `wal-<first q, 16 digits>.log`, each record framed as
+    u32 length | u32 crc32(payload) | payload      (little-endian)
+A crash can leave the newest record torn; opening the log stops at the first frame that
+does not check out and cuts the file there. Segments whose records are all covered by
+the oldest kept checkpoint are deleted.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import msgpack
+
+from . import faults
+
+HEADER = struct.Struct("<II")
+MAX_RECORD = 64 << 20
+
+
+class WalFull(OSError):
+    """A record could not be written (disk full): nothing of it is in the log."""
+
+
+class WriteAheadLog:
+    def __init__(self, directory: Path, segment_bytes: int, fsync: bool = True,
+                 start_after: int = 0):
+        """Open (or create) the log in `directory`. New records are numbered after both
+        what the log holds and `start_after` (the checkpoint's sequence number)."""
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self.fsync_enabled = fsync
+        self.torn_bytes = 0  # cut from the tail on opening (a crash mid-write)
+        scanned = self._scan()
+        self.last_seq = max(scanned, start_after)
+        self.file = None
+        self.dirty = False
+        segments = self._segments()
+        if segments and self.last_seq == scanned:
+            self._open(segments[-1])
+        else:  # an empty log, or one the checkpoint is ahead of: a fresh segment
+            self._open(self.dir / _segment_name(self.last_seq + 1))
+
+    # ---- writing ---------------------------------------------------------------------------
+    def append(self, record: dict) -> int:
+        """Write one record (not yet durable: see sync); returns its sequence number."""
+        seq = self.last_seq + 1
+        payload = msgpack.packb({"q": seq, **record}, use_bin_type=True)
+        frame = HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        if self.size + len(frame) > self.segment_bytes and self.size > 0:
+            self._rotate(seq)
+        try:
+            faults.maybe_fail("wal_write")
+            written = os.write(self.file.fileno(), frame)
+            if written != len(frame):
+                raise OSError(28, "short write")
+        except OSError as e:
+            os.ftruncate(self.file.fileno(), self.size)  # no partial record stays behind
+            raise WalFull(e.errno, f"write-ahead log {self.path}: {e.strerror or e}") from e
+        self.size += len(frame)
+        self.last_seq = seq
+        self.dirty = True
+        return seq
+
+    def sync(self) -> None:
+        """Make everything appended durable (one fsync for the whole group)."""
+        if self.dirty and self.fsync_enabled:
+            faults.maybe_crash("wal_fsync")
+            os.fsync(self.file.fileno())
+        self.dirty = False
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.sync()
+            self.file.close()
+            self.file = None
+
+    # ---- reading ---------------------------------------------------------------------------
+    def records_after(self, seq: int) -> Iterator[dict]:
+        """Every record with q > seq, in order."""
+        for path in self._segments():
+            for record in _read_segment(path)[0]:
+                if record["q"] > seq:
+                    yield record
+
+    def remove_covered(self, seq: int) -> int:
+        """Delete segments whose records all have q <= seq (never the one being written).
+        Returns the number deleted."""
+        segments = self._segments()
+        removed = 0
+        for path, following in zip(segments, segments[1:]):
+            if _first_seq(following) - 1 <= seq and path != self.path:
+                path.unlink()
+                removed += 1
+        if removed:
+            fsync_dir(self.dir)
+        return removed
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self._segments())
+
+    # ---- internals -------------------------------------------------------------------------
+    def _segments(self) -> list[Path]:
+        return sorted(self.dir.glob("wal-*.log"))
+
+    def _scan(self) -> int:
+        """Check every segment; cut a torn tail; return the last sequence number."""
+        last = 0
+        for path in self._segments():
+            records, good_bytes = _read_segment(path)
+            size = path.stat().st_size
+            if good_bytes < size:
+                self.torn_bytes += size - good_bytes
+                with open(path, "r+b") as f:
+                    f.truncate(good_bytes)
+                    os.fsync(f.fileno())
+            if records:
+                last = records[-1]["q"]
+        return last
+
+    def _rotate(self, first_seq: int) -> None:
+        self.sync()
+        self.file.close()
+        self._open(self.dir / _segment_name(first_seq))
+
+    def _open(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "ab")
+        self.size = self.file.tell()
+        fsync_dir(self.dir)
+
+
+def _read_segment(path: Path) -> tuple[list[dict], int]:
+    """The records of a segment up to the first frame that does not check out, and the
+    number of bytes they take."""
+    data = path.read_bytes()
+    records, pos = [], 0
+    while pos + HEADER.size <= len(data):
+        length, crc = HEADER.unpack_from(data, pos)
+        end = pos + HEADER.size + length
+        if length > MAX_RECORD or end > len(data):
+            break
+        payload = data[pos + HEADER.size:end]
+        if zlib.crc32(payload) != crc:
+            break
+        try:
+            record = msgpack.unpackb(payload, raw=False)
+        except Exception:
+            break
+        records.append(record)
+        pos = end
+    return records, pos
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"wal-{first_seq:016d}.log"
+
+
+def _first_seq(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
