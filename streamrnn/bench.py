@@ -295,7 +295,8 @@ def _config_for(base: Config, preset: Preset) -> Config:
     model = replace(base.model, hidden_size=preset.hidden, num_layers=preset.layers,
                     embed_dim=preset.embed, kind="lstm")
     train = replace(base.train, max_batch_streams=max(base.train.max_batch_streams,
-                                                      preset.streams))
+                                                      preset.streams),
+                    max_resident_streams=max(base.train.max_resident_streams, preset.streams))
     return replace(base, model=model, train=train)
 
 

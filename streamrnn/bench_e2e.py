@@ -29,8 +29,9 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
         json_path: str | None, echo=print, extra_settings: tuple[str, ...] = ()) -> dict:
     from .bench import _engine, machine_info
     from .learner import resolve_device
-    config = replace(base, train=replace(base.train, max_batch_streams=max(
-        base.train.max_batch_streams, num_streams)))
+    config = replace(base, train=replace(
+        base.train, max_batch_streams=max(base.train.max_batch_streams, num_streams),
+        max_resident_streams=max(base.train.max_resident_streams, num_streams)))
     device = resolve_device(config.train.device)
     data = text_streams(num_streams, int(max(200_000, 40_000 * seconds)))
     echo(f"# streamrnn bench --e2e on {machine_info(device)['device']}: {num_streams} "

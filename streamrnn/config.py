@@ -48,6 +48,8 @@ class TrainConfig:
     lr: float = _opt(3e-3, "learning rate")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
     max_batch_streams: int = _opt(256, "at most this many streams' windows in one update")
+    max_resident_streams: int = _opt(16384, "window-start states kept on the device; the "
+                                     "least recently used others wait in host memory")
     device: str = _opt("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     precision: str = _opt("fp32", "compute precision", choices=("fp32", "bf16", "fp64"))
     seed: int = _opt(0, "seed for the initial weights")
@@ -57,7 +59,11 @@ class TrainConfig:
                                  "looks at the network, so intake never starves")
 
     def check(self) -> None:
-        _positive(self, "k1", "k2", "max_batch_streams")
+        _positive(self, "k1", "k2", "max_batch_streams", "max_resident_streams")
+        if self.max_resident_streams < self.max_batch_streams:
+            raise ConfigError(f"train.max_resident_streams = {self.max_resident_streams} must "
+                              f"be >= train.max_batch_streams = {self.max_batch_streams}: an "
+                              "update's streams must all be on the device")
         if self.k2 < self.k1:
             raise ConfigError(f"train.k2 = {self.k2} must be >= train.k1 = {self.k1}: "
                               "each update backpropagates through the last k2 inputs and "

@@ -86,6 +86,10 @@ class Daemon:
         # read at scrape time (the HTTP thread reads plain ints: no lock needed)
         self.metrics.active_streams.set_function(lambda: len(self.learner.streams.ids))
         self.metrics.queue_tokens.set_function(lambda: self.learner.untrained_tokens)
+        self.metrics.resident_streams.set_function(
+            lambda: self.learner.streams.states.num_resident)
+        self.metrics.spilled_streams.set_function(
+            lambda: self.learner.streams.states.num_spilled)
         self.durability = Durability(c, self.learner, self.metrics, self.log)
         self.durability.recover(self.fresh)  # before anyone can send: state first
         now = time.monotonic()
@@ -187,7 +191,7 @@ class Daemon:
                          next_offset=expected)
         new = r.tokens[expected - r.offset:]
         if len(new):
-            if r.stream not in streams.slot_of and \
+            if r.stream not in streams.row_of and \
                     len(streams.ids) >= self.config.ingest.max_streams:
                 return _nack("too_many_streams", f"{len(streams.ids)} streams already "
                              "(ingest.max_streams)", stream=r.stream)

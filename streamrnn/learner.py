@@ -50,7 +50,7 @@ class Learner:
         self.optimizer = make_optimizer(self.model, train.optimizer, train.lr)
         self.streams = StreamTable(
             train.k1, train.k2, (config.model.num_layers, config.model.hidden_size),
-            self.model.num_state_tensors, self.device, dtype)
+            self.model.num_state_tensors, self.device, dtype, train.max_resident_streams)
         self.engine = Engine(self.model, self.optimizer, train.grad_clip, train.precision,
                              self.device)
         # lifetime totals, part of the learned state
@@ -92,30 +92,30 @@ class Learner:
             ids = stream_id
         else:
             ids = [stream_id]
-        slots = np.array([self.streams.slot_of[s] for s in ids if s in self.streams.slot_of],
-                         np.int64)
-        if len(slots) == 0:
+        rows = np.array([self.streams.row_of[s] for s in ids if s in self.streams.row_of],
+                        np.int64)
+        if len(rows) == 0:
             return LearnResult()
-        return self._train((None, slots))  # full windows first, then the remainders
+        return self._train((None, rows))  # full windows first, then the remainders
 
     def _train(self, phases: tuple, max_updates: int | None = None,
                between: Callable[[], None] | None = None) -> LearnResult:
         """Run updates until none is ready (or max_updates); a phase is None (full
-        windows) or the slots to flush."""
+        windows) or the rows to flush."""
         update_ce: list[torch.Tensor] = []  # device scalars: no sync until the end
         updates = targets = 0
-        trained_slots: set[int] = set()
+        trained_rows: set[int] = set()
         widths: list[int] = []
-        for flush_slots in phases:
+        for flush_rows in phases:
             while max_updates is None or updates < max_updates:
                 batch = self.streams.next_batch(self.config.train.max_batch_streams,
-                                                flush_slots)
+                                                flush_rows)
                 if batch is None:
                     break
-                update_ce.append(self.engine.step(batch, self.streams.pools))
+                update_ce.append(self.engine.step(batch, self.streams.states.tensors))
                 updates += 1
                 targets += batch.num_targets
-                trained_slots.update(batch.slots.tolist())
+                trained_rows.update(batch.rows.tolist())
                 widths.append(batch.num_streams)
                 if between is not None:
                     between()
@@ -129,7 +129,7 @@ class Learner:
             self.bits += nats_to_bits(nats)
         self.updates += updates
         self.tokens_trained += targets
-        return LearnResult(len(trained_slots), updates, targets, bits, tuple(widths))
+        return LearnResult(len(trained_rows), updates, targets, bits, tuple(widths))
 
     @property
     def untrained_tokens(self) -> int:
@@ -142,11 +142,11 @@ class Learner:
         """Log-probabilities (vocab_size,) of the stream's next token, on the CPU. A
         stream with no tokens yet gets the uniform distribution."""
         vocab = self.config.model.vocab_size
-        slot = self.streams.slot_of.get(stream_id)
-        if slot is None or self.streams.next_offset(stream_id) == 0:
+        row = self.streams.row_of.get(stream_id)
+        if row is None or self.streams.next_offset(stream_id) == 0:
             return torch.full((vocab,), -float(np.log(vocab)))
-        tokens = torch.from_numpy(self.streams.tokens_from_start(slot).astype(np.int64))
-        state = tuple(pool[:, slot:slot + 1] for pool in self.streams.pools)
+        tokens = torch.from_numpy(self.streams.tokens_from_start(row).astype(np.int64))
+        state = self.streams.states.state(row)
         with self.engine.autocast():
             logits, _ = self.model(tokens.to(self.device)[:, None],
                                    self.model.from_tuple(state))
@@ -157,14 +157,13 @@ class Learner:
                  seed: int = 0) -> list[int]:
         """Sample a continuation of a stream from the model; the stream is unchanged."""
         model = self.model
-        slot = self.streams.slot_of.get(stream_id)
-        if slot is None or self.streams.next_offset(stream_id) == 0:
+        row = self.streams.row_of.get(stream_id)
+        if row is None or self.streams.next_offset(stream_id) == 0:
             logits = torch.zeros(1, 1, self.config.model.vocab_size)
             state = None
         else:
-            history = torch.from_numpy(self.streams.tokens_from_start(slot).astype(np.int64))
-            state = model.from_tuple(tuple(pool[:, slot:slot + 1]
-                                           for pool in self.streams.pools))
+            history = torch.from_numpy(self.streams.tokens_from_start(row).astype(np.int64))
+            state = model.from_tuple(self.streams.states.state(row))
             with self.engine.autocast():
                 logits, state = model(history.to(self.device)[:, None], state)
         generator = torch.Generator().manual_seed(seed)

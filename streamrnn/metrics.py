@@ -58,6 +58,11 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r)
         self.active_streams = Gauge("streamrnn_active_streams", "Streams the daemon holds.",
                                     registry=r)
+        self.resident_streams = Gauge("streamrnn_resident_streams", "Streams whose state "
+                                      "is on the device.", registry=r)
+        self.spilled_streams = Gauge("streamrnn_spilled_streams", "Idle streams whose state "
+                                     "waits in host memory (train.max_resident_streams).",
+                                     registry=r)
         self.queue_tokens = Gauge("streamrnn_ingest_queue_tokens", "Received tokens not "
                                   "trained yet.", registry=r)
         self.queue_limit = Gauge("streamrnn_ingest_queue_limit_tokens", "ingest."

@@ -1,15 +1,15 @@
 """StreamTable: where every stream stands, and which windows train next. Never calls the model.
 
-A stream's tokens x_0, x_1, ... get positions 0, 1, ... Per stream (per *slot*) it keeps
+A stream's tokens x_0, x_1, ... get positions 0, 1, ... Per stream (per *row*) it keeps
   num_tokens   N: tokens x_0 .. x_{N-1} are in the ring
   trained_end  e: targets x_1 .. x_e are trained (input x_t predicts target x_{t+1})
   start_pos    s: position of the stored window-start state h(s); always s <= e
-and the tokens x_s .. x_{N-1} in a host ring buffer, one row per slot. Tokens that do not
+and the tokens x_s .. x_{N-1} in a host ring buffer, one line per row. Tokens that do not
 fit yet wait in an overflow queue and move into the ring as windows slide past them.
 
-The window-start states live in device pools, one tensor (num_layers, capacity, hidden)
-per state tensor (h, and c for an LSTM), indexed by slot: forming a batch is a gather,
-committing it a scatter (engine.py).
+The window-start states live in a StatePool (pool.py): device tensors indexed by slot
+for the streams in use, host memory for idle ones beyond train.max_resident_streams.
+Forming a batch is a gather by slot, committing it a scatter (engine.py).
 
 `next_batch` plans one update of exact TBPTT(k1, k2) (see DESIGN.md section 1): for each
 chosen stream a window of inputs [s, e) with e = trained_end + n (n = k1, or r < k1 on a
@@ -27,6 +27,8 @@ from typing import Hashable
 
 import numpy as np
 import torch
+
+from .pool import StatePool
 
 StreamId = Hashable
 
@@ -54,8 +56,9 @@ class Geometry:
 
 @dataclass
 class Batch:
-    """One update: B streams' slots, their tokens, and the geometry that lays them out."""
-    slots: np.ndarray    # (B,) pool slot of each stream
+    """One update: B streams, their tokens, and the geometry that lays them out."""
+    rows: np.ndarray     # (B,) the streams' rows in the table
+    slots: np.ndarray    # (B,) their slots in the device state pool
     tokens: np.ndarray   # (Ta*nA + Tb*nB + targets,) segment A inputs, B inputs, targets
     geometry: Geometry
 
@@ -105,23 +108,23 @@ def plan_geometry(a: np.ndarray, b: np.ndarray, n: np.ndarray) -> Geometry:
 
 class StreamTable:
     def __init__(self, k1: int, k2: int, state_shape: tuple[int, int], num_state_tensors: int,
-                 device: torch.device, dtype: torch.dtype, capacity: int = 16):
+                 device: torch.device, dtype: torch.dtype, max_resident: int = 1 << 30,
+                 capacity: int = 16):
         self.k1, self.k2 = k1, k2
         # the ring holds a window's k2 + 1 tokens plus room for the next few windows
         self.ring_width = k2 + 1 + 4 * k1
         self.state_shape = state_shape  # (num_layers, hidden)
         self.device, self.dtype = device, dtype
         self.num_state_tensors = num_state_tensors
-        self.slot_of: dict[StreamId, int] = {}
+        self.max_resident = max_resident
+        self.row_of: dict[StreamId, int] = {}
         self.ids: list[StreamId] = []
         self.num_tokens = np.zeros(0, np.int64)
         self.trained_end = np.zeros(0, np.int64)
         self.start_pos = np.zeros(0, np.int64)
         self.last_served = np.zeros(0, np.int64)  # turn of the stream's latest update
         self.ring = np.zeros((0, self.ring_width), np.int32)
-        self.pools: tuple[torch.Tensor, ...] = tuple(
-            torch.zeros((state_shape[0], 0, state_shape[1]), device=device, dtype=dtype)
-            for _ in range(num_state_tensors))
+        self.states = StatePool(state_shape, num_state_tensors, device, dtype, max_resident)
         self.overflow: dict[int, deque[np.ndarray]] = {}
         self.turn = 0  # batches planned so far; orders streams fairly
         self._geometries: dict[tuple, Geometry] = {}
@@ -130,105 +133,107 @@ class StreamTable:
         self._grow(capacity)
 
     # ---- intake ------------------------------------------------------------------
-    def slot(self, stream_id: StreamId) -> int:
-        """The stream's slot, creating the stream (zero state, no tokens) if new."""
-        slot = self.slot_of.get(stream_id)
-        if slot is None:
-            slot = len(self.ids)
-            if slot == len(self.num_tokens):
-                self._grow(2 * slot)
-            self.slot_of[stream_id] = slot
+    def row(self, stream_id: StreamId) -> int:
+        """The stream's row, creating the stream (zero state, no tokens) if new."""
+        row = self.row_of.get(stream_id)
+        if row is None:
+            row = len(self.ids)
+            if row == len(self.num_tokens):
+                self._grow(2 * row)
+            self.row_of[stream_id] = row
             self.ids.append(stream_id)
-        return slot
+        return row
 
     def append(self, stream_id: StreamId, tokens: np.ndarray) -> None:
         """Queue validated tokens (int32, each < vocab) at the end of the stream."""
         if len(tokens) == 0:
             return
-        slot = self.slot(stream_id)
+        row = self.row(stream_id)
         if self.next_offset(stream_id) == 0:
             self.num_nonempty += 1
         self.total_tokens += len(tokens)
-        if slot in self.overflow:
-            self.overflow[slot].append(tokens)
+        self.states.touch(row)
+        if row in self.overflow:
+            self.overflow[row].append(tokens)
             return
-        rest = self._write(slot, tokens)
+        rest = self._write(row, tokens)
         if len(rest):
-            self.overflow[slot] = deque([rest])
+            self.overflow[row] = deque([rest])
 
     def next_offset(self, stream_id: StreamId) -> int:
         """Tokens received so far from this stream (= the next token's position)."""
-        slot = self.slot_of.get(stream_id)
-        if slot is None:
+        row = self.row_of.get(stream_id)
+        if row is None:
             return 0
-        waiting = sum(len(t) for t in self.overflow.get(slot, ()))
-        return int(self.num_tokens[slot]) + waiting
+        waiting = sum(len(t) for t in self.overflow.get(row, ()))
+        return int(self.num_tokens[row]) + waiting
 
     def untrained(self, stream_id: StreamId) -> int:
         """Targets received but not trained yet."""
-        slot = self.slot_of.get(stream_id)
-        return 0 if slot is None else max(0, self.next_offset(stream_id) - 1 -
-                                          int(self.trained_end[slot]))
+        row = self.row_of.get(stream_id)
+        return 0 if row is None else max(0, self.next_offset(stream_id) - 1 -
+                                          int(self.trained_end[row]))
 
-    def tokens_from_start(self, slot: int) -> np.ndarray:
+    def tokens_from_start(self, row: int) -> np.ndarray:
         """x_s .. x_{N-1} including the overflow: what brings h(s) to the newest position."""
-        start, end = self.start_pos[slot], self.num_tokens[slot]
-        ring_part = self.ring[slot, np.arange(start, end) % self.ring_width]
-        return np.concatenate([ring_part, *self.overflow.get(slot, ())])
+        start, end = self.start_pos[row], self.num_tokens[row]
+        ring_part = self.ring[row, np.arange(start, end) % self.ring_width]
+        return np.concatenate([ring_part, *self.overflow.get(row, ())])
 
-    def _write(self, slot: int, tokens: np.ndarray) -> np.ndarray:
-        end = self.num_tokens[slot]
-        free = self.ring_width - (end - self.start_pos[slot])
+    def _write(self, row: int, tokens: np.ndarray) -> np.ndarray:
+        end = self.num_tokens[row]
+        free = self.ring_width - (end - self.start_pos[row])
         take = min(free, len(tokens))
-        self.ring[slot, np.arange(end, end + take) % self.ring_width] = tokens[:take]
-        self.num_tokens[slot] = end + take
+        self.ring[row, np.arange(end, end + take) % self.ring_width] = tokens[:take]
+        self.num_tokens[row] = end + take
         return tokens[take:]
 
     def _refill(self) -> None:
         """Move waiting tokens into ring space freed by the windows that slid on."""
-        for slot in list(self.overflow):
-            queue = self.overflow[slot]
+        for row in list(self.overflow):
+            queue = self.overflow[row]
             while queue:
-                rest = self._write(slot, queue[0])
+                rest = self._write(row, queue[0])
                 if len(rest):
                     queue[0] = rest
                     break
                 queue.popleft()
             if not queue:
-                del self.overflow[slot]
+                del self.overflow[row]
 
     # ---- planning ------------------------------------------------------------------
-    def next_batch(self, max_streams: int, flush_slots: np.ndarray | None = None
+    def next_batch(self, max_streams: int, flush_rows: np.ndarray | None = None
                    ) -> Batch | None:
         """Plan the next update and mark its targets trained, or None if nothing is ready.
 
-        Normally every stream with k1 untrained targets is ready; with `flush_slots`,
+        Normally every stream with k1 untrained targets is ready; with `flush_rows`,
         those streams' remaining 1 <= r < k1 targets are (call it once no full window
         is left). Each stream contributes its oldest ready window; when more than
         `max_streams` are ready, those served least recently go first."""
         self._refill()
         used = len(self.ids)
         untrained = self.num_tokens[:used] - 1 - self.trained_end[:used]
-        if flush_slots is None:
+        if flush_rows is None:
             candidates = np.flatnonzero(untrained >= self.k1)
         else:
-            flush_slots = np.asarray(flush_slots, np.int64)
-            candidates = np.sort(flush_slots[untrained[flush_slots] >= 1])
+            flush_rows = np.asarray(flush_rows, np.int64)
+            candidates = np.sort(flush_rows[untrained[flush_rows] >= 1])
         if len(candidates) == 0:
             return None
         if len(candidates) > max_streams:
             order = np.lexsort((candidates, self.last_served[candidates]))
             candidates = np.sort(candidates[order[:max_streams]])
-        slots = candidates
-        n = np.minimum(untrained[slots], self.k1)
-        batch = self._plan(slots, n)
+        rows = candidates
+        n = np.minimum(untrained[rows], self.k1)
+        batch = self._plan(rows, n)
         self.turn += 1
-        self.last_served[slots] = self.turn
+        self.last_served[rows] = self.turn
+        self.states.touch(rows)
         return batch
 
-    def _plan(self, slots: np.ndarray, n: np.ndarray) -> Batch:
-        s = self.start_pos[slots]
-        e = self.trained_end[slots] + n
+    def _plan(self, rows: np.ndarray, n: np.ndarray) -> Batch:
+        s = self.start_pos[rows]
+        e = self.trained_end[rows] + n
         p = np.maximum(0, e + self.k1 - self.k2)
         key = (n.tobytes(), (p - s).tobytes(), (e - p).tobytes())
         geometry = self._geometries.get(key)
@@ -237,10 +242,10 @@ class StreamTable:
                 self._geometries.clear()
             geometry = self._geometries[key] = plan_geometry(p - s, e - p, n)
         positions = s[geometry.gather_stream] + geometry.gather_offset
-        tokens = self.ring[slots[geometry.gather_stream], positions % self.ring_width]
-        self.trained_end[slots] = e
-        self.start_pos[slots] = p
-        return Batch(slots, tokens, geometry)
+        tokens = self.ring[rows[geometry.gather_stream], positions % self.ring_width]
+        self.trained_end[rows] = e
+        self.start_pos[rows] = p
+        return Batch(rows, self.states.slots(rows), tokens, geometry)
 
     # ---- capacity and persistence ---------------------------------------------------
     def _grow(self, capacity: int) -> None:
@@ -251,11 +256,7 @@ class StreamTable:
         self.start_pos = np.concatenate([self.start_pos, zeros])
         self.last_served = np.concatenate([self.last_served, zeros])
         self.ring = np.concatenate([self.ring, np.zeros((extra, self.ring_width), np.int32)])
-        layers, hidden = self.state_shape
-        self.pools = tuple(
-            torch.cat([pool, torch.zeros((layers, extra, hidden), device=self.device,
-                                         dtype=self.dtype)], dim=1)
-            for pool in self.pools)
+        self.states.add_rows(extra)
 
     def state_dict(self) -> dict:
         used = len(self.ids)
@@ -266,9 +267,9 @@ class StreamTable:
             "start_pos": torch.from_numpy(self.start_pos[:used].copy()),
             "last_served": torch.from_numpy(self.last_served[:used].copy()),
             "ring": torch.from_numpy(self.ring[:used].copy()),
-            "overflow": {slot: torch.from_numpy(np.concatenate(list(q)))
-                         for slot, q in self.overflow.items()},
-            "pools": [pool[:, :used].cpu() for pool in self.pools],
+            "overflow": {row: torch.from_numpy(np.concatenate(list(q)))
+                         for row, q in self.overflow.items()},
+            "states": self.states.state_dict(len(self.num_tokens)),
             "turn": self.turn,
         }
 
@@ -277,16 +278,16 @@ class StreamTable:
         if state["ring"].shape[1:] != (self.ring_width,):
             raise ValueError("saved stream table has a different ring width (k1/k2 changed)")
         self.__init__(self.k1, self.k2, self.state_shape, self.num_state_tensors,
-                      self.device, self.dtype, capacity=max(16, used))
+                      self.device, self.dtype, self.max_resident,
+                      capacity=len(state["states"]["slot_of_row"]))
         self.ids = list(state["ids"])
-        self.slot_of = {sid: slot for slot, sid in enumerate(self.ids)}
+        self.row_of = {sid: row for row, sid in enumerate(self.ids)}
         for name in ("num_tokens", "trained_end", "start_pos", "last_served"):
             getattr(self, name)[:used] = state[name].numpy()
         self.ring[:used] = state["ring"].numpy()
-        self.overflow = {int(slot): deque([t.numpy().copy()])
-                         for slot, t in state["overflow"].items()}
-        for pool, saved in zip(self.pools, state["pools"]):
-            pool[:, :used] = saved.to(pool.device, pool.dtype)
+        self.overflow = {int(row): deque([t.numpy().copy()])
+                         for row, t in state["overflow"].items()}
+        self.states.load_state_dict(state["states"], len(self.num_tokens))
         self.turn = int(state["turn"])
         self.total_tokens = sum(self.next_offset(sid) for sid in self.ids)
         self.num_nonempty = sum(1 for sid in self.ids if self.next_offset(sid) > 0)

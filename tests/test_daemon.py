@@ -225,6 +225,10 @@ METRIC_NAMES = [
     "streamrnn_update_duration_seconds_bucket", "streamrnn_ingest_queue_tokens",
     "streamrnn_learning_rate", "streamrnn_grad_norm", "streamrnn_device_memory_bytes",
     "streamrnn_build_info", "streamrnn_start_time_seconds", "streamrnn_busy_replies_total",
+    "streamrnn_resident_streams", "streamrnn_spilled_streams", "streamrnn_wal_bytes",
+    "streamrnn_checkpoint_last_success_timestamp_seconds",
+    "streamrnn_checkpoint_duration_seconds_bucket", "streamrnn_checkpoint_failures_total",
+    "streamrnn_recovery_replayed_tokens_total",
 ]
 
 

@@ -145,3 +145,29 @@ def test_bf16_learns_on_cpu():
     learner = make("train.precision=bf16")
     result = learner.learn("s", np.arange(200) % 13)
     assert result.targets == 196 and np.isfinite(result.bits)
+
+
+def test_spilling_idle_streams_changes_nothing_but_where_states_live():
+    """With room for 2 streams on the device, 5 streams learn exactly as with room for
+    all: states of idle streams wait in host memory and come back when needed."""
+    rng = np.random.default_rng(7)
+    calls = [{f"s{i}": rng.integers(0, 13, int(rng.integers(3, 30)))
+              for i in rng.choice(5, size=int(rng.integers(1, 4)), replace=False)}
+             for _ in range(25)]
+    roomy = make("train.max_batch_streams=2")
+    tight = make("train.max_batch_streams=2", "train.max_resident_streams=2")
+    for call in calls:
+        assert roomy.learn_many(call) == tight.learn_many(call)
+    assert tight.streams.states.num_resident == 2 and tight.streams.states.num_spilled >= 2
+    for sid in ("s0", "s1", "s2", "s3", "s4"):
+        assert torch.equal(roomy.predict(sid), tight.predict(sid))
+    assert roomy.flush() == tight.flush()
+    assert all(torch.equal(a, b) for a, b in zip(params(roomy), params(tight)))
+    buffer = io.BytesIO()  # spilled states survive a save and load
+    torch.save(tight.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = make("train.max_batch_streams=2", "train.max_resident_streams=2")
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    more = {"s3": rng.integers(0, 13, 17), "s0": rng.integers(0, 13, 9)}
+    assert resumed.learn_many(more) == tight.learn_many(more)
+    assert all(torch.equal(a, b) for a, b in zip(params(resumed), params(tight)))

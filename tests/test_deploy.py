@@ -1,0 +1,315 @@
+"""deploy/ as operators use it, checked with the real tools: systemd-analyze (the unit),
+promtool (the scrape config, the alert rules and their unit tests), the daemon's own
+metrics registry (every metric the dashboard and the alerts name must exist) and its
+config loader (the example config)."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+import streamrnn
+from streamrnn.cli import build_parser
+from streamrnn.config import Config
+from streamrnn.metrics import Metrics
+from tools import promtool, require
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+UNIT = DEPLOY / "streamrnn.service"
+DROPINS = DEPLOY / "streamrnn.service.d"
+PROMETHEUS = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "streamrnn.json"
+DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
+PROVIDER = DEPLOY / "grafana" / "provisioning" / "dashboards" / "streamrnn.yaml"
+
+# Named by the dashboard before every daemon exports them (stream state spilling to host
+# memory); nothing else may be missing.
+UPCOMING_METRICS = {"streamrnn_resident_streams", "streamrnn_spilled_streams"}
+METRIC_NAME = re.compile(r"\bstreamrnn_[a-zA-Z0-9_]+")
+
+
+def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """Section.Key -> values, in order (a key may repeat), comments left out."""
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return settings
+
+
+# ---- the systemd unit -----------------------------------------------------------------
+@pytest.fixture
+def installable_unit(tmp_path: Path) -> Path:
+    """The unit (with its drop-ins) in a temporary folder, ExecStart pointing at the
+    streamrnn this test runs, since `verify` checks that the binary exists."""
+    binary = Path(sys.executable).parent / "streamrnn"
+    assert binary.exists(), f"{binary} missing: install the project (pip install -e .)"
+    text, count = re.subn(r"^ExecStart=\S+", f"ExecStart={binary}",
+                          UNIT.read_text(), flags=re.M)
+    assert count == 1, "expected exactly one ExecStart= line"
+    (tmp_path / UNIT.name).write_text(text)
+    shutil.copytree(DROPINS, tmp_path / DROPINS.name)
+    return tmp_path / UNIT.name
+
+
+@pytest.mark.parametrize("man", [[], ["--man=no"]], ids=["man", "no-man"])
+def test_unit_verifies_without_a_word(installable_unit: Path, man: list[str]):
+    # verify exits 0 on unknown keys and unparsable values and only warns: any output
+    # at all is a failure. Drop-ins next to the unit (the CURVE one) are checked too.
+    out = run(require("systemd-analyze", "systemd"), "verify", *man, installable_unit)
+    assert (out.returncode, out.stderr, out.stdout) == (0, "", "")
+
+
+def test_unit_verify_catches_mistakes(installable_unit: Path):
+    # the test above would be worthless if verify stayed silent on a typo
+    dropin = installable_unit.parent / DROPINS.name / "curve.conf"
+    dropin.write_text(dropin.read_text() + "ProtectSytem=strict\n")
+    out = run(require("systemd-analyze", "systemd"), "verify", installable_unit)
+    assert "Unknown key 'ProtectSytem'" in out.stderr
+
+
+def test_unit_exposure_is_low():
+    out = run(require("systemd-analyze", "systemd"), "security", "--offline=yes", UNIT)
+    found = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", out.stdout)
+    assert found, out.stdout + out.stderr
+    assert float(found.group(1)) < 3.0, out.stdout
+
+
+def test_unit_keeps_what_the_daemon_and_cuda_need():
+    settings = unit_settings(UNIT.read_text())
+    service = {k.split(".", 1)[1]: v[-1] for k, v in settings.items()
+               if k.startswith("Service.")}
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+    assert service["StateDirectory"] == "streamrnn"  # $STATE_DIRECTORY: checkpoint.dir
+    assert service["Restart"] == "on-failure" and service["WatchdogSec"] == "60"
+    # stop: finish the update, write the final checkpoint; start: replay the log
+    assert int(service["TimeoutStopSec"]) >= 300 and int(service["TimeoutStartSec"]) >= 600
+    # these break CUDA / PyTorch: /dev/nvidia* hidden, JIT code refused, /proc/cpuinfo gone
+    assert service.get("PrivateDevices", "no") == "no"
+    assert service.get("MemoryDenyWriteExecute", "no") == "no"
+    assert service.get("ProcSubset", "all") == "all"
+    # the command line is one the CLI accepts
+    command = shlex.split(service["ExecStart"])
+    assert Path(command[0]).name == "streamrnn"
+    args = build_parser().parse_args(command[1:])
+    assert args.config == "/etc/streamrnn/config.toml"
+
+
+def test_curve_dropin_loads_the_key_as_a_credential():
+    settings = unit_settings((DROPINS / "curve.conf").read_text())
+    assert settings["Service.LoadCredential"] == [
+        "curve-server.key_secret:/etc/streamrnn/keys/server.key_secret"]
+
+
+def test_sysusers_creates_the_service_user(tmp_path: Path):
+    (tmp_path / "etc").mkdir()
+    out = run(require("systemd-sysusers", "systemd"), f"--root={tmp_path}",
+              DEPLOY / "streamrnn.sysusers")
+    assert out.returncode == 0, out.stderr
+    users = {line.split(":")[0]: line.split(":")
+             for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
+    service = unit_settings(UNIT.read_text())
+    assert users[service["Service.User"][-1]][5:] == ["/var/lib/streamrnn",
+                                                      "/usr/sbin/nologin"]
+    assert (tmp_path / "etc" / "group").read_text().startswith(
+        service["Service.Group"][-1] + ":")
+
+
+# ---- the example config ---------------------------------------------------------------
+def test_example_config_loads(monkeypatch: pytest.MonkeyPatch):
+    config = streamrnn.load_config(DEPLOY / "config.toml")
+    assert config.checkpoint.keep >= 2
+    assert config.metrics.address == "127.0.0.1" and config.metrics.port == 9108
+    # checkpoint.dir empty: the unit's StateDirectory= decides where state lives
+    assert config.checkpoint.dir == ""
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/streamrnn")
+    assert config.checkpoint.resolved_dir() == "/var/lib/streamrnn"
+    sections = re.findall(r"^\[(\w+)\]", (DEPLOY / "config.toml").read_text(), re.M)
+    assert sections == list(Config.__dataclass_fields__)
+
+
+# ---- Prometheus -----------------------------------------------------------------------
+def test_prometheus_config_is_valid():
+    # rule_files are relative to prometheus.yml: this also checks alerts.yml
+    out = run(promtool(), "check", "config", PROMETHEUS / "prometheus.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 rule files found" in out.stdout
+
+
+def test_alert_rules_are_valid():
+    out = run(promtool(), "check", "rules", PROMETHEUS / "alerts.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_alert_rules_pass_their_unit_tests():
+    out = run(promtool(), "test", "rules", "alerts_test.yml", cwd=PROMETHEUS)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def alert_names() -> list[str]:
+    # PyYAML is no dependency of streamrnn: the files are regular enough for a regex
+    return re.findall(r"^\s*- alert:\s*(\w+)\s*$", (PROMETHEUS / "alerts.yml").read_text(),
+                      re.M)
+
+
+def test_every_alert_has_a_firing_test():
+    alerts = alert_names()
+    assert len(alerts) == len(set(alerts)) >= 9
+    tests = (PROMETHEUS / "alerts_test.yml").read_text()
+    tested = set(re.findall(r"alertname:\s*(\w+)", tests))
+    assert set(alerts) <= tested
+    # and each one is expected to fire somewhere, not only to stay quiet
+    firing = set(re.findall(r"alertname:\s*(\w+)\n\s*eval_time:\s*\S+\n\s*exp_alerts:\s*\n"
+                            r"\s*- exp_labels:", tests))
+    assert set(alerts) <= firing, set(alerts) - firing
+    for alert in alerts:
+        block = re.search(rf"- alert: {alert}\n(.*?)(?=\n\s*- alert:|\Z)",
+                          (PROMETHEUS / "alerts.yml").read_text(), re.S).group(1)
+        assert re.search(r"severity: (critical|warning)", block), alert
+        assert "summary:" in block and "description:" in block, alert
+
+
+def test_scrape_job_is_the_one_the_alerts_select():
+    config = (PROMETHEUS / "prometheus.yml").read_text()
+    assert re.search(r"job_name:\s*streamrnn\b", config)
+    assert '"127.0.0.1:9108"' in config
+    assert 'up{job="streamrnn"}' in (PROMETHEUS / "alerts.yml").read_text()
+
+
+# ---- metric names: everything deploy/ names, the daemon exports -------------------------
+@pytest.fixture(scope="module")
+def exported() -> set[str]:
+    """Every series name the daemon's registry exposes, from its exposition text."""
+    metrics = Metrics()
+    metrics.watch_device(lambda: (0.0, 0.0))
+    names = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$",
+                                 generate_latest(metrics.registry).decode(), re.M):
+        if name.endswith("_created"):
+            continue  # the daemon turns these off (disable_created_metrics)
+        if kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        elif kind == "summary":
+            names |= {name, f"{name}_sum", f"{name}_count"}
+        else:  # counter (already _total), gauge, info (already _info)
+            names.add(name)
+    assert "streamrnn_tokens_trained_total" in names  # the format is what we think
+    assert "streamrnn_update_duration_seconds_bucket" in names
+    return names
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def data_panels(board: dict) -> list[dict]:
+    out = []
+    for panel in board["panels"]:
+        out += panel.get("panels", []) if panel["type"] == "row" else [panel]
+    return out
+
+
+def dashboard_exprs(board: dict) -> list[str]:
+    exprs = [t["expr"] for p in data_panels(board) for t in p.get("targets", [])]
+    for variable in board["templating"]["list"]:
+        query = variable.get("query")
+        if variable["type"] == "query":
+            exprs.append(query["query"] if isinstance(query, dict) else query)
+    return exprs
+
+
+def test_dashboard_metrics_exist(exported: set[str]):
+    used = {name for expr in dashboard_exprs(dashboard())
+            for name in METRIC_NAME.findall(expr)}
+    assert len(used) > 15
+    assert used - exported - UPCOMING_METRICS == set()
+
+
+def test_alert_metrics_exist(exported: set[str]):
+    used = set(METRIC_NAME.findall((PROMETHEUS / "alerts.yml").read_text()))
+    assert len(used) > 8
+    assert used - exported == set()
+
+
+# ---- Grafana --------------------------------------------------------------------------
+def test_dashboard_is_provisionable():
+    board = dashboard()
+    assert board["uid"] == "streamrnn" and board["title"]
+    assert "id" not in board  # Grafana assigns ids; a fixed one clashes across installs
+    assert board["schemaVersion"] >= 36
+    # panels query the data source variable, whose default is the provisioned uid
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    default = variables["datasource"]["current"]["value"]
+    assert re.search(rf"^\s*uid:\s*{default}\s*$", DATASOURCE.read_text(), re.M)
+    assert re.search(r"^\s*url:\s*http://127\.0\.0\.1:9090\s*$", DATASOURCE.read_text(),
+                     re.M)
+    assert re.search(r"^\s*path:\s*/\S+", PROVIDER.read_text(), re.M)
+    assert re.search(r"^\s*type:\s*file\s*$", PROVIDER.read_text(), re.M)
+
+
+def test_dashboard_panels_are_complete():
+    board = dashboard()
+    panels = data_panels(board)
+    assert len(panels) >= 15
+    every = board["panels"] + [p for row in board["panels"] for p in row.get("panels", [])]
+    assert len({p["id"] for p in every}) == len(every)
+    for panel in panels:
+        assert panel.get("title"), panel
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"] and all(t.get("expr") for t in panel["targets"]), \
+            panel["title"]
+        assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
+        assert panel["fieldConfig"]["defaults"].get("unit"), panel["title"]
+    titles = [p["title"] for p in panels]
+    assert len(titles) == len(set(titles))
+
+
+def test_dashboard_layout_has_no_overlaps():
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dashboard()["panels"]:
+        g = panel["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path):
+    # promtool has no query linter, but it parses every expr of a rules file: give it
+    # each dashboard query as a recording rule, Grafana's variables filled in
+    fill = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "6h",
+            "$job": "streamrnn", "$instance": ".*"}
+    rules = []
+    for i, expr in enumerate(dashboard_exprs(dashboard())):
+        if expr.startswith("label_values("):
+            continue  # Grafana's own query function
+        for variable, value in fill.items():
+            expr = expr.replace(variable, value)
+        assert "$" not in expr, expr
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    path = tmp_path / "dashboard_rules.yml"  # JSON is YAML
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    out = run(promtool(), "check", "rules", path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in out.stdout
