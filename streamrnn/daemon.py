@@ -20,16 +20,18 @@ import prometheus_client
 import torch
 import zmq
 
-from . import logs, wire
+from . import faults, logs, wire
 from .config import Config
 from .learner import LearnResult, Learner
 from .durability import Durability, IncompatibleState, LogFull
 from .metrics import Metrics
 from .source import Incoming, Source
+from .systemd import Notifier
 
 HOUSEKEEPING_SECONDS = 0.5
 REFUSAL_LOG_SECONDS = 10.0
 RECENT_SECONDS = 60.0
+STATUS_SECONDS = 5.0
 
 
 class Daemon:
@@ -39,6 +41,7 @@ class Daemon:
         self.outbox: list[tuple[list[bytes], dict]] = []  # replies waiting for the fsync
         self.log = logs.get("streamrnn.daemon")
         self.stop_requested = False
+        self.notifier = Notifier()
         self.limits = wire.Limits(config.model.vocab_size, config.ingest.max_message_bytes,
                                   config.ingest.max_tokens_per_message,
                                   config.ingest.max_stream_id_bytes)
@@ -48,7 +51,7 @@ class Daemon:
         self.refused: Tally[str] = Tally()
         self.refused_example = ""
         self.training_pending = False
-        self.next_housekeeping = self.next_refusal_log = 0.0
+        self.next_housekeeping = self.next_refusal_log = self.next_status = 0.0
         self.next_summary = time.monotonic() + config.log.summary_seconds
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -60,6 +63,7 @@ class Daemon:
             self.start()
             while not self.stop_requested:
                 self.turn()
+            self.notifier.stopping()
             self.source.close()  # no more input: everything acked is in the log
             saved = self.durability.checkpoint(wait=True)  # the next start replays nothing
             if saved is None:
@@ -102,6 +106,7 @@ class Daemon:
             self.metrics_server = self.metrics.serve(c.metrics.address, c.metrics.port)
         self.context = zmq.Context()
         self.source = Source(c.ingest, self.context)
+        self.notifier.ready(f"listening on {self.source.endpoint}")
         self.log.info("listening", endpoint=self.source.endpoint,
                       metrics=(f"http://{c.metrics.address}:{c.metrics.port}/metrics"
                                if c.metrics.port else "off"), device=str(self.learner.device))
@@ -126,6 +131,8 @@ class Daemon:
     # ---- the loop ------------------------------------------------------------------------
     def turn(self) -> None:
         """One turn: take what the network has, train a bounded amount, look after things."""
+        faults.maybe_hang("turn")
+        self.notifier.ping()  # from this loop only: if it hangs, systemd restarts us
         timeout_ms = 0 if self.training_pending else 50
         if self.source.socket.poll(timeout_ms, zmq.POLLIN):
             self.intake()
@@ -158,6 +165,7 @@ class Daemon:
 
     def _after_update(self) -> None:
         self.durability.log_train()  # in log order, between the tokens it saw and after
+        self.notifier.ping()
         self.intake()
 
     def handle(self, incoming: Incoming) -> None:
@@ -312,6 +320,14 @@ class Daemon:
         if learner.engine.last_grad_norm is not None:
             m.grad_norm.set(float(learner.engine.last_grad_norm))  # a device sync, 2/s
         self._log_refusals()
+        if now >= self.next_status:
+            self.next_status = now + STATUS_SECONDS
+            s = self.status()
+            bits = s["recent_bits_per_token"]
+            self.notifier.status(
+                f"{s['recent_tokens_per_second']:,.0f} tokens/s, "
+                + (f"{bits:.3f} bits/token, " if bits is not None else "")
+                + f"{s['streams']:,} streams, {s['queued_tokens']:,} queued")
         summary = self.config.log.summary_seconds
         if summary and now >= self.next_summary:
             self.next_summary = now + summary

@@ -3,8 +3,9 @@
     STREAMRNN_CRASH_AT=wal_fsync:3      SIGKILL this process the 3rd time it reaches
                                         the point (an instant a random kill rarely hits)
     STREAMRNN_FAIL_AT=checkpoint_write:1  raise ENOSPC from the 1st time on (disk full)
+    STREAMRNN_HANG_AT=turn:50           the main loop stops forever on its 50th turn
 
-Points: wal_write, wal_fsync, checkpoint_write. Unset (always, outside tests), each check
+Points: wal_write, wal_fsync, checkpoint_write, turn. Unset (always, outside tests), each check
 is one dictionary lookup.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 _hits: dict[str, int] = {}
 
@@ -40,3 +42,9 @@ def maybe_crash(point: str) -> None:
 def maybe_fail(point: str) -> None:
     if _reached("STREAMRNN_FAIL_AT", point):
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {point})")
+
+
+def maybe_hang(point: str) -> None:
+    if _reached("STREAMRNN_HANG_AT", point):
+        while True:
+            time.sleep(3600)
