@@ -76,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5, help="seconds to wait for an answer")
     p.set_defaults(run=_status)
 
+    p = sub.add_parser("keys", help="generate CURVE key pairs for the daemon and producers",
+                       description="keys generate DIR --name NAME writes DIR/NAME.key (public: "
+                       "give it to the other side) and DIR/NAME.key_secret (secret, mode 0600: "
+                       "it stays here). The daemon's public key goes to its producers; each "
+                       "producer's public key goes into the daemon's ingest.curve_allowed_keys "
+                       "folder.")
+    p.add_argument("action", choices=("generate",))
+    p.add_argument("directory", help="where to write the two files")
+    p.add_argument("--name", required=True, help="file name stem, e.g. server or producer-1")
+    p.set_defaults(run=_keys)
+
     p = sub.add_parser("demo", help="the whole system live: daemon, producers, learning",
                        description="Start `streamrnn serve` on its defaults in a temporary "
                        "folder, feed Python standard library sources to it as parallel byte "
@@ -106,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "processes over tcp loopback, next to the engine alone, plus ack latency")
     p.add_argument("--streams", type=int, default=64, help="--e2e: streams (64)")
     p.add_argument("--producers", type=int, default=4, help="--e2e: producer processes (4)")
+    p.add_argument("--wal-modes", default="fsync", help="--e2e: comma-separated wal.mode "
+                   "values to measure in turn, e.g. fsync,async,off (fsync)")
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("config", help="check a config and print it resolved",
@@ -130,6 +143,18 @@ def _endpoint_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default=os.environ.get("STREAMRNN_ENDPOINT", DEFAULT_ENDPOINT),
                    help=f"the daemon's ingest endpoint (default $STREAMRNN_ENDPOINT or "
                    f"{DEFAULT_ENDPOINT})")
+    p.add_argument("--server-key", default=os.environ.get("STREAMRNN_SERVER_KEY"),
+                   metavar="FILE", help="CURVE: the daemon's public key file (NAME.key; "
+                   "default $STREAMRNN_SERVER_KEY)")
+    p.add_argument("--client-key", default=os.environ.get("STREAMRNN_CLIENT_KEY"),
+                   metavar="FILE", help="CURVE: this producer's secret key file "
+                   "(NAME.key_secret; default $STREAMRNN_CLIENT_KEY)")
+
+
+def _producer(args, **options):
+    from .client import Producer
+    return Producer(args.endpoint, server_key=args.server_key, client_key=args.client_key,
+                    **options)
 
 
 def _load(args, defaults=()):
@@ -145,6 +170,14 @@ def _config(args) -> int:
     return 0
 
 
+def _keys(args) -> int:
+    from . import auth
+    public, secret = auth.generate(args.directory, args.name)
+    print(f"public key: {public}   (give this one to the other side)")
+    print(f"secret key: {secret}   (mode 0600: keep it here)")
+    return 0
+
+
 def _serve(args) -> int:
     from . import daemon
     config = _load(args)
@@ -154,9 +187,9 @@ def _serve(args) -> int:
 def _checkpoint(args) -> int:
     from . import checkpoint
     if args.action == "save":
-        from .client import Producer, ProducerError
+        from .client import ProducerError
         try:
-            with Producer(args.endpoint, retry_seconds=10, reply_timeout=300) as producer:
+            with _producer(args, retry_seconds=10, reply_timeout=300) as producer:
                 reply = producer.request({"type": "checkpoint"})
         except ProducerError as e:
             print(f"streamrnn checkpoint: {e}", file=sys.stderr)
@@ -214,14 +247,14 @@ def format_checkpoint(row: dict, full: bool) -> str:
 def _feed(args) -> int:
     from . import feed
     return feed.run(args.endpoint, args.files, args.stream, args.retry_seconds, args.chunk,
-                    args.flush)
+                    args.flush, keys=(args.server_key, args.client_key))
 
 
 def _status(args) -> int:
-    from .client import Producer, ProducerError
+    from .client import ProducerError
     try:
-        with Producer(args.endpoint, retry_seconds=args.timeout,
-                      reply_timeout=args.timeout) as producer:
+        with _producer(args, retry_seconds=args.timeout,
+                       reply_timeout=args.timeout) as producer:
             status = producer.status()
     except ProducerError as e:
         print(f"streamrnn status: {e}", file=sys.stderr)
@@ -266,7 +299,8 @@ def _bench(args) -> int:
         return 0
     if args.e2e:
         from . import bench_e2e
-        bench_e2e.run(config, args.streams, args.producers, args.seconds, args.json)
+        bench_e2e.run(config, args.streams, args.producers, args.seconds, args.json,
+                      wal_modes=tuple(args.wal_modes.split(",")))
     else:
         bench.run(args.configs, args.strategies, args.seconds, config, args.json,
                   rounds=args.rounds)

@@ -23,6 +23,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from .auth import secure_client
 from .wire import encode_tokens, pack
 
 
@@ -68,7 +69,10 @@ class Producer:
     def __init__(self, endpoint: str, *, window: int = 64, max_tokens_per_message: int = 4096,
                  reply_timeout: float = 2.0, retry_seconds: float = 30.0,
                  context: zmq.Context | None = None, socket_options: dict | None = None,
-                 keep_latencies: bool = False):
+                 keep_latencies: bool = False, server_key: str | None = None,
+                 client_key: str | None = None):
+        """`server_key` (the daemon's NAME.key) and `client_key` (this producer's
+        NAME.key_secret) turn on CURVE, for a daemon that requires it."""
         self.endpoint = endpoint
         self.window, self.max_tokens = window, max_tokens_per_message
         self.reply_timeout, self.retry_seconds = reply_timeout, retry_seconds
@@ -80,6 +84,15 @@ class Producer:
         self.socket.reconnect_ivl_max = 1000
         for option, value in (socket_options or {}).items():
             self.socket.setsockopt(option, value)
+        if server_key or client_key:
+            if not (server_key and client_key):
+                raise ProducerError("CURVE needs both the daemon's public key (server_key) "
+                                    "and this producer's secret key file (client_key)")
+            try:
+                secure_client(self.socket, server_key, client_key)
+            except ValueError as e:
+                self.socket.close(linger=0)
+                raise ProducerError(str(e)) from None
         self.socket.connect(endpoint)
         self.pending: OrderedDict[int, _Pending] = OrderedDict()  # by transmission id
         self.next_offset: dict[str, int] = {}   # where this producer appends next

@@ -94,6 +94,11 @@ class IngestConfig:
                                   "beyond it producers are told busy")
     busy_retry_ms: int = _opt(100, "retry hint sent with busy")
     max_messages_per_turn: int = _opt(1000, "messages handled between two training turns")
+    curve_secret_key: str = _opt("", "CURVE on: the daemon's secret key file "
+                                 "(NAME.key_secret; $CREDENTIALS_DIRECTORY may be used); "
+                                 "empty: no encryption, anyone who reaches the endpoint may send")
+    curve_allowed_keys: str = _opt("", "CURVE: folder of the public keys (*.key) of the "
+                                   "producers allowed to send")
 
     def check(self) -> None:
         if not re.fullmatch(r"(tcp://[^:]+:\d+|ipc://.+|inproc://.+)", self.endpoint):

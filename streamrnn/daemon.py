@@ -20,7 +20,7 @@ import prometheus_client
 import torch
 import zmq
 
-from . import faults, logs, wire
+from . import auth, faults, logs, wire
 from .config import Config
 from .learner import LearnResult, Learner
 from .durability import Durability, IncompatibleState, LogFull
@@ -52,6 +52,7 @@ class Daemon:
         self.refused_example = ""
         self.training_pending = False
         self.next_housekeeping = self.next_refusal_log = self.next_status = 0.0
+        self.next_key_reload = 0.0
         self.next_summary = time.monotonic() + config.log.summary_seconds
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -292,11 +293,11 @@ class Daemon:
         if not result.updates:
             return
         m.updates.inc(result.updates)
-        m.tokens_trained.inc(result.targets)
         for width in result.batch_streams:
             m.batch_streams.observe(width)
             m.update_seconds.observe(seconds / result.updates)
-        if math.isfinite(result.bits):
+        if math.isfinite(result.bits):  # bits and targets together: their ratio stays true
+            m.tokens_trained.inc(result.targets)
             m.bits.inc(result.bits)
             now = time.time()
             self.recent.append((now, result.targets, result.bits))
@@ -320,6 +321,13 @@ class Daemon:
         if learner.engine.last_grad_norm is not None:
             m.grad_norm.set(float(learner.engine.last_grad_norm))  # a device sync, 2/s
         self._log_refusals()
+        for kind, count in self.source.failed_handshakes().items():
+            self.metrics.handshake_failures.labels(kind).inc(count)
+            self.refused[f"handshake_{kind}"] += count
+            self.refused_example = "a connection failed its handshake (CURVE key not allowed?)"
+        if self.source.authenticator is not None and now >= self.next_key_reload:
+            self.next_key_reload = now + 30.0  # new producer keys need no restart
+            auth.reload(self.source.authenticator, self.config.ingest.curve_allowed_keys)
         if now >= self.next_status:
             self.next_status = now + STATUS_SECONDS
             s = self.status()
@@ -393,6 +401,6 @@ def serve(config: Config, fresh: bool = False) -> int:
     prometheus_client.disable_created_metrics()  # no *_created series: noise for dashboards
     try:
         return Daemon(config, fresh).run()
-    except IncompatibleState as e:
+    except (IncompatibleState, auth.KeyError_) as e:
         logs.get().error("refusing to start", reason=str(e))
         return 2

@@ -17,13 +17,15 @@ from .client import Producer, ProducerError
 
 
 def run(endpoint: str, paths: list[str], stream: str | None, retry_seconds: float,
-        chunk: int, flush: bool, out=sys.stderr) -> int:
+        chunk: int, flush: bool, keys: tuple[str | None, str | None] = (None, None),
+        out=sys.stderr) -> int:
     sources = _open(paths)
     names = [stream] if stream else [name for name, _ in sources]
     interactive = out.isatty()
     started, sent, last_print = time.monotonic(), 0, 0.0
     try:
-        with Producer(endpoint, retry_seconds=retry_seconds) as producer:
+        with Producer(endpoint, retry_seconds=retry_seconds, server_key=keys[0],
+                      client_key=keys[1]) as producer:
             if stream:  # one stream: the inputs one after the other
                 readers = [(stream, (c for _, f in sources for c in _chunks(f, chunk)))]
             else:       # a stream per input, interleaved

@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
+                               ProcessCollector)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 
-from .wire import REASONS
+from .wire import REASONS, REQUEST_TYPES
 
 
 class Metrics:
@@ -30,7 +31,7 @@ class Metrics:
             "accepted, acknowledged and not trained twice.", registry=r)
         self.tokens_trained = Counter(
             "streamrnn_tokens_trained", "Targets trained (a stream of N tokens gives N-1 "
-            "once flushed).", registry=r)
+            "once flushed); turns with a non-finite loss are counted apart.", registry=r)
         self.bits = Counter(
             "streamrnn_prequential_bits", "Prequential bits over the trained targets, each "
             "measured before the update that trains it.", registry=r)
@@ -42,6 +43,9 @@ class Metrics:
                                 "type.", ["type"], registry=r)
         self.rejected = Counter("streamrnn_messages_rejected", "Messages refused (nack), by "
                                 "reason.", ["reason"], registry=r)
+        self.handshake_failures = Counter(
+            "streamrnn_handshake_failures", "Connections refused at the handshake: auth (a "
+            "CURVE key not allowed), protocol (e.g. no CURVE), other.", ["kind"], registry=r)
         self.busy = Counter("streamrnn_busy_replies", "Token messages answered busy (queue "
                             "full) and not taken.", registry=r)
         self.flushes = Counter("streamrnn_stream_flushes", "Streams whose last targets were "
@@ -97,6 +101,11 @@ class Metrics:
         self.start_time.set(time.time())
         for reason in REASONS:
             self.rejected.labels(reason)  # every series exists from the start, at 0
+        for kind in REQUEST_TYPES:
+            self.messages.labels(kind)
+        for kind in ("auth", "protocol", "other"):
+            self.handshake_failures.labels(kind)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, fds
         self.grad_norm.set(float("nan"))
 
     def watch_device(self, memory: Callable[[], tuple[float, float]]) -> None:

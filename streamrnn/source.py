@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from . import auth
 from .config import IngestConfig
 from .wire import pack
 
@@ -32,6 +34,14 @@ class Source:
         # reap half-open connections of producers that vanished
         self.socket.heartbeat_ivl = 10_000
         self.socket.heartbeat_timeout = 30_000
+        self.authenticator = None
+        if config.curve_secret_key:
+            self.authenticator = auth.secure_server(self.socket, config.curve_secret_key,
+                                                    config.curve_allowed_keys, context)
+        # handshakes that fail (a key not allowed, a client without CURVE) are counted
+        self.monitor = self.socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self.socket.bind(config.endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -57,6 +67,23 @@ class Source:
         except zmq.Again:
             pass  # the producer is not reading its replies: it will time out and ask again
 
+    def failed_handshakes(self) -> dict[str, int]:
+        """Handshakes refused since the last call, by kind (auth, protocol, other)."""
+        counts: dict[str, int] = {}
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return counts
+            kind = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+                    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol"}.get(event, "other")
+            counts[kind] = counts.get(kind, 0) + 1
+
     def close(self) -> None:
         if not self.socket.closed:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
             self.socket.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None

@@ -71,4 +71,4 @@ def test_bench_e2e_reports_daemon_next_to_engine(tmp_path):
     result = json.loads(path.read_text())
     assert result["engine_tokens_per_s"] > 0 and result["daemon"]["tokens_per_s"] > 0
     assert result["daemon"]["ack_latency_s"]["count"] > 0
-    assert "x the engine" in out.stdout
+    assert "x the engine" in out.stdout and "wal fsync" in out.stdout

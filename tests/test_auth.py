@@ -1,0 +1,93 @@
+"""Who may send: CURVE with an allow-list of producer keys, failing closed."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from harness import DaemonProcess
+from streamrnn.client import Producer, ProducerError, Unreachable
+
+
+@pytest.fixture
+def keys(tmp_path):
+    cli = [sys.executable, "-m", "streamrnn", "keys", "generate"]
+    for folder, name in (("server", "server"), ("allowed", "good"), ("other", "stranger")):
+        out = subprocess.run([*cli, str(tmp_path / folder), "--name", name],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "secret key:" in out.stdout, out.stderr
+    secret = tmp_path / "server/server.key_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    return tmp_path
+
+
+def curve_daemon(tmp_path, keys) -> DaemonProcess:
+    return DaemonProcess(tmp_path, [
+        f"ingest.curve_secret_key={keys / 'server/server.key_secret'}",
+        f"ingest.curve_allowed_keys={keys / 'allowed'}"])
+
+
+def test_only_listed_producers_get_in(tmp_path, keys):
+    d = curve_daemon(tmp_path, keys)
+    d.start(wait=False)
+    server = str(keys / "server/server.key")
+    try:
+        with Producer(d.endpoint, server_key=server, retry_seconds=60,
+                      client_key=str(keys / "allowed/good.key_secret")) as good:
+            good.send("s", b"hello, allowed producer")
+            good.flush(timeout=60)
+            assert good.position("s") == 23
+        with Producer(d.endpoint, server_key=server, retry_seconds=2,
+                      client_key=str(keys / "other/stranger.key_secret")) as stranger:
+            with pytest.raises(Unreachable):
+                stranger.position("s")
+        with Producer(d.endpoint, retry_seconds=2) as plain:  # no CURVE at all
+            with pytest.raises(Unreachable):
+                plain.position("s")
+        time.sleep(1.0)  # housekeeping reads the monitor twice a second
+        with urllib.request.urlopen(d.metrics_url, timeout=10) as r:
+            text = r.read().decode()
+        failed = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith("streamrnn_handshake_failures_total{")}
+        assert failed["auth"] >= 1 and failed["auth"] + failed["protocol"] >= 2, failed
+        with Producer(d.endpoint, server_key=server, retry_seconds=30,
+                      client_key=str(keys / "allowed/good.key_secret")) as good:
+            assert good.position("s") == 23  # the strangers changed nothing
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("broken,message", [
+    ("missing-secret", "cannot read key file"),
+    ("public-as-secret", "holds no secret key"),
+    ("no-folder", "is not a folder"),
+    ("empty-folder", "no producer public keys"),
+])
+def test_curve_fails_closed(tmp_path, keys, broken, message):
+    secret = keys / "server/server.key_secret"
+    allowed = keys / "allowed"
+    if broken == "missing-secret":
+        secret = keys / "server/nope.key_secret"
+    elif broken == "public-as-secret":
+        secret = keys / "server/server.key"
+    elif broken == "no-folder":
+        allowed = keys / "nowhere"
+    else:
+        allowed = keys / "empty"
+        allowed.mkdir()
+    d = DaemonProcess(tmp_path, [f"ingest.curve_secret_key={secret}",
+                                 f"ingest.curve_allowed_keys={allowed}"])
+    d.start(wait=False)
+    assert d.proc.wait(timeout=60) == 2
+    assert message in d.log() and "refusing to start" in d.log()
+
+
+def test_producer_key_errors_are_clear(keys):
+    with pytest.raises(ProducerError, match="both"):
+        Producer("tcp://127.0.0.1:9", server_key=str(keys / "server/server.key"))
+    with pytest.raises(ProducerError, match="cannot read key file"):
+        Producer("tcp://127.0.0.1:9", server_key=str(keys / "server/missing.key"),
+                 client_key=str(keys / "allowed/good.key_secret"))
