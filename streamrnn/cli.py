@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "processes over tcp loopback, next to the engine alone, plus ack latency")
     p.add_argument("--streams", type=int, default=64, help="--e2e: streams (64)")
     p.add_argument("--producers", type=int, default=4, help="--e2e: producer processes (4)")
+    p.add_argument("--soak", action="store_true", help="instead: many producers and streams "
+                   "for --seconds (use 600+), checking that nothing is lost or duplicated "
+                   "and that memory levels off")
     p.add_argument("--wal-modes", default="fsync", help="--e2e: comma-separated wal.mode "
                    "values to measure in turn, e.g. fsync,async,off (fsync)")
     p.set_defaults(run=_bench)
@@ -297,7 +300,10 @@ def _bench(args) -> int:
     config = _load(args, defaults=("train.optimizer=sgd", "train.lr=0.05"))
     if config is None:
         return 0
-    if args.e2e:
+    if args.soak:
+        from . import bench_soak
+        bench_soak.run(config, args.streams, args.producers, args.seconds, args.json)
+    elif args.e2e:
         from . import bench_e2e
         bench_e2e.run(config, args.streams, args.producers, args.seconds, args.json,
                       wal_modes=tuple(args.wal_modes.split(",")))

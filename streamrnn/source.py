@@ -63,7 +63,12 @@ class Source:
 
     def reply(self, envelope: list[bytes], message: dict) -> None:
         try:
-            self.socket.send_multipart([*envelope, pack(message)], zmq.NOBLOCK)
+            payload = pack(message)
+        except (TypeError, ValueError) as e:  # a bug's value, never a producer's: say so
+            payload = pack({"type": "nack", "reason": "malformed",
+                            "message": f"the reply could not be encoded: {e}"[:200]})
+        try:
+            self.socket.send_multipart([*envelope, payload], zmq.NOBLOCK)
         except zmq.Again:
             pass  # the producer is not reading its replies: it will time out and ask again
 

@@ -66,8 +66,8 @@ def decode(payload: bytes, limits: Limits) -> Request | Refusal:
     if not isinstance(message, dict):
         return Refusal("malformed", f"expected a msgpack map, got {type(message).__name__}")
     request_id = message.get("id")
-    if request_id is not None and not isinstance(request_id, (int, str)):
-        return Refusal("bad_field", "id must be an integer or a string")
+    if request_id is not None and not _valid_id(request_id):
+        return Refusal("bad_field", "id must be an integer or a UTF-8 string")
     try:
         return _decode_fields(message, request_id, limits)
     except _Refused as e:
@@ -78,11 +78,25 @@ def _request_id(payload: bytes) -> Any:
     """The id of a message refused for its size, so the producer knows which one it was
     (the socket's MAXMSGSIZE keeps this read bounded to twice the limit)."""
     try:
-        message = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_map_len=16)
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_map_len=16,
+                                  unicode_errors="surrogateescape")
         request_id = message.get("id") if isinstance(message, dict) else None
-        return request_id if isinstance(request_id, (int, str)) else None
+        return request_id if _valid_id(request_id) else None
     except Exception:
         return None
+
+
+def _valid_id(value: Any) -> bool:
+    """An id the reply can carry back: an int (not a bool) or a string of real UTF-8."""
+    if type(value) is int:
+        return -2**63 <= value < 2**64
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return True
+        except UnicodeEncodeError:  # invalid UTF-8 decoded as surrogates
+            return False
+    return False
 
 
 class _Refused(Exception):
@@ -146,7 +160,7 @@ def _tokens(m: dict, limits: Limits) -> np.ndarray:
     raw = m.get("tokens")
     if isinstance(raw, bytes):
         width = m.get("width")
-        if width not in (2, 4) or isinstance(width, bool):
+        if type(width) is not int or width not in (2, 4):
             raise _Refused("bad_field", "width must be 2 (uint16) or 4 (uint32) when tokens "
                            "is bin")
         if len(raw) % width:
