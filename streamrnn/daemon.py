@@ -14,7 +14,7 @@ import math
 import signal
 import threading
 import time
-from collections import OrderedDict, Counter as Tally, deque
+from collections import OrderedDict, deque
 
 import prometheus_client
 import torch
@@ -29,7 +29,6 @@ from .source import Incoming, Source
 from .systemd import Notifier
 
 HOUSEKEEPING_SECONDS = 0.5
-REFUSAL_LOG_SECONDS = 10.0
 RECENT_SECONDS = 60.0
 STATUS_SECONDS = 5.0
 
@@ -48,10 +47,9 @@ class Daemon:
         self.started = time.time()
         self.last_seen: OrderedDict[str, float] = OrderedDict()  # streams with fresh input
         self.recent: deque[tuple[float, int, float]] = deque()  # (time, targets, bits)
-        self.refused: Tally[str] = Tally()
-        self.refused_example = ""
+        self.refused = logs.Bursts(self.log, "refused input")
         self.training_pending = False
-        self.next_housekeeping = self.next_refusal_log = self.next_status = 0.0
+        self.next_housekeeping = self.next_status = 0.0
         self.next_key_reload = 0.0
         self.next_summary = time.monotonic() + config.log.summary_seconds
 
@@ -124,7 +122,7 @@ class Daemon:
             server.shutdown()
             server.server_close()
             thread.join(timeout=5)
-        self._log_refusals(force=True)
+        self.refused.emit(force=True)
         if hasattr(self, "learner"):
             self.log.info("stopped", updates=self.learner.updates,
                           tokens_trained=self.learner.tokens_trained)
@@ -171,13 +169,12 @@ class Daemon:
 
     def handle(self, incoming: Incoming) -> None:
         if incoming.payload is None:
-            refusal = wire.Refusal("malformed", "expected one frame from a DEALER socket, or "
+            request = wire.Refusal("malformed", "expected one frame from a DEALER socket, or "
                                    "an empty frame and one frame from a REQ socket")
         else:
-            refusal = wire.decode(incoming.payload, self.limits)
-        if isinstance(refusal, wire.Refusal):
-            return self.refuse(incoming.envelope, refusal)
-        request = refusal
+            request = wire.decode(incoming.payload, self.limits)
+        if isinstance(request, wire.Refusal):
+            return self.refuse(incoming.envelope, request)
         self.metrics.messages.labels(request.type).inc()
         reply = getattr(self, f"_on_{request.type}")(request)
         if reply.get("type") == "nack":
@@ -320,11 +317,11 @@ class Daemon:
         m.learning_rate.set(learner.optimizer.param_groups[0]["lr"])
         if learner.engine.last_grad_norm is not None:
             m.grad_norm.set(float(learner.engine.last_grad_norm))  # a device sync, 2/s
-        self._log_refusals()
+        self.refused.emit()
         for kind, count in self.source.failed_handshakes().items():
             self.metrics.handshake_failures.labels(kind).inc(count)
-            self.refused[f"handshake_{kind}"] += count
-            self.refused_example = "a connection failed its handshake (CURVE key not allowed?)"
+            self.refused.add(f"handshake_{kind}", "a connection failed its handshake (a "
+                             "CURVE key not allowed?)", count)
         if self.source.authenticator is not None and now >= self.next_key_reload:
             self.next_key_reload = now + 30.0  # new producer keys need no restart
             auth.reload(self.source.authenticator, self.config.ingest.curve_allowed_keys)
@@ -360,17 +357,7 @@ class Daemon:
 
     def _count_refusal(self, reason: str, message: str) -> None:
         self.metrics.rejected.labels(reason).inc()
-        self.refused[reason] += 1
-        self.refused_example = message
-
-    def _log_refusals(self, force: bool = False) -> None:
-        """One line per burst of refused input, not one per message."""
-        now = time.monotonic()
-        if self.refused and (force or now >= self.next_refusal_log):
-            self.log.warning("refused input", counts=dict(self.refused),
-                             example=self.refused_example)
-            self.refused.clear()
-            self.next_refusal_log = now + REFUSAL_LOG_SECONDS
+        self.refused.add(reason, message)
 
     def _device_memory(self) -> tuple[float, float]:
         device = self.learner.device

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections import Counter
 
 import structlog
 
@@ -41,3 +43,25 @@ def configure(format: str = "auto", level: str = "info", stream=None) -> None:
 
 def get(name: str = "streamrnn"):
     return structlog.get_logger(name)
+
+
+class Bursts:
+    """Counts events by kind and logs them as one line per `seconds` at most: a flood of
+    bad input costs one log line, not one per message."""
+
+    def __init__(self, log, event: str, seconds: float = 10.0):
+        self.log, self.event, self.seconds = log, event, seconds
+        self.counts: Counter[str] = Counter()
+        self.example = ""
+        self.next_line = 0.0
+
+    def add(self, kind: str, example: str, count: int = 1) -> None:
+        self.counts[kind] += count
+        self.example = example
+
+    def emit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.counts and (force or now >= self.next_line):
+            self.log.warning(self.event, counts=dict(self.counts), example=self.example)
+            self.counts.clear()
+            self.next_line = now + self.seconds

@@ -274,7 +274,7 @@ def test_sigterm_stops_cleanly(tmp_path):
 def small_daemon(tmp_path):
     d = DaemonProcess(tmp_path, ["ingest.max_message_bytes=4096",
                                  "ingest.max_tokens_per_message=100",
-                                 "ingest.max_queued_tokens=200"]).start()
+                                 "ingest.max_queued_tokens=40000"]).start()
     yield d
     assert d.stop() == 0
 
