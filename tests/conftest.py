@@ -1,4 +1,17 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests import reference.py, helpers
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests import reference.py, harness.py
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _reap_daemons():
+    """A test that fails half-way must not leave its daemon running."""
+    yield
+    from harness import STARTED
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -17,6 +17,9 @@ TINY = ["model.hidden_size=16", "model.embed_dim=8", "train.k1=4", "train.k2=8",
         "train.device=cpu", "log.format=json", "log.summary_seconds=0"]
 
 
+STARTED: list[subprocess.Popen] = []  # every daemon a test started; conftest reaps them
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,6 +47,7 @@ class DaemonProcess:
         self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                      cwd=self.workdir,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        STARTED.append(self.proc)
         if wait:
             self.wait_ready()
         return self
