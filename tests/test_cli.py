@@ -36,8 +36,11 @@ def test_print_config_shows_the_resolved_values():
 
 
 def test_demo_learns_and_samples():
+    # a small queue: what is left to train after the feeding stops stays small
     out = streamrnn("demo", "--seconds", "8", "--streams", "3", "--set",
-                    "model.hidden_size=64", "--set", "train.k2=64", timeout=300)
+                    "model.hidden_size=64", "--set", "train.k2=64", "--set",
+                    "ingest.max_queued_tokens=4096", "--set",
+                    "ingest.max_tokens_per_message=256", timeout=300)
     assert out.returncode == 0, out.stderr
     assert "prequential bits/byte:" in out.stdout
     assert "sampled from the model" in out.stdout
