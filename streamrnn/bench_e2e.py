@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
 
 import numpy as np
 
-from .config import Config, format_config
+from .config import Config
+from .local import LocalDaemon
 from .textdata import text_streams
 
 
@@ -64,16 +60,8 @@ def _measure_daemon(config: Config, data: list[bytes], num_producers: int, secon
                     extra_settings: tuple[str, ...]) -> dict:
     from .client import Producer
     with tempfile.TemporaryDirectory(prefix="streamrnn-bench-") as state:
-        port = _free_port()
-        endpoint = f"tcp://127.0.0.1:{port}"
-        config_path = os.path.join(state, "config.toml")
-        with open(config_path, "w") as f:
-            f.write(format_config(config))
-        args = [sys.executable, "-m", "streamrnn", "serve", "--config", config_path,
-                "--set", f"ingest.endpoint={endpoint}", "--set", "metrics.port=0",
-                "--set", "log.format=json", *[a for s in extra_settings for a in ("--set", s)]]
-        daemon = subprocess.Popen(args, cwd=state, stdout=open(os.path.join(state, "log"), "wb"),
-                                  stderr=subprocess.STDOUT)
+        daemon = LocalDaemon(state, ["metrics.port=0", *extra_settings], config)
+        endpoint = daemon.endpoint
         try:
             with Producer(endpoint, retry_seconds=120) as control:
                 control.status()
@@ -96,8 +84,7 @@ def _measure_daemon(config: Config, data: list[bytes], num_producers: int, secon
                 for w in workers:
                     w.join(timeout=30)
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=60)
+            daemon.stop()
     latencies = np.concatenate([np.asarray(r["latencies"]) for r in reports] or [np.zeros(1)])
     return {"tokens_per_s": (last["tokens_trained"] - first["tokens_trained"]) / (t1 - t0),
             "tokens_acked": sum(r["acked"] for r in reports),
@@ -121,13 +108,3 @@ def _produce(endpoint: str, streams: dict[str, bytes], seconds: float, results) 
         producer.flush(timeout=300)
         results.put({"acked": producer.stats.tokens_acked, "busy": producer.stats.busy,
                      "latencies": producer.stats.ack_latencies})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-if __name__ == "__main__":
-    sys.exit("use `streamrnn bench --e2e`")

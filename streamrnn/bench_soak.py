@@ -12,39 +12,28 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
 
 import numpy as np
 
-from .config import Config, format_config
+from .config import Config
+from .local import LocalDaemon
 from .textdata import text_streams
 
 
 def run(base: Config, num_streams: int, num_producers: int, seconds: float,
         json_path: str | None, echo=print) -> dict:
     from .client import Producer
-    from .bench_e2e import _free_port
     config = replace(base, train=replace(
         base.train, max_batch_streams=max(base.train.max_batch_streams, num_streams),
         max_resident_streams=max(base.train.max_resident_streams, num_streams)))
     echo(f"# streamrnn bench --soak: {num_streams} streams, {num_producers} producer "
          f"processes, {seconds:g} s, wal {config.wal.mode}")
     with tempfile.TemporaryDirectory(prefix="streamrnn-soak-") as state:
-        endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        config_path = os.path.join(state, "config.toml")
-        with open(config_path, "w") as f:
-            f.write(format_config(config))
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "streamrnn", "serve", "--config", config_path,
-             "--set", f"ingest.endpoint={endpoint}", "--set", "metrics.port=0",
-             "--set", "log.format=json"],
-            cwd=state, stdout=open(os.path.join(state, "log"), "wb"), stderr=subprocess.STDOUT)
+        daemon = LocalDaemon(state, ["metrics.port=0"], config)
+        endpoint = daemon.endpoint
         try:
             with Producer(endpoint, retry_seconds=120) as control:
                 control.status()
@@ -57,14 +46,13 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
                 started = time.monotonic()
                 for w in workers:
                     w.start()
-                samples = _sample(control, daemon.pid, started, seconds, echo)
+                samples = _sample(control, daemon.process.pid, started, seconds, echo)
                 reports = [results.get(timeout=600) for _ in workers]
                 for w in workers:
                     w.join(timeout=60)
                 books = _check_books(control, reports)
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=300)
+            daemon.stop()
     latencies = np.concatenate([np.asarray(r["latencies"]) for r in reports] or [np.zeros(1)])
     rss = [s["rss_bytes"] for s in samples]
     half = rss[len(rss) // 2:] or rss

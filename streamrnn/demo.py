@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import bz2
 import lzma
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .client import Producer, ProducerError
+from .local import LocalDaemon, free_port
 from .textdata import stdlib_files
 
 
@@ -32,10 +29,12 @@ def run(overrides: list[str], seconds: float, num_streams: int, chunk: int,
         out=sys.stdout) -> int:
     say = lambda text: print(text, file=out, flush=True)
     with tempfile.TemporaryDirectory(prefix="streamrnn-demo-") as state:
-        port, metrics_port = _free_port(), _free_port()
-        endpoint = f"tcp://127.0.0.1:{port}"
-        log_path = Path(state) / "daemon.log"
-        daemon = _start_daemon(endpoint, metrics_port, state, overrides, log_path)
+        metrics_port = free_port()
+        # a small queue: the producer is paced by busy replies, and little is left to
+        # train when the feeding stops
+        daemon = LocalDaemon(state, [f"metrics.port={metrics_port}",
+                                     "ingest.max_queued_tokens=65536", *overrides])
+        endpoint = daemon.endpoint
         try:
             with Producer(endpoint, retry_seconds=120) as control:
                 info = control.status()  # waits until the daemon answers
@@ -57,23 +56,11 @@ def run(overrides: list[str], seconds: float, num_streams: int, chunk: int,
                     "that stays)")
         except (ProducerError, KeyboardInterrupt) as e:
             say(f"streamrnn demo: {e or 'interrupted'}")
-            say(log_path.read_text(errors="replace")[-3000:])
+            say(daemon.log_tail())
             return 1
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=60)
+            daemon.stop()
     return 0
-
-
-def _start_daemon(endpoint: str, metrics_port: int, state: str, overrides: list[str],
-                  log_path: Path) -> subprocess.Popen:
-    settings = [f"ingest.endpoint={endpoint}", f"metrics.port={metrics_port}",
-                "log.format=json", "ingest.max_queued_tokens=65536", *overrides]
-    args = [sys.executable, "-m", "streamrnn", "serve"]
-    for item in settings:
-        args += ["--set", item]
-    return subprocess.Popen(args, cwd=state, stdout=open(log_path, "wb"),
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 class _Feeder(threading.Thread):
@@ -166,9 +153,3 @@ def _summary(control: Producer, feeder: _Feeder, s: dict, say) -> None:
     say(f"sampled from the model, continuing {name}:")
     text = bytes(t for t in generated if t < 256).decode("utf-8", "replace")
     say("  | " + text.replace("\n", "\n  | "))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -75,3 +75,19 @@ def test_bench_e2e_reports_daemon_next_to_engine(tmp_path):
     assert result["engine_tokens_per_s"] > 0 and result["daemon"]["tokens_per_s"] > 0
     assert result["daemon"]["ack_latency_s"]["count"] > 0
     assert "x the engine" in out.stdout and "wal fsync" in out.stdout
+
+
+@pytest.mark.slow
+def test_bench_soak_checks_the_books(tmp_path):
+    path = tmp_path / "soak.json"
+    out = streamrnn("bench", "--soak", "--seconds", "4", "--streams", "4", "--producers", "2",
+                    "--set", "model.hidden_size=16", "--set", "ingest.max_queued_tokens=20000",
+                    "--set", "ingest.max_tokens_per_message=1024",
+                    "--json", str(path), timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(path.read_text())
+    assert result["tokens_sent"] > 0
+    assert (result["lost_tokens"], result["duplicated_tokens"], result["mismatched_streams"]) \
+        == (0, 0, 0)
+    assert result["tokens_trained"] == result["tokens_sent"] - 4
+    assert result["samples"] and result["samples"][-1]["rss_bytes"] > 0

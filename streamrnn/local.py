@@ -1,0 +1,44 @@
+"""A `streamrnn serve` of our own on loopback, for the demo and the benchmarks."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import Config, format_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalDaemon:
+    """Starts `streamrnn serve` in `state` (its checkpoint folder and log file) on a free
+    port; `config` (if given) is written there as its config file, `settings` are --set."""
+
+    def __init__(self, state: str, settings: list[str] = (), config: Config | None = None):
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.log_path = Path(state) / "daemon.log"
+        args = [sys.executable, "-m", "streamrnn", "serve"]
+        if config is not None:
+            config_path = Path(state) / "config.toml"
+            config_path.write_text(format_config(config))
+            args += ["--config", str(config_path)]
+        for item in [f"ingest.endpoint={self.endpoint}", "log.format=json", *settings]:
+            args += ["--set", item]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(args, cwd=state, stdout=log,
+                                            stderr=subprocess.STDOUT,
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self, timeout: float = 300) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
