@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import tempfile
 import time
 from dataclasses import replace
 
 import numpy as np
 
 from .config import Config
-from .local import LocalDaemon
+from .local import running
 from .textdata import text_streams
 
 
@@ -58,33 +57,27 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
 
 def _measure_daemon(config: Config, data: list[bytes], num_producers: int, seconds: float,
                     extra_settings: tuple[str, ...]) -> dict:
-    from .client import Producer
-    with tempfile.TemporaryDirectory(prefix="streamrnn-bench-") as state:
-        daemon = LocalDaemon(state, ["metrics.port=0", *extra_settings], config)
+    settings = ["metrics.port=0", *extra_settings]
+    with running("streamrnn-bench-", settings, config) as (daemon, control):
         endpoint = daemon.endpoint
-        try:
-            with Producer(endpoint, retry_seconds=120) as control:
-                control.status()
-                context = multiprocessing.get_context("spawn")
-                results = context.Queue()
-                shares = [list(range(i, len(data), num_producers)) for i in range(num_producers)]
-                workers = [context.Process(target=_produce, args=(
-                    endpoint, {f"s{j}": data[j] for j in share}, seconds + 5, results))
-                    for share in shares if share]
-                for w in workers:
-                    w.start()
-                # measure the training rate once the queue is full, for `seconds`
-                time.sleep(min(5.0, seconds / 2))
-                first = control.status()
-                t0 = time.monotonic()
-                time.sleep(seconds)
-                last = control.status()
-                t1 = time.monotonic()
-                reports = [results.get(timeout=seconds + 120) for _ in workers]
-                for w in workers:
-                    w.join(timeout=30)
-        finally:
-            daemon.stop()
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        shares = [list(range(i, len(data), num_producers)) for i in range(num_producers)]
+        workers = [context.Process(target=_produce, args=(
+            endpoint, {f"s{j}": data[j] for j in share}, seconds + 5, results))
+            for share in shares if share]
+        for w in workers:
+            w.start()
+        # measure the training rate once the queue is full, for `seconds`
+        time.sleep(min(5.0, seconds / 2))
+        first = control.status()
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        last = control.status()
+        t1 = time.monotonic()
+        reports = [results.get(timeout=seconds + 120) for _ in workers]
+        for w in workers:
+            w.join(timeout=30)
     latencies = np.concatenate([np.asarray(r["latencies"]) for r in reports] or [np.zeros(1)])
     return {"tokens_per_s": (last["tokens_trained"] - first["tokens_trained"]) / (t1 - t0),
             "tokens_acked": sum(r["acked"] for r in reports),

@@ -12,47 +12,39 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import tempfile
 import time
 from dataclasses import replace
 
 import numpy as np
 
 from .config import Config
-from .local import LocalDaemon
+from .local import running
 from .textdata import text_streams
 
 
 def run(base: Config, num_streams: int, num_producers: int, seconds: float,
         json_path: str | None, echo=print) -> dict:
-    from .client import Producer
     config = replace(base, train=replace(
         base.train, max_batch_streams=max(base.train.max_batch_streams, num_streams),
         max_resident_streams=max(base.train.max_resident_streams, num_streams)))
     echo(f"# streamrnn bench --soak: {num_streams} streams, {num_producers} producer "
          f"processes, {seconds:g} s, wal {config.wal.mode}")
-    with tempfile.TemporaryDirectory(prefix="streamrnn-soak-") as state:
-        daemon = LocalDaemon(state, ["metrics.port=0"], config)
+    with running("streamrnn-soak-", ["metrics.port=0"], config) as (daemon, control):
         endpoint = daemon.endpoint
-        try:
-            with Producer(endpoint, retry_seconds=120) as control:
-                control.status()
-                context = multiprocessing.get_context("spawn")
-                results = context.Queue()
-                names = [f"soak-{i}" for i in range(num_streams)]
-                workers = [context.Process(target=_produce, args=(
-                    endpoint, names[i::num_producers], seconds, i, results))
-                    for i in range(num_producers)]
-                started = time.monotonic()
-                for w in workers:
-                    w.start()
-                samples = _sample(control, daemon.process.pid, started, seconds, echo)
-                reports = [results.get(timeout=600) for _ in workers]
-                for w in workers:
-                    w.join(timeout=60)
-                books = _check_books(control, reports)
-        finally:
-            daemon.stop()
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        names = [f"soak-{i}" for i in range(num_streams)]
+        workers = [context.Process(target=_produce, args=(
+            endpoint, names[i::num_producers], seconds, i, results))
+            for i in range(num_producers)]
+        started = time.monotonic()
+        for w in workers:
+            w.start()
+        samples = _sample(control, daemon.process.pid, started, seconds, echo)
+        reports = [results.get(timeout=600) for _ in workers]
+        for w in workers:
+            w.join(timeout=60)
+        books = _check_books(control, reports)
     latencies = np.concatenate([np.asarray(r["latencies"]) for r in reports] or [np.zeros(1)])
     rss = [s["rss_bytes"] for s in samples]
     half = rss[len(rss) // 2:] or rss

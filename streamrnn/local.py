@@ -1,11 +1,13 @@
 """A `streamrnn serve` of our own on loopback, for the demo and the benchmarks."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .config import Config, format_config
@@ -42,3 +44,18 @@ class LocalDaemon:
     def stop(self, timeout: float = 300) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def running(prefix: str, settings: list[str], config: Config | None = None):
+    """A LocalDaemon in a temporary folder, and a Producer that waited until it answers;
+    stopped (SIGTERM) and cleaned up on the way out."""
+    from .client import Producer
+    with tempfile.TemporaryDirectory(prefix=prefix) as state:
+        daemon = LocalDaemon(state, settings, config)
+        try:
+            with Producer(daemon.endpoint, retry_seconds=120) as control:
+                control.status()
+                yield daemon, control
+        finally:
+            daemon.stop()
