@@ -102,13 +102,14 @@ def run(configs: str | None, strategies: str | None, seconds: float, base: Confi
             ratio = f"{row['tokens_per_s'] / baseline:.2f}x" if baseline else ""
             echo(f"{name:12s} {row['strategy']:18s} {row['tokens_per_s']:12,.0f} "
                  f"{row['bits_per_token']:8.3f} {ratio:>12s} {row['error']}")
-    result = {"info": info, "seconds": seconds, "rounds": rounds, "config": base.to_dict(), "rows": rows,
-              "ratios": ratios(rows, info)}
+        result = {"info": info, "seconds": seconds, "rounds": rounds,
+                  "config": base.to_dict(), "rows": rows, "ratios": ratios(rows, info)}
+        if json_path:  # after every config: a run cut short keeps what it measured
+            with open(json_path, "w") as f:
+                json.dump(result, f, indent=1)
     for line in ratio_lines(result["ratios"]):
         echo(line)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
         echo(f"# wrote {json_path}")
     return result
 
@@ -137,7 +138,7 @@ def _engine(config: Config, data: list[bytes], device, seconds: float):
     learner = Learner(config)
     streams = np.stack([np.frombuffer(d, np.uint8) for d in data])
     chunk = 8 * config.train.k1  # 8 updates per call: one host sync per 8 steps
-    warm = 4 * config.train.k2 // chunk + 1
+    warm = config.train.k2 // chunk + 2  # windows at full length, then one more call
     position, started, tokens = 0, None, 0
     recent: deque = deque(maxlen=3)  # (targets, bits) of the last calls: ~20 updates
     while started is None or time.perf_counter() - started < seconds:
@@ -210,7 +211,7 @@ def _recompute(config: Config, data, device, seconds):
     start_state = (zeros, zeros.clone())
     losses, started, first = [], None, 0
     for end in range(k1, x.shape[0] - 1, k1):
-        if end >= 4 * k2 and started is None:
+        if end >= 2 * k2 and started is None:  # full windows for k2 / k1 updates first
             _sync(device)
             started, first = time.perf_counter(), end
         elif started is not None and time.perf_counter() - started >= seconds:
@@ -237,16 +238,19 @@ def _seed_chunk(config: Config, data, device, seconds):
     model, opt, x = _setup(config, data, device, cells=True)
     k2, clip = config.train.k2, config.train.grad_clip
     state = _zero_cells(config, x.shape[1], device)
-    losses, tokens = [], 0
-    _sync(device)
-    started = time.perf_counter()
+    losses, tokens, started = [], 0, None
     for begin in range(0, x.shape[0] - k2 - 1, k2):
         state = [(h.detach(), c.detach()) for h, c in state]
         logits = []
         for t in range(begin, begin + k2):
             out, state = model.cell_step(x[t], state)
             logits.append(out)
-        losses.append(_train(model, opt, torch.stack(logits), x[begin + 1:begin + k2 + 1], clip))
+        loss = _train(model, opt, torch.stack(logits), x[begin + 1:begin + k2 + 1], clip)
+        if started is None:  # the first chunk warms up kernels and the allocator
+            _sync(device)
+            started = time.perf_counter()
+            continue
+        losses.append(loss)
         tokens += k2 * x.shape[1]
         if time.perf_counter() - started >= seconds:
             break
@@ -301,9 +305,11 @@ def _config_for(base: Config, preset: Preset) -> Config:
 
 
 def _bytes_needed(config: Config, preset: Preset, seconds: float) -> int:
-    # enough text that a fast engine does not run out within `seconds`; capped by memory
+    """Text per stream: enough that a fast engine does not run out within `seconds`
+    (guessing at most 20k tokens/s per stream and 10M/s in all), capped by memory."""
+    rate = min(20_000, 10_000_000 / preset.streams)
     budget = 400_000_000 // preset.streams
-    return int(min(budget, max(8 * config.train.k2 + 4096, 20_000 * seconds)))
+    return int(min(budget, 16 * config.train.k2 + rate * seconds))
 
 
 def default_base(overrides=()) -> Config:

@@ -43,8 +43,9 @@ class Engine:
         """Train one batch; returns the summed cross-entropy (nats) of its targets,
         computed before the weights changed, as a device scalar (no host sync)."""
         g = batch.geometry
-        rows_a, rows_b, loss_rows = self._geometry_on_device(g)
-        slots, tokens = self._upload(batch.slots, batch.tokens)
+        rows_a, rows_b, loss_rows, token_index = self._geometry_on_device(g)
+        slots, windows = self._upload(batch.slots, batch.windows)
+        tokens = windows.take(token_index)  # inputs A, inputs B, targets: a device gather
         size_a, size_b = g.shape_a[0] * g.shape_a[1], g.shape_b[0] * g.shape_b[1]
         tokens_a = tokens[:size_a].view(g.shape_a)
         tokens_b = tokens[size_a:size_a + size_b].view(g.shape_b)
@@ -87,17 +88,19 @@ class Engine:
         x = self.model.embed(tokens)
         rnn_state = self.model.from_tuple(state)
         if lengths.min() == lengths.max():  # the common case: one dense fused call
-            y, rnn_state = self.model.rnn(x, rnn_state)
+            y, rnn_state = self.model.recur(x, rnn_state)
         else:
             packed = pack_padded_sequence(x, torch.from_numpy(lengths), enforce_sorted=False)
-            y, rnn_state = self.model.rnn(packed, rnn_state)
+            y, rnn_state = self.model.recur(packed, rnn_state)
             y, _ = pad_packed_sequence(y, total_length=tokens.shape[0])
         return y, self.model.to_tuple(rnn_state)
 
     def _geometry_on_device(self, g: Geometry) -> list[torch.Tensor]:
-        """rows_a, rows_b, loss_rows on the device, uploaded once per geometry."""
+        """rows_a, rows_b, loss_rows, token_index on the device, uploaded once per
+        geometry."""
         if self.device not in g.device:
-            g.device[self.device] = self._upload(g.rows_a, g.rows_b, g.loss_rows)
+            g.device[self.device] = self._upload(g.rows_a, g.rows_b, g.loss_rows,
+                                                 g.token_index)
         return g.device[self.device]
 
     def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:

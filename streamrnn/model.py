@@ -32,8 +32,18 @@ class RecurrentLM(nn.Module):
         return 2 if isinstance(self.rnn, nn.LSTM) else 1
 
     def forward(self, x: torch.Tensor, state=None):
-        y, state = self.rnn(self.embed(x), state)
+        y, state = self.recur(self.embed(x), state)
         return self.head(y), state
+
+    def recur(self, x, state):
+        """The recurrent layers on embedded inputs (a tensor or a PackedSequence), always
+        in the parameters' own precision, even inside autocast: under CUDA autocast the
+        cuDNN RNN runs in float16 whatever dtype was asked for (PyTorch's wrapper
+        hard-codes half), and float16 without loss scaling flushes the small gradients
+        of a loss averaged over thousands of targets to zero. So precision bf16 covers
+        the embedding and the head; the recurrence stays float32 (TF32 on cuDNN)."""
+        with torch.autocast(self.head.weight.device.type, enabled=False):
+            return self.rnn(x, state)
 
     def to_tuple(self, state) -> State:
         """nn.LSTM/nn.GRU state -> (h, c) or (h,)."""

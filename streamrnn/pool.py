@@ -65,7 +65,9 @@ class StatePool:
         """The row's state, (layers, 1, hidden) each, on the device, without moving it."""
         slot = self.slot_of_row[row]
         if slot >= 0:
-            return tuple(t[:, slot:slot + 1] for t in self.tensors)
+            # contiguous: with several layers the slice is strided, and cuDNN refuses a
+            # strided initial state ("hx is not contiguous"); the CPU kernels accept it
+            return tuple(t[:, slot:slot + 1].contiguous() for t in self.tensors)
         saved = self.host.get(row)
         if saved is None:
             return tuple(torch.zeros((self.shape[0], 1, self.shape[1]), device=self.device,

@@ -5,7 +5,10 @@ A stream's tokens x_0, x_1, ... get positions 0, 1, ... Per stream (per *row*) i
   trained_end  e: targets x_1 .. x_e are trained (input x_t predicts target x_{t+1})
   start_pos    s: position of the stored window-start state h(s); always s <= e
 and the tokens x_s .. x_{N-1} in a host ring buffer, one line per row. Tokens that do not
-fit yet wait in an overflow queue and move into the ring as windows slide past them.
+fit yet wait in an overflow queue and move into the ring when a stream's ring runs short
+of a window (every few windows, not every update: this loop is per stream, in Python).
+Each ring line ends with a copy of its first k2 + 1 columns, so that every window is one
+contiguous slice of its line: a batch's tokens are B slices, gathered in one numpy call.
 
 The window-start states live in a StatePool (pool.py): device tensors indexed by slot
 for the streams in use, host memory for idle ones beyond train.max_resident_streams.
@@ -49,8 +52,9 @@ class Geometry:
                               #   whose output predicts each target
     loss_span: tuple[int, int] | None  # loss_rows as a range, when they are one
     num_targets: int          # the loss is the mean over these
-    gather_stream: np.ndarray  # (Ta*nA + Tb*nB + targets,) for every token to upload:
-    gather_offset: np.ndarray  #   its stream (0..B-1) and its position minus that stream's s
+    window_length: int        # L: the longest window's inputs and targets, e - s + 1
+    token_index: np.ndarray   # (Ta*nA + Tb*nB + targets,) segment A inputs, B inputs and
+                              #   targets as flat indices into the (B, L) window block
     device: dict = field(default_factory=dict)  # engine's cache of device copies
 
 
@@ -59,8 +63,15 @@ class Batch:
     """One update: B streams, their tokens, and the geometry that lays them out."""
     rows: np.ndarray     # (B,) the streams' rows in the table
     slots: np.ndarray    # (B,) their slots in the device state pool
-    tokens: np.ndarray   # (Ta*nA + Tb*nB + targets,) segment A inputs, B inputs, targets
+    windows: np.ndarray  # (B, L) int32: each stream's tokens x_s .. x_{s+L-1}; past a
+                         #   shorter window's end, stale ring entries no index points to
     geometry: Geometry
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Segment A inputs, segment B inputs and targets, flat (the engine does this
+        gather on the device; here for tests and readers)."""
+        return self.windows.reshape(-1)[self.geometry.token_index]
 
     @property
     def num_streams(self) -> int:
@@ -99,11 +110,13 @@ def plan_geometry(a: np.ndarray, b: np.ndarray, n: np.ndarray) -> Geometry:
     gather_stream = np.concatenate([np.broadcast_to(rows_a, off_a.shape).ravel(),
                                     np.broadcast_to(rows_b, off_b.shape).ravel(), stream])
     gather_offset = np.concatenate([off_a.ravel(), off_b.ravel(), i + 1])
+    length = int(w.max()) + 1
     span = None
     if len(loss_rows) and np.array_equal(loss_rows, loss_rows[0] + np.arange(len(loss_rows))):
         span = (int(loss_rows[0]), int(loss_rows[0]) + len(loss_rows))
     return Geometry((ta, len(rows_a)), a[rows_a], rows_a, (tb, len(rows_b)), b[rows_b],
-                    rows_b, loss_rows, span, int(n.sum()), gather_stream, gather_offset)
+                    rows_b, loss_rows, span, int(n.sum()), length,
+                    gather_stream * length + gather_offset)
 
 
 class StreamTable:
@@ -111,8 +124,10 @@ class StreamTable:
                  device: torch.device, dtype: torch.dtype, max_resident: int = 1 << 30,
                  capacity: int = 16):
         self.k1, self.k2 = k1, k2
-        # the ring holds a window's k2 + 1 tokens plus room for the next few windows
+        # the ring holds a window's k2 + 1 tokens plus room for the next few windows;
+        # `ring` has ring_width columns and then the copy of the first k2 + 1
         self.ring_width = k2 + 1 + 4 * k1
+        self.mirrored = k2 + 1
         self.state_shape = state_shape  # (num_layers, hidden)
         self.device, self.dtype = device, dtype
         self.num_state_tensors = num_state_tensors
@@ -123,9 +138,10 @@ class StreamTable:
         self.trained_end = np.zeros(0, np.int64)
         self.start_pos = np.zeros(0, np.int64)
         self.last_served = np.zeros(0, np.int64)  # turn of the stream's latest update
-        self.ring = np.zeros((0, self.ring_width), np.int32)
+        self.ring = np.zeros((0, self.ring_width + self.mirrored), np.int32)
         self.states = StatePool(state_shape, num_state_tensors, device, dtype, max_resident)
         self.overflow: dict[int, deque[np.ndarray]] = {}
+        self.waiting: dict[int, int] = {}  # tokens in each row's overflow queue
         self.turn = 0  # batches planned so far; orders streams fairly
         self._geometries: dict[tuple, Geometry] = {}
         self.total_tokens = 0   # tokens received, all streams (overflow included)
@@ -155,18 +171,19 @@ class StreamTable:
         self.states.touch(row)
         if row in self.overflow:
             self.overflow[row].append(tokens)
+            self.waiting[row] += len(tokens)
             return
         rest = self._write(row, tokens)
         if len(rest):
             self.overflow[row] = deque([rest])
+            self.waiting[row] = len(rest)
 
     def next_offset(self, stream_id: StreamId) -> int:
         """Tokens received so far from this stream (= the next token's position)."""
         row = self.row_of.get(stream_id)
         if row is None:
             return 0
-        waiting = sum(len(t) for t in self.overflow.get(row, ()))
-        return int(self.num_tokens[row]) + waiting
+        return int(self.num_tokens[row]) + self.waiting.get(row, 0)
 
     def untrained(self, stream_id: StreamId) -> int:
         """Targets received but not trained yet."""
@@ -181,25 +198,37 @@ class StreamTable:
         return np.concatenate([ring_part, *self.overflow.get(row, ())])
 
     def _write(self, row: int, tokens: np.ndarray) -> np.ndarray:
-        end = self.num_tokens[row]
-        free = self.ring_width - (end - self.start_pos[row])
-        take = min(free, len(tokens))
-        self.ring[row, np.arange(end, end + take) % self.ring_width] = tokens[:take]
+        """Write what fits into the row's ring (as slices: this runs per message);
+        returns the rest."""
+        width, end = self.ring_width, int(self.num_tokens[row])
+        take = min(width - (end - int(self.start_pos[row])), len(tokens))
+        line, at = self.ring[row], end % width
+        first = min(take, width - at)
+        line[at:at + first] = tokens[:first]
+        line[:take - first] = tokens[first:take]  # wrapped around
+        if at < self.mirrored or take > first:
+            line[width:] = line[:self.mirrored]
         self.num_tokens[row] = end + take
         return tokens[take:]
 
     def _refill(self) -> None:
-        """Move waiting tokens into ring space freed by the windows that slid on."""
-        for row in list(self.overflow):
-            queue = self.overflow[row]
+        """Move waiting tokens into the rings of the streams that have fewer than k1
+        untrained targets left there, filling each ring to the brim."""
+        if not self.overflow:
+            return
+        waiting = np.fromiter(self.overflow, np.int64, len(self.overflow))
+        short = waiting[self.num_tokens[waiting] - 1 - self.trained_end[waiting] < self.k1]
+        for row in short.tolist():
+            queue, before = self.overflow[row], self.num_tokens[row]
             while queue:
                 rest = self._write(row, queue[0])
                 if len(rest):
                     queue[0] = rest
                     break
                 queue.popleft()
+            self.waiting[row] -= int(self.num_tokens[row] - before)
             if not queue:
-                del self.overflow[row]
+                del self.overflow[row], self.waiting[row]
 
     # ---- planning ------------------------------------------------------------------
     def next_batch(self, max_streams: int, flush_rows: np.ndarray | None = None
@@ -241,11 +270,13 @@ class StreamTable:
             if len(self._geometries) >= 256:  # young streams make many; keep it bounded
                 self._geometries.clear()
             geometry = self._geometries[key] = plan_geometry(p - s, e - p, n)
-        positions = s[geometry.gather_stream] + geometry.gather_offset
-        tokens = self.ring[rows[geometry.gather_stream], positions % self.ring_width]
+        # every window is a slice of its ring line (the mirrored columns hold the wrap)
+        lines = np.lib.stride_tricks.sliding_window_view(self.ring, geometry.window_length,
+                                                         axis=1)
+        windows = lines[rows, s % self.ring_width]
         self.trained_end[rows] = e
         self.start_pos[rows] = p
-        return Batch(rows, self.states.slots(rows), tokens, geometry)
+        return Batch(rows, self.states.slots(rows), windows, geometry)
 
     # ---- capacity and persistence ---------------------------------------------------
     def _grow(self, capacity: int) -> None:
@@ -255,7 +286,8 @@ class StreamTable:
         self.trained_end = np.concatenate([self.trained_end, zeros])
         self.start_pos = np.concatenate([self.start_pos, zeros])
         self.last_served = np.concatenate([self.last_served, zeros])
-        self.ring = np.concatenate([self.ring, np.zeros((extra, self.ring_width), np.int32)])
+        self.ring = np.concatenate(
+            [self.ring, np.zeros((extra, self.ring_width + self.mirrored), np.int32)])
         self.states.add_rows(extra)
 
     def state_dict(self) -> dict:
@@ -266,7 +298,7 @@ class StreamTable:
             "trained_end": torch.from_numpy(self.trained_end[:used].copy()),
             "start_pos": torch.from_numpy(self.start_pos[:used].copy()),
             "last_served": torch.from_numpy(self.last_served[:used].copy()),
-            "ring": torch.from_numpy(self.ring[:used].copy()),
+            "ring": torch.from_numpy(self.ring[:used, :self.ring_width].copy()),
             "overflow": {row: torch.from_numpy(np.concatenate(list(q)))
                          for row, q in self.overflow.items()},
             "states": self.states.state_dict(len(self.num_tokens)),
@@ -284,9 +316,11 @@ class StreamTable:
         self.row_of = {sid: row for row, sid in enumerate(self.ids)}
         for name in ("num_tokens", "trained_end", "start_pos", "last_served"):
             getattr(self, name)[:used] = state[name].numpy()
-        self.ring[:used] = state["ring"].numpy()
+        self.ring[:used, :self.ring_width] = state["ring"].numpy()
+        self.ring[:used, self.ring_width:] = self.ring[:used, :self.mirrored]
         self.overflow = {int(row): deque([t.numpy().copy()])
                          for row, t in state["overflow"].items()}
+        self.waiting = {row: len(queue[0]) for row, queue in self.overflow.items()}
         self.states.load_state_dict(state["states"], len(self.num_tokens))
         self.turn = int(state["turn"])
         self.total_tokens = sum(self.next_offset(sid) for sid in self.ids)

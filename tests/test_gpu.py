@@ -17,6 +17,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (none visible to torch)")]
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Comparisons with the float64 reference want float32 arithmetic: cuDNN may
+    otherwise use TF32 (10-bit mantissa) for its float32 RNN kernels."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def cuda_pair(precision, kind="lstm", layers=2, k1=3, k2=7, optimizer="adam"):
     config = streamrnn.load_config(overrides=[
         f"model.kind={kind}", f"model.vocab_size={VOCAB}", f"model.embed_dim={EMBED}",
@@ -55,13 +65,33 @@ def test_cuda_fp64_matches_reference(kind):
 def test_cuda_fp32_cudnn_matches_reference(kind):
     learner, reference = cuda_pair("fp32", kind)
     feed(learner, reference)
-    assert max_error(learner, reference) < 2e-4  # cuDNN float32 (TF32 may be allowed)
+    assert max_error(learner, reference) < 2e-4  # cuDNN float32, Adam amplifies rounding
 
 
 def test_cuda_bf16_learns():
     learner, _ = cuda_pair("bf16")
     result = learner.learn("s", np.arange(400) % VOCAB)
     assert result.targets == 399 // 3 * 3 and np.isfinite(result.bits)
+
+
+def test_cuda_bf16_update_follows_fp32():
+    """One SGD step over 256 streams: the loss is a mean over 8,192 targets, so the
+    gradients reaching the recurrence are tiny; in float16 (what cuDNN uses under
+    autocast) they would underflow. bf16 must move the weights as fp32 does."""
+    rng = np.random.default_rng(3)
+    chunk = {i: rng.integers(0, 256, 33) for i in range(256)}
+    deltas = {}
+    for precision in ("fp32", "bf16"):
+        learner = streamrnn.Learner(streamrnn.load_config(overrides=[
+            "train.k1=32", "train.k2=32", "train.optimizer=sgd", "train.lr=1.0",
+            "train.grad_clip=0", f"train.precision={precision}", "train.device=cuda"]))
+        before = torch.cat([p.detach().flatten().clone() for p in learner.model.rnn.parameters()])
+        assert learner.learn_many(chunk).updates == 1
+        after = torch.cat([p.detach().flatten() for p in learner.model.rnn.parameters()])
+        deltas[precision] = (after - before).double()
+    cosine = torch.nn.functional.cosine_similarity(deltas["fp32"], deltas["bf16"], dim=0)
+    ratio = deltas["bf16"].norm() / deltas["fp32"].norm()
+    assert cosine > 0.99 and 0.95 < ratio < 1.05, (cosine, ratio)
 
 
 def test_cuda_state_resumes_on_cpu():

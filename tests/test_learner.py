@@ -147,6 +147,33 @@ def test_bf16_learns_on_cpu():
     assert result.targets == 196 and np.isfinite(result.bits)
 
 
+def record_dtypes(learner) -> dict[str, set]:
+    seen: dict[str, set] = {"rnn": set(), "head": set()}
+    for name in seen:
+        getattr(learner.model, name).register_forward_hook(
+            lambda module, args, out, name=name: seen[name].add(
+                (out[0] if isinstance(out, tuple) else out).dtype))
+    return seen
+
+
+def test_bf16_keeps_the_recurrence_in_float32():
+    """Autocast would run the recurrent layers in low precision (float16 on cuDNN, whose
+    small gradients underflow); precision bf16 means the embedding and head only."""
+    learner = make("train.precision=bf16")
+    seen = record_dtypes(learner)
+    learner.learn("s", np.arange(60) % 13)
+    learner.predict("s")
+    assert seen == {"rnn": {torch.float32}, "head": {torch.bfloat16}}
+
+
+def test_stored_states_are_contiguous_for_every_layer_count():
+    """cuDNN refuses a strided initial state; a one-slot slice of a 2-layer pool is one."""
+    learner = make("model.num_layers=2")
+    learner.learn_many({"a": np.arange(30) % 13, "b": np.arange(20) % 13})
+    for row in range(2):
+        assert all(t.is_contiguous() for t in learner.streams.states.state(row))
+
+
 def test_spilling_idle_streams_changes_nothing_but_where_states_live():
     """With room for 2 streams on the device, 5 streams learn exactly as with room for
     all: states of idle streams wait in host memory and come back when needed."""
