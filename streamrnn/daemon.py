@@ -21,14 +21,16 @@ import torch
 import zmq
 
 from . import auth, faults, logs, wire
-from .config import Config
+from .config import Config, StartupError
 from .learner import LearnResult, Learner
-from .durability import Durability, IncompatibleState, LogFull
+from .durability import FLUSH_RECORD_STREAMS, Durability, IncompatibleState, LogFull
 from .metrics import Metrics
 from .source import Incoming, Source
 from .systemd import Notifier
 
 HOUSEKEEPING_SECONDS = 0.5
+INTAKE_SECONDS = 0.25  # handling requests at most this long before training resumes
+MAX_PREDICT_BACKLOG = 16384  # predict/generate run the model over a stream's backlog
 RECENT_SECONDS = 60.0
 STATUS_SECONDS = 5.0
 
@@ -44,7 +46,8 @@ class Daemon:
         self.limits = wire.Limits(config.model.vocab_size, config.ingest.max_message_bytes,
                                   config.ingest.max_tokens_per_message,
                                   config.ingest.max_stream_id_bytes)
-        self.started = time.time()
+        self.started = time.monotonic()
+        self.inbox: deque[Incoming] = deque()  # received, not handled yet
         self.last_seen: OrderedDict[str, float] = OrderedDict()  # streams with fresh input
         self.recent: deque[tuple[float, int, float]] = deque()  # (time, targets, bits)
         self.refused = logs.Bursts(self.log, "refused input")
@@ -60,6 +63,10 @@ class Daemon:
                 signal.signal(sig, self._on_signal)
         try:
             self.start()
+        except BaseException:
+            self.shutdown(started=False)  # the caller says why; no "stopped" totals
+            raise
+        try:
             while not self.stop_requested:
                 self.turn()
             self.notifier.stopping()
@@ -94,7 +101,9 @@ class Daemon:
         self.metrics.spilled_streams.set_function(
             lambda: self.learner.streams.states.num_spilled)
         self.durability = Durability(c, self.learner, self.metrics, self.log)
-        self.durability.recover(self.fresh)  # before anyone can send: state first
+        # before anyone can send: state first (systemd hears that a long replay goes on)
+        self.durability.recover(self.fresh, should_stop=lambda: self.stop_requested,
+                                progress=lambda line: self.notifier.extend_start(60, line))
         now = time.monotonic()
         for stream in self.learner.streams.ids:  # recovered streams still owe a flush
             if self.learner.streams.untrained(stream) > 0:
@@ -107,11 +116,13 @@ class Daemon:
         self.source = Source(c.ingest, self.context)
         self.notifier.ready(f"listening on {self.source.endpoint}")
         self.log.info("listening", endpoint=self.source.endpoint,
+                      curve="on" if self.source.curve else "off",
                       metrics=(f"http://{c.metrics.address}:{c.metrics.port}/metrics"
                                if c.metrics.port else "off"), device=str(self.learner.device))
 
-    def shutdown(self) -> None:
-        self.log.info("stopping")
+    def shutdown(self, started: bool = True) -> None:
+        if started:
+            self.log.info("stopping")
         if hasattr(self, "source"):
             self.source.close()
             self.context.term()
@@ -123,7 +134,7 @@ class Daemon:
             server.server_close()
             thread.join(timeout=5)
         self.refused.emit(force=True)
-        if hasattr(self, "learner"):
+        if started:
             self.log.info("stopped", updates=self.learner.updates,
                           tokens_trained=self.learner.tokens_trained)
 
@@ -132,19 +143,17 @@ class Daemon:
         """One turn: take what the network has, train a bounded amount, look after things."""
         faults.maybe_hang("turn")
         self.notifier.ping()  # from this loop only: if it hangs, systemd restarts us
-        timeout_ms = 0 if self.training_pending else 50
-        if self.source.socket.poll(timeout_ms, zmq.POLLIN):
+        timeout_ms = 0 if self.training_pending or self.inbox else 50
+        if self.inbox or self.source.socket.poll(timeout_ms, zmq.POLLIN):
             self.intake()
         max_updates = self.config.train.updates_per_turn
         started = time.perf_counter()
         result = LearnResult()
         if self.durability.healthy:  # no training that the log cannot record
-            try:
-                # between updates the socket is read again: acks wait one update at most
-                result = self.learner.train(max_updates, between=self._after_update)
-            except LogFull:
-                pass  # the update ran, its record did not: a checkpoint will hold it
+            # between updates the socket is read again: acks wait one update at most
+            result = self.learner.train(max_updates, between=self._after_update)
         self.account(result, time.perf_counter() - started)
+        self.durability.sync_if_due()
         self.training_pending = result.updates == max_updates
         now = time.monotonic()
         if now >= self.next_housekeeping:
@@ -152,20 +161,29 @@ class Daemon:
             self.housekeeping(now)
 
     def intake(self) -> None:
-        """Handle what the network has, without waiting (bounded per call); the replies go
-        out once the log holds everything they acknowledge."""
-        for incoming in self.source.receive(self.config.ingest.max_messages_per_turn):
-            self.handle(incoming)
+        """Handle what the network has, without waiting, for at most INTAKE_SECONDS (slow
+        requests such as generate must not starve training or the watchdog; the rest
+        waits in the inbox); the replies go out once the log holds what they acknowledge."""
+        room = self.config.ingest.max_messages_per_turn - len(self.inbox)
+        if room > 0:
+            self.inbox.extend(self.source.receive(room))
+        deadline = time.monotonic() + INTAKE_SECONDS
+        while self.inbox and time.monotonic() < deadline:
+            self.handle(self.inbox.popleft())
         if self.outbox:
             self.durability.commit()
             for envelope, reply in self.outbox:
                 self.source.reply(envelope, reply)
             self.outbox.clear()
 
-    def _after_update(self) -> None:
-        self.durability.log_train()  # in log order, between the tokens it saw and after
+    def _after_update(self) -> bool:
+        try:
+            self.durability.log_train()  # in log order: after the tokens it saw
+        except LogFull:
+            return False  # the update ran, its record did not: no more until there's room
         self.notifier.ping()
         self.intake()
+        return True
 
     def handle(self, incoming: Incoming) -> None:
         if incoming.payload is None:
@@ -176,7 +194,13 @@ class Daemon:
         if isinstance(request, wire.Refusal):
             return self.refuse(incoming.envelope, request)
         self.metrics.messages.labels(request.type).inc()
-        reply = getattr(self, f"_on_{request.type}")(request)
+        try:
+            faults.maybe_fail(f"request_{request.type}")
+            reply = getattr(self, f"_on_{request.type}")(request)
+        except Exception as e:  # a bug or a sick model (NaN weights) must not end the daemon
+            self.log.exception("request failed", type=request.type)
+            reply = _nack("internal", f"{request.type} failed in the daemon: "
+                          f"{type(e).__name__}: {e}"[:300])
         if reply.get("type") == "nack":
             self._count_refusal(reply["reason"], reply["message"])
         if request.request_id is not None:
@@ -223,7 +247,7 @@ class Daemon:
         limit = self.config.ingest.max_queued_tokens
         excess = self.learner.untrained_tokens - 0.75 * limit
         recent = sum(t for _, t, _ in self.recent)
-        window = min(RECENT_SECONDS, max(1.0, time.time() - self.started))
+        window = min(RECENT_SECONDS, max(1.0, time.monotonic() - self.started))
         rate = recent / window
         wait_ms = 1000 * excess / rate if rate > 0 else 1000
         return int(min(5000, max(self.config.ingest.busy_retry_ms, wait_ms)))
@@ -232,7 +256,17 @@ class Daemon:
         return {"type": "position", "stream": r.stream,
                 "next_offset": self.learner.streams.next_offset(r.stream)}
 
+    def _backlogged(self, r: wire.Request) -> dict | None:
+        backlog = self.learner.streams.untrained(r.stream)
+        if backlog <= MAX_PREDICT_BACKLOG:
+            return None
+        return _nack("backlogged", f"stream has {backlog:,} tokens not trained yet; "
+                     f"{r.type} answers once fewer than {MAX_PREDICT_BACKLOG:,} are "
+                     "(it runs the model over them)", stream=r.stream)
+
     def _on_predict(self, r: wire.Request) -> dict:
+        if refusal := self._backlogged(r):
+            return refusal
         probs = self.learner.predict(r.stream).exp()
         values, tokens = torch.topk(probs, r.top_k)
         return {"type": "prediction", "stream": r.stream,
@@ -240,6 +274,8 @@ class Daemon:
                 "top": [[int(t), float(v)] for t, v in zip(tokens, values)]}
 
     def _on_generate(self, r: wire.Request) -> dict:
+        if refusal := self._backlogged(r):
+            return refusal
         tokens = self.learner.generate(r.stream, r.num_tokens, r.temperature, r.seed)
         return {"type": "generated", "stream": r.stream, "tokens": tokens}
 
@@ -254,6 +290,10 @@ class Daemon:
         return {"type": "flush", "stream": r.stream, "scheduled": len(scheduled)}
 
     def _on_checkpoint(self, r: wire.Request) -> dict:
+        last = self.durability.last_checkpoint
+        if last is not None and last.wal_seq == self.durability.wal_seq and \
+                self.durability.wal is not None:
+            return {"type": "checkpoint", "ok": True, **_saved(last)}  # nothing new since
         saved = self.durability.checkpoint(wait=True)
         if saved is None:
             return {"type": "checkpoint", "ok": False,
@@ -267,10 +307,10 @@ class Daemon:
         learner = self.learner
         recent_targets = sum(t for _, t, _ in self.recent)
         recent_bits = sum(b for _, _, b in self.recent)
-        window = max(1e-9, min(RECENT_SECONDS, time.time() - self.started))
+        window = max(1e-9, min(RECENT_SECONDS, time.monotonic() - self.started))
         c = self.config
         return {
-            "version": _version(), "uptime_seconds": time.time() - self.started,
+            "version": _version(), "uptime_seconds": time.monotonic() - self.started,
             "device": str(learner.device),
             "model": f"{c.model.kind} {c.model.num_layers}x{c.model.hidden_size}",
             "tbptt": [c.train.k1, c.train.k2],
@@ -296,7 +336,7 @@ class Daemon:
         if math.isfinite(result.bits):  # bits and targets together: their ratio stays true
             m.tokens_trained.inc(result.targets)
             m.bits.inc(result.bits)
-            now = time.time()
+            now = time.monotonic()
             self.recent.append((now, result.targets, result.bits))
             while self.recent and self.recent[0][0] < now - RECENT_SECONDS:
                 self.recent.popleft()
@@ -321,7 +361,7 @@ class Daemon:
         for kind, count in self.source.failed_handshakes().items():
             self.metrics.handshake_failures.labels(kind).inc(count)
             self.refused.add(f"handshake_{kind}", "a connection failed its handshake (a "
-                             "CURVE key not allowed?)", count)
+                             "key not allowed, or a client without CURVE)", count)
         if self.source.authenticator is not None and now >= self.next_key_reload:
             self.next_key_reload = now + 30.0  # new producer keys need no restart
             auth.reload(self.source.authenticator, self.config.ingest.curve_allowed_keys)
@@ -343,17 +383,19 @@ class Daemon:
                           queued_tokens=s["queued_tokens"])
 
     def _flush(self, streams: list[str]) -> None:
-        started = time.perf_counter()
-        try:
-            self.durability.log_flush(streams)
-        except LogFull:
-            for stream in streams:  # again once the log has room
-                self.last_seen[stream] = -math.inf
-                self.last_seen.move_to_end(stream, last=False)
-            return
-        result = self.learner.flush(streams)
-        self.account(result, time.perf_counter() - started)
-        self.metrics.flushes.inc(result.streams)
+        for first in range(0, len(streams), FLUSH_RECORD_STREAMS):  # bounded log records
+            group = streams[first:first + FLUSH_RECORD_STREAMS]
+            started = time.perf_counter()
+            try:
+                self.durability.log_flush(group)
+            except LogFull:
+                for stream in streams[first:]:  # again once the log has room
+                    self.last_seen[stream] = -math.inf
+                    self.last_seen.move_to_end(stream, last=False)
+                return
+            result = self.learner.flush(group)
+            self.account(result, time.perf_counter() - started)
+            self.metrics.flushes.inc(result.streams)
 
     def _count_refusal(self, reason: str, message: str) -> None:
         self.metrics.rejected.labels(reason).inc()
@@ -370,8 +412,12 @@ class Daemon:
 def _saved(saved) -> dict | None:
     if saved is None:
         return None
-    return {"path": str(saved.path), "wal_seq": saved.wal_seq,
-            "seconds": round(saved.seconds, 3)}
+    try:
+        created = saved.path.stat().st_mtime
+    except OSError:  # removed meanwhile (keep), or unreadable
+        created = None
+    return {"path": str(saved.path.absolute()), "wal_seq": saved.wal_seq,
+            "seconds": round(saved.seconds, 3), "created": created}
 
 
 def _nack(reason: str, message: str, **extra) -> dict:
@@ -388,6 +434,6 @@ def serve(config: Config, fresh: bool = False) -> int:
     prometheus_client.disable_created_metrics()  # no *_created series: noise for dashboards
     try:
         return Daemon(config, fresh).run()
-    except (IncompatibleState, auth.KeyError_) as e:
+    except (IncompatibleState, StartupError, auth.KeyError_) as e:
         logs.get().error("refusing to start", reason=str(e))
         return 2

@@ -6,19 +6,28 @@
                       snapshot; log segments it makes unneeded are deleted
     at start          newest checkpoint that loads, then the log after it, record by
                       record: the recovered daemon is the one that never crashed
+
+The state folder is locked (flock) while a daemon uses it: a second `streamrnn serve`
+on the same folder would replay and append to the same log.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, Checkpoints, Saved
-from .config import Config, config_from_dict
+from .config import Config, StartupError, config_from_dict
 from .learner import Learner, incompatible_keys
-from .wal import WalFull, WriteAheadLog
+from .wal import WalDamaged, WalFull, WriteAheadLog
+
+FLUSH_RECORD_STREAMS = 4096  # streams per flush record: keeps records far below MAX_RECORD
+REPLAY_STATUS_SECONDS = 5.0
 
 
 class LogFull(Exception):
@@ -26,7 +35,8 @@ class LogFull(Exception):
 
 
 class IncompatibleState(Exception):
-    """The saved state was learned with another model; a fresh start must be asked for."""
+    """The saved state cannot be continued as it is (learned with another model, or a
+    damaged or incomplete log): a person must choose, so the daemon refuses to start."""
 
 
 class Durability:
@@ -42,10 +52,15 @@ class Durability:
         self.updates_at_checkpoint = 0
         self.full_since: float | None = None  # the log's disk is full since then
         self.last_probe = 0.0
+        self.lock_file = None
 
     # ---- start -----------------------------------------------------------------------------
-    def recover(self, fresh: bool = False) -> None:
-        """Load the newest good checkpoint and replay the log after it."""
+    def recover(self, fresh: bool = False, should_stop: Callable[[], bool] = lambda: False,
+                progress: Callable[[str], None] = lambda line: None) -> None:
+        """Load the newest good checkpoint and replay the log after it. `should_stop` is
+        asked between records (a stop request during a long replay); `progress` gets a
+        status line every few seconds of replay."""
+        self._lock()
         if fresh:
             self._set_aside()
         loaded = self.checkpoints.load_newest(self._unreadable)
@@ -66,24 +81,59 @@ class Durability:
             self.updates_at_checkpoint = self.learner.updates
             self.log.info("checkpoint loaded", path=str(path), updates=self.learner.updates,
                           streams=len(self.learner.streams.ids), wal_seq=self.wal_seq)
-        if self.config.wal.mode == "off":
+        log_dir = self.root / "wal"
+        if self.config.wal.mode == "off" and not any(log_dir.glob("wal-*.log")):
             return
-        self.wal = WriteAheadLog(self.root / "wal", self.config.wal.segment_bytes,
-                                 fsync=True, start_after=self.wal_seq)
+        try:
+            self.wal = WriteAheadLog(log_dir, self.config.wal.segment_bytes,
+                                     fsync=True, start_after=self.wal_seq)
+        except WalDamaged as e:
+            raise IncompatibleState(str(e)) from e
         if self.wal.torn_bytes:
             self.log.warning("cut a torn record off the log's tail (a crash mid-write; it "
                              "was never acknowledged)", bytes=self.wal.torn_bytes)
+        replayed = self._replay(should_stop, progress, loaded is not None)
+        if should_stop():
+            return  # the rest of the log stays for the next start
+        if self.config.wal.mode == "off":
+            self._retire_log()
+        else:
+            self._append({"t": "config", "c": self.config.to_dict()})  # see _apply
+
+    def _replay(self, should_stop, progress, from_checkpoint: bool) -> int:
         replayed_tokens = replayed = 0
-        started = time.monotonic()
-        for record in self.wal.records_after(self.wal_seq):
-            replayed_tokens += self._apply(record)
-            replayed += 1
-            self.wal_seq = record["q"]
+        started = next_status = time.monotonic()
+        try:
+            for record in self.wal.records_after(self.wal_seq):
+                if record["q"] != self.wal_seq + 1:
+                    where = (f"the checkpoint covers records up to {self.wal_seq}"
+                             if from_checkpoint else "no checkpoint could be loaded")
+                    raise IncompatibleState(
+                        f"the log in {self.root / 'wal'} continues at record {record['q']} "
+                        f"but {where}: acknowledged input in between would be lost. "
+                        "Restore the missing checkpoint or log files, or start afresh "
+                        "with `streamrnn serve --fresh`")
+                replayed_tokens += self._apply(record)
+                replayed += 1
+                self.wal_seq = record["q"]
+                if time.monotonic() >= next_status:
+                    next_status = time.monotonic() + REPLAY_STATUS_SECONDS
+                    progress(f"replaying the log: record {self.wal_seq}, "
+                             f"{self.learner.updates:,} updates")
+                    if should_stop():
+                        self.log.warning("stop requested during replay; the rest of the "
+                                         "log stays for the next start", at=self.wal_seq)
+                        break
+        finally:
+            self.learner.max_batch_streams = self.config.train.max_batch_streams
         self.metrics.recovery_replayed_tokens.inc(replayed_tokens)
+        seconds = time.monotonic() - started
         if replayed:
             self.log.info("replayed the log", records=replayed, tokens=replayed_tokens,
-                          seconds=round(time.monotonic() - started, 3),
-                          updates=self.learner.updates)
+                          seconds=round(seconds, 3), updates=self.learner.updates)
+        if seconds > 60:  # a crash now would replay all of it again: checkpoint soon
+            self.next_due = time.monotonic()
+        return replayed
 
     def _apply(self, record: dict) -> int:
         kind = record["t"]
@@ -92,11 +142,59 @@ class Durability:
             self.learner.streams.append(record["s"], tokens)
             return len(tokens)
         if kind == "train":
-            done = self.learner.train(1)
-            assert done.updates == 1, f"log record {record['q']}: no update was ready"
+            if self.learner.train(1).updates != 1:
+                raise IncompatibleState(
+                    f"log record {record['q']} says an update ran there, but replaying "
+                    "the log before it leaves none ready: the log does not belong to the "
+                    f"state it follows in {self.root}")
         elif kind == "flush":
             self.learner.flush(record["s"])
+        elif kind == "config":
+            # the config the following records were made with: same model, and their
+            # updates replayed with the batch width they ran with
+            logged = config_from_dict(record["c"])
+            differing = incompatible_keys(self.config, logged)
+            if differing:
+                raise IncompatibleState(
+                    f"the log in {self.root / 'wal'} was written with a different config: "
+                    f"{', '.join(differing)}. Use that config, or start afresh with "
+                    "`streamrnn serve --fresh` (the old state is moved aside, not deleted)")
+            self.learner.max_batch_streams = logged.train.max_batch_streams
         return 0  # "noop": a probe written while the disk was full
+
+    def _retire_log(self) -> None:
+        """wal.mode = off with a log from an earlier run: the log was replayed above;
+        a checkpoint now holds it, then it goes (stale records must never replay onto
+        a newer state later)."""
+        if self.checkpoint(wait=True) is None:
+            raise StartupError("wal.mode = off, and the log left by an earlier run could "
+                               "not be folded into a checkpoint (see the error above)")
+        self.wal.close()
+        for path in (self.root / "wal").glob("wal-*.log"):
+            path.unlink()
+        self.wal = None
+        self.log.info("wal.mode = off: the earlier log was replayed, checkpointed and "
+                      "removed")
+
+    def _lock(self) -> None:
+        """One daemon per state folder (released by the kernel when the process ends)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.lock_file = open(self.root / "lock", "a+")
+        except OSError as e:
+            raise StartupError(f"cannot use the state folder {self.root} "
+                               f"(checkpoint.dir): {e.strerror or e}") from e
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock_file.seek(0)
+            holder = self.lock_file.read().strip() or "another process"
+            raise StartupError(f"the state folder {self.root} is in use by {holder}: one "
+                               "daemon per folder (set checkpoint.dir for another)") from None
+        self.lock_file.seek(0)
+        self.lock_file.truncate()
+        self.lock_file.write(f"streamrnn serve, pid {os.getpid()}\n")
+        self.lock_file.flush()
 
     def _unreadable(self, path: Path, error: CheckpointError) -> None:
         self.metrics.checkpoint_load_failures.inc()
@@ -104,11 +202,15 @@ class Durability:
                        path=str(path), error=str(error))
 
     def _set_aside(self) -> None:
-        if not any(self.root.iterdir()):
+        """--fresh: move checkpoints and log into a dated folder inside the state folder
+        (the folder itself may be a mount point, as systemd's StateDirectory is)."""
+        parts = [self.root / name for name in ("checkpoints", "wal") if (self.root / name).exists()]
+        if not parts:
             return
-        aside = self.root.parent / f"{self.root.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.root.rename(aside)
-        self.root.mkdir(parents=True)
+        aside = self.root / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for part in parts:
+            part.rename(aside / part.name)
         self.checkpoints = Checkpoints(self.root / "checkpoints", self.config.checkpoint.keep)
         self.log.warning("fresh start: the previous state was moved aside", to=str(aside))
 
@@ -125,6 +227,7 @@ class Durability:
             raise LogFull()
 
     def log_flush(self, streams: list[str]) -> None:
+        """(At most FLUSH_RECORD_STREAMS streams: the daemon flushes in groups.)"""
         if not self._append({"t": "flush", "s": streams}):
             raise LogFull()
 
@@ -166,6 +269,12 @@ class Durability:
             self.wal.sync()  # an fsync error here ends the process: nothing is acked
             self.last_fsync = now
 
+    def sync_if_due(self) -> None:
+        """wal.mode = async: records acked since the last fsync are synced within
+        wal.sync_ms even when no further replies come to trigger it."""
+        if self.wal is not None and self.wal.dirty:
+            self.commit()
+
     # ---- checkpoints --------------------------------------------------------------------------
     def maybe_checkpoint(self, now: float) -> None:
         """Called from housekeeping: report a finished write, start one when due."""
@@ -177,6 +286,8 @@ class Durability:
             self.checkpoint(wait=False)
 
     def checkpoint(self, wait: bool = True) -> Saved | None:
+        self.checkpoints.wait()
+        self._collect()  # a finished write's outcome must be counted before the next
         self.commit()
         if self.wal is not None:
             self.wal.sync()

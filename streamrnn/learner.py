@@ -42,6 +42,8 @@ class Learner:
         self.config = config
         train = config.train
         self.device = resolve_device(train.device)
+        if train.cpu_threads:  # process-wide: torch has one intra-op thread pool
+            torch.set_num_threads(train.cpu_threads)
         dtype = torch.float64 if train.precision == "fp64" else torch.float32
         with torch.random.fork_rng(devices=[]):  # seed the weights, leave global RNG alone
             torch.manual_seed(train.seed)
@@ -53,10 +55,14 @@ class Learner:
             self.model.num_state_tensors, self.device, dtype, train.max_resident_streams)
         self.engine = Engine(self.model, self.optimizer, train.grad_clip, train.precision,
                              self.device)
-        # lifetime totals, part of the learned state
+        # batch width; recovery replays each logged update with the width it ran with
+        self.max_batch_streams = train.max_batch_streams
+        # lifetime totals, part of the learned state; counted update by update, so a
+        # checkpoint taken between two updates of one call sees them consistent
         self.updates = 0
         self.tokens_trained = 0
-        self.bits = 0.0
+        self._bits = 0.0
+        self._unsettled: list[torch.Tensor] = []  # device scalars (nats) not yet in _bits
 
     # ---- learning --------------------------------------------------------------------
     def learn(self, stream_id: StreamId, tokens: Any) -> LearnResult:
@@ -77,10 +83,10 @@ class Learner:
         self.streams.append(stream_id, self.check_tokens(tokens))
 
     def train(self, max_updates: int | None = None,
-              between: Callable[[], None] | None = None) -> LearnResult:
+              between: Callable[[], bool] | None = None) -> LearnResult:
         """Run ready updates, at most `max_updates` (None: until none is ready).
         `between` is called after each update (the daemon reads its socket there, so
-        replies wait for one update, not for a whole turn)."""
+        replies wait for one update, not for a whole turn); returning False stops."""
         return self._train((None,), max_updates, between)
 
     def flush(self, stream_id: StreamId | Iterable[StreamId] | None = None) -> LearnResult:
@@ -99,37 +105,50 @@ class Learner:
         return self._train((None, rows))  # full windows first, then the remainders
 
     def _train(self, phases: tuple, max_updates: int | None = None,
-               between: Callable[[], None] | None = None) -> LearnResult:
-        """Run updates until none is ready (or max_updates); a phase is None (full
-        windows) or the rows to flush."""
+               between: Callable[[], bool] | None = None) -> LearnResult:
+        """Run updates until none is ready (or max_updates, or `between` says stop); a
+        phase is None (full windows) or the rows to flush."""
         update_ce: list[torch.Tensor] = []  # device scalars: no sync until the end
-        updates = targets = 0
-        trained_rows: set[int] = set()
+        targets = 0
+        trained: list[np.ndarray] = []  # rows of each update (streams may be added)
         widths: list[int] = []
+        go_on = True
         for flush_rows in phases:
-            while max_updates is None or updates < max_updates:
-                batch = self.streams.next_batch(self.config.train.max_batch_streams,
-                                                flush_rows)
+            while go_on and (max_updates is None or len(update_ce) < max_updates):
+                batch = self.streams.next_batch(self.max_batch_streams, flush_rows)
                 if batch is None:
                     break
-                update_ce.append(self.engine.step(batch, self.streams.states.tensors))
-                updates += 1
+                nats = self.engine.step(batch, self.streams.states.tensors)
+                update_ce.append(nats)
+                self._unsettled.append(nats)
+                self.updates += 1
+                self.tokens_trained += batch.num_targets
                 targets += batch.num_targets
-                trained_rows.update(batch.rows.tolist())
+                trained.append(batch.rows)
                 widths.append(batch.num_streams)
                 if between is not None:
-                    between()
-        if not updates:
+                    go_on = between() is not False
+        if not update_ce:
             return LearnResult()
-        # note: a CPU-GPU sync, once per call. The lifetime total adds update by update,
-        # so it comes out the same however updates were grouped into calls (recovery)
-        bits = 0.0
-        for nats in torch.stack(update_ce).double().tolist():
-            bits += nats_to_bits(nats)
-            self.bits += nats_to_bits(nats)
-        self.updates += updates
-        self.tokens_trained += targets
-        return LearnResult(len(trained_rows), updates, targets, bits, tuple(widths))
+        # note: a CPU-GPU sync, once per call
+        bits = sum(nats_to_bits(nats) for nats in torch.stack(update_ce).double().tolist())
+        self._settle()
+        streams = len(np.unique(np.concatenate(trained)))
+        return LearnResult(streams, len(update_ce), targets, bits, tuple(widths))
+
+    @property
+    def bits(self) -> float:
+        """Lifetime prequential bits over all trained targets."""
+        self._settle()
+        return self._bits
+
+    def _settle(self) -> None:
+        """Add the pending updates' losses to the lifetime total, update by update, so
+        it comes out the same however updates were grouped into calls (recovery)."""
+        if self._unsettled:
+            for nats in torch.stack(self._unsettled).double().tolist():
+                self._bits += nats_to_bits(nats)
+            self._unsettled.clear()
 
     @property
     def untrained_tokens(self) -> int:
@@ -224,7 +243,8 @@ class Learner:
         totals = state["totals"]
         self.updates = int(totals["updates"])
         self.tokens_trained = int(totals["tokens_trained"])
-        self.bits = float(totals["bits"])
+        self._bits = float(totals["bits"])
+        self._unsettled.clear()
 
 
 def incompatible_keys(ours: Config, saved: Config) -> list[str]:

@@ -39,6 +39,10 @@ class Notifier:
     def status(self, line: str) -> None:
         self.send(f"STATUS={line}")
 
+    def extend_start(self, seconds: float, status: str) -> None:
+        """Still starting (a long log replay): push TimeoutStartSec back by `seconds`."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}", f"STATUS={status}")
+
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping: final checkpoint")
 

@@ -4,14 +4,19 @@ Records are msgpack maps numbered by a global sequence number `q`:
     {"q": n, "t": "tokens", "s": stream, "k": <uint32 LE bytes>}  tokens appended
     {"q": n, "t": "train"}                                        one update ran
     {"q": n, "t": "flush", "s": [streams]}                        these were flushed
+    {"q": n, "t": "config", "c": {...}}                           the daemon (re)started
+                                                                  with this config
+    {"q": n, "t": "noop"}                                         a probe for disk room
 Replaying them in order onto the checkpoint that covers records <= its `q` rebuilds the
 exact state: the batching of every update follows from the table the records built.
 
 On disk: segment files `wal-<first q, 16 digits>.log`, each record framed as
     u32 length | u32 crc32(payload) | payload      (little-endian)
-A crash can leave the newest record torn; opening the log stops at the first frame that
-does not check out and cuts the file there. Segments whose records are all covered by
-the oldest kept checkpoint are deleted.
+A crash can leave the newest record torn: opening the log cuts the newest segment at the
+first frame that does not check out. A bad frame in an older segment is no torn write
+but damage, and acknowledged records may follow it: the log refuses to open (WalDamaged)
+rather than cut them. Segments whose records are all covered by the oldest kept
+checkpoint are deleted.
 """
 from __future__ import annotations
 
@@ -31,6 +36,10 @@ MAX_RECORD = 64 << 20
 
 class WalFull(OSError):
     """A record could not be written (disk full): nothing of it is in the log."""
+
+
+class WalDamaged(Exception):
+    """A segment other than the newest does not read to its end."""
 
 
 class WriteAheadLog:
@@ -58,10 +67,12 @@ class WriteAheadLog:
         """Write one record (not yet durable: see sync); returns its sequence number."""
         seq = self.last_seq + 1
         payload = msgpack.packb({"q": seq, **record}, use_bin_type=True)
+        if len(payload) > MAX_RECORD:  # reading would take it for a torn frame
+            raise ValueError(f"a log record of {len(payload)} bytes (limit {MAX_RECORD})")
         frame = HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-        if self.size + len(frame) > self.segment_bytes and self.size > 0:
-            self._rotate(seq)
         try:
+            if self.size + len(frame) > self.segment_bytes and self.size > 0:
+                self._rotate(seq)  # a new file: can fail for want of inodes or space
             faults.maybe_fail("wal_write")
             written = os.write(self.file.fileno(), frame)
             if written != len(frame):
@@ -119,9 +130,19 @@ class WriteAheadLog:
     def _scan(self) -> int:
         """Check every segment; cut a torn tail; return the last sequence number."""
         last = 0
-        for path in self._segments():
+        segments = self._segments()
+        for path in segments:
             records, good_bytes = _read_segment(path)
             size = path.stat().st_size
+            if good_bytes < size and path != segments[-1]:
+                raise WalDamaged(
+                    f"log segment {path} is damaged at byte {good_bytes} of {size}, and "
+                    "newer segments follow it: records after the damage would be lost. "
+                    "Restore it from a backup, or start afresh with `streamrnn serve "
+                    "--fresh` (the old state is moved aside, not deleted)")
+            if records and records[0]["q"] != last + 1 and last:
+                raise WalDamaged(f"log segment {path} starts at record {records[0]['q']}, "
+                                 f"but the one before it ends at {last}: a segment is missing")
             if good_bytes < size:
                 self.torn_bytes += size - good_bytes
                 with open(path, "r+b") as f:
@@ -133,14 +154,19 @@ class WriteAheadLog:
 
     def _rotate(self, first_seq: int) -> None:
         self.sync()
-        self.file.close()
-        self._open(self.dir / _segment_name(first_seq))
+        faults.maybe_fail("wal_rotate")
+        old = self.file
+        self._open(self.dir / _segment_name(first_seq))  # the old one stays if this fails
+        old.close()
 
     def _open(self, path: Path) -> None:
-        self.path = path
-        self.file = open(path, "ab")
-        self.size = self.file.tell()
-        fsync_dir(self.dir)
+        file = open(path, "ab")
+        try:
+            fsync_dir(self.dir)
+        except OSError:
+            file.close()
+            raise
+        self.path, self.file, self.size = path, file, file.tell()
 
 
 def _read_segment(path: Path) -> tuple[list[dict], int]:

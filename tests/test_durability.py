@@ -243,7 +243,7 @@ def test_incompatible_config_is_refused_unless_fresh(tmp_path):
     assert "model.hidden_size (saved 16, now 24)" in other.log()
     other.start(args=("--fresh",))
     assert ask(other, {"type": "position", "stream": "s"})["next_offset"] == 0
-    assert list(tmp_path.glob("streamrnn-state.previous-*/checkpoints/checkpoint-*.pt"))
+    assert list(tmp_path.glob("streamrnn-state/previous-*/checkpoints/checkpoint-*.pt"))
     assert other.stop() == 0
 
 
@@ -318,3 +318,165 @@ def _scrape(d: DaemonProcess) -> str:
 
 def _metric(text: str, name: str) -> str:
     return next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " "))
+
+
+# ---- refusing what cannot be continued as it is ---------------------------------------
+
+def test_second_daemon_on_the_same_state_folder_is_refused(tmp_path):
+    d = DaemonProcess(tmp_path, DURABLE).start()
+    other = DaemonProcess(tmp_path, DURABLE)  # same folder (cwd), other ports
+    other.start(wait=False)
+    assert other.proc.wait(timeout=60) == 2
+    assert f"is in use by streamrnn serve, pid {d.proc.pid}" in other.log()
+    assert ask(d, {"type": "status"})["type"] == "status"  # the first one is unharmed
+    assert d.stop() == 0
+
+
+SMALL_LOG = [*DURABLE, "wal.segment_bytes=2000", "checkpoint.keep=2"]
+
+
+def _feed_with_checkpoints(d: DaemonProcess, rounds: int) -> int:
+    sent = 0
+    for i in range(rounds):
+        with Producer(d.endpoint) as p:
+            p.send("s", text(600, seed=i), offset=sent)
+            p.flush(timeout=60)
+        sent += 600
+        wait_trained(d)
+        assert ask(d, {"type": "checkpoint"})["ok"]
+    return sent
+
+
+def test_log_with_a_hole_is_refused_not_replayed(tmp_path):
+    """All checkpoints unreadable and the early log already deleted: replaying what is
+    left would silently drop acknowledged input, so the daemon refuses to start."""
+    d = DaemonProcess(tmp_path, SMALL_LOG).start()
+    _feed_with_checkpoints(d, 4)
+    d.stop(signal.SIGKILL)
+    root = tmp_path / "streamrnn-state"
+    segments = sorted((root / "wal").glob("wal-*.log"))
+    assert segments[0].name != "wal-0000000000000001.log"  # covered ones were removed
+    for path in (root / "checkpoints").glob("checkpoint-*.pt"):
+        path.write_bytes(b"torn")
+    d.start(wait=False)
+    assert d.proc.wait(timeout=60) == 2
+    assert "continues at record" in d.log() and "no checkpoint could be loaded" in d.log()
+    d.start(args=("--fresh",))  # the way out is explicit, and keeps the old files
+    assert ask(d, {"type": "position", "stream": "s"})["next_offset"] == 0
+    assert list(root.glob("previous-*/wal/wal-*.log"))
+    assert d.stop() == 0
+
+
+def test_damage_inside_an_older_log_segment_is_refused(tmp_path):
+    d = DaemonProcess(tmp_path, ["train.flush_after_seconds=0", "checkpoint.interval_seconds=0",
+                                 "wal.segment_bytes=2000"]).start()
+    with Producer(d.endpoint, max_tokens_per_message=100) as p:
+        p.send("s", text(3000), offset=0)
+        p.flush(timeout=60)
+    d.stop(signal.SIGKILL)  # no checkpoint: everything is in the log
+    first = sorted((tmp_path / "streamrnn-state/wal").glob("wal-*.log"))[0]
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    first.write_bytes(bytes(data))
+    d.start(wait=False)
+    assert d.proc.wait(timeout=60) == 2
+    assert f"log segment streamrnn-state/wal/{first.name} is damaged at byte" in d.log()
+
+
+def test_log_of_another_model_is_refused_without_a_checkpoint(tmp_path):
+    d = DaemonProcess(tmp_path, ["train.flush_after_seconds=0",
+                                 "checkpoint.interval_seconds=0"]).start()
+    with RawClient(d.endpoint) as c:
+        c.ask({"type": "tokens", "stream": "s", "offset": 0, "tokens": list(range(50))})
+    d.stop(signal.SIGKILL)
+    other = DaemonProcess(tmp_path, ["checkpoint.interval_seconds=0", "model.hidden_size=24"])
+    other.start(wait=False)
+    assert other.proc.wait(timeout=60) == 2
+    assert "was written with a different config: model.hidden_size (saved 16, now 24)" \
+        in other.log()
+
+
+def test_replay_uses_the_batch_width_the_log_was_written_with(tmp_path):
+    """train.max_batch_streams may change between runs: the logged updates replay with
+    the width they ran with, not the new one."""
+    narrow = ["train.flush_after_seconds=0", "checkpoint.interval_seconds=0",
+              "train.max_batch_streams=1"]
+    d = DaemonProcess(tmp_path, narrow).start()
+    with Producer(d.endpoint) as p:
+        for i in range(6):
+            p.send(f"s{i}", text(200, seed=i), offset=0)
+        p.flush(timeout=60)
+    deadline = time.monotonic() + 120
+    while (before := ask(d, {"type": "status"}))["queued_tokens"] > 6 * (199 % 4):
+        assert time.monotonic() < deadline, "training did not catch up"
+        time.sleep(0.1)
+    d.stop(signal.SIGKILL)
+    wide = DaemonProcess(tmp_path, [*narrow[:2], "train.max_batch_streams=256"], port=d.port)
+    wide.start()
+    after = ask(wide, {"type": "status"})
+    for key in ("updates", "tokens_trained", "bits", "tokens_received"):
+        assert after[key] == before[key], key
+    assert wide.stop() == 0
+
+
+def test_switching_the_log_off_keeps_what_the_old_log_holds(tmp_path):
+    d = DaemonProcess(tmp_path, ["train.flush_after_seconds=0",
+                                 "checkpoint.interval_seconds=0"]).start()
+    with RawClient(d.endpoint) as c:
+        c.ask({"type": "tokens", "stream": "s", "offset": 0, "tokens": list(range(40))})
+    d.stop(signal.SIGKILL)  # acked: only the log has it
+    off = DaemonProcess(tmp_path, ["checkpoint.interval_seconds=0", "wal.mode=off"],
+                        port=d.port).start()
+    assert ask(off, {"type": "position", "stream": "s"})["next_offset"] == 40
+    assert not list((tmp_path / "streamrnn-state/wal").glob("wal-*.log"))  # folded in
+    assert off.stop() == 0
+    d.start()  # back to the log: nothing stale replays onto the newer checkpoint
+    assert ask(d, {"type": "position", "stream": "s"})["next_offset"] == 40
+    assert d.stop() == 0
+
+
+def test_full_disk_when_the_log_starts_a_new_file_answers_busy(tmp_path):
+    d = DaemonProcess(tmp_path, [*DURABLE, "wal.segment_bytes=1000"])
+    d.start(env={"STREAMRNN_FAIL_AT": "wal_rotate:1"})
+    acked = 0
+    with RawClient(d.endpoint) as c:
+        for _ in range(40):
+            reply = c.ask({"type": "tokens", "stream": "s", "offset": acked,
+                           "tokens": list(range(50))})
+            if reply["type"] != "ack":
+                break
+            acked += 50
+        assert reply["type"] == "busy" and 0 < acked < 2000
+        assert c.ask({"type": "position", "stream": "s"})["next_offset"] == acked
+    assert d.proc.poll() is None
+    assert float(_metric(_scrape(d), "streamrnn_wal_write_failures_total")) >= 1
+    d.stop(signal.SIGKILL)
+    d.start()
+    assert ask(d, {"type": "position", "stream": "s"})["next_offset"] == acked
+    assert d.stop() == 0
+
+
+def test_a_failing_request_is_answered_and_the_daemon_goes_on(tmp_path):
+    d = DaemonProcess(tmp_path, DURABLE)
+    d.start(env={"STREAMRNN_FAIL_AT": "request_predict:1"})
+    with RawClient(d.endpoint) as c:
+        reply = c.ask({"type": "predict", "stream": "s"})
+        assert reply["type"] == "nack" and reply["reason"] == "internal"
+        assert "No space left on device" in reply["message"]
+        assert c.ask({"type": "status"})["type"] == "status"
+    assert 'streamrnn_messages_rejected_total{reason="internal"} 1.0' in _scrape(d)
+    assert d.stop() == 0
+
+
+def test_repeated_checkpoint_requests_write_once(tmp_path):
+    d = DaemonProcess(tmp_path, DURABLE).start()
+    with Producer(d.endpoint) as p:
+        p.send("s", text(500), offset=0)
+        p.flush(timeout=60)
+    wait_trained(d)
+    first = ask(d, {"type": "checkpoint"})
+    writes = sum(e["event"] == "checkpoint saved" for e in d.events())
+    again = [ask(d, {"type": "checkpoint"}) for _ in range(3)]
+    assert all(r["path"] == first["path"] for r in again)
+    assert sum(e["event"] == "checkpoint saved" for e in d.events()) == writes
+    assert d.stop() == 0

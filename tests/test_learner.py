@@ -198,3 +198,16 @@ def test_spilling_idle_streams_changes_nothing_but_where_states_live():
     more = {"s3": rng.integers(0, 13, 17), "s0": rng.integers(0, 13, 9)}
     assert resumed.learn_many(more) == tight.learn_many(more)
     assert all(torch.equal(a, b) for a, b in zip(params(resumed), params(tight)))
+
+
+def test_totals_are_counted_update_by_update():
+    """A checkpoint taken between two updates of one call (the daemon serves requests
+    there) must see model, table and totals agree."""
+    learner = make()
+    learner.add("s", np.arange(41) % 13)  # 10 updates of k1 = 4
+    seen = []
+    learner.train(between=lambda: seen.append(learner.state_dict()["totals"]))
+    assert [t["updates"] for t in seen] == list(range(1, 11))
+    assert [t["tokens_trained"] for t in seen] == list(range(4, 41, 4))
+    assert all(a["bits"] < b["bits"] for a, b in zip(seen, seen[1:]))
+    assert seen[-1]["bits"] == learner.bits
