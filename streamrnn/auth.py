@@ -44,8 +44,9 @@ def secure_server(socket: zmq.Socket, secret_key_path: str, allowed_dir: str,
     public, secret = load(secret_key_path, secret=True)
     folder = expand(allowed_dir)
     if not allowed_dir or not folder.is_dir():
-        raise KeyError_(f"ingest.curve_allowed_keys = {allowed_dir!r} is not a folder: with "
-                        "CURVE on, producers are let in only by their public key files there")
+        what = "does not exist" if allowed_dir and not folder.exists() else "is not a folder"
+        raise KeyError_(f"ingest.curve_allowed_keys = {allowed_dir!r} {what}: with CURVE "
+                        "on, producers are let in only by their public key files there")
     if not list(folder.glob("*.key")):
         raise KeyError_(f"no producer public keys (*.key) in {folder}: nobody could send")
     authenticator = ThreadAuthenticator(context)
@@ -70,8 +71,15 @@ def secure_client(socket: zmq.Socket, server_key_path: str, client_key_path: str
     socket.curve_secretkey = secret
 
 
-def generate(directory: str, name: str) -> tuple[Path, Path]:
+def generate(directory: str, name: str, force: bool = False) -> tuple[Path, Path]:
+    """Write DIR/NAME.key and DIR/NAME.key_secret. An existing pair is in use somewhere
+    (its public half handed out), so it is replaced only when `force` says so."""
     folder = Path(directory)
+    if not force:
+        for existing in (folder / f"{name}.key", folder / f"{name}.key_secret"):
+            if existing.exists():
+                raise KeyError_(f"{existing} already exists: not overwriting a key that may "
+                                "be in use (pass --force to replace the pair)")
     folder.mkdir(parents=True, exist_ok=True)
     public, secret = zmq.auth.create_certificates(folder, name)
     os.chmod(secret, 0o600)

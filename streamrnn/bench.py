@@ -15,7 +15,7 @@ TBPTT(32, 128) by default, tokens trained per second:
 
 Figures compare inside one run only (same process, same machine): absolute numbers
 differ 30% between runs and cards. Ratios to `recompute` and to the seed loops are the
-result; on a GPU, DESIGN.md section 6's anchors are printed alongside.
+result; on a GPU, the reference figures in ANCHORS (below) are printed alongside.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class Preset:
     streams: int
 
 
-PRESETS = {  # DESIGN.md section 6 (byte vocabulary, k1 = 32, k2 = 128)
+PRESETS = {  # the project's reference configs (byte vocabulary, k1 = 32, k2 = 128)
     "small": Preset(256, 1, 64, 1),
     "small_b64": Preset(256, 1, 64, 64),
     "small_b256": Preset(256, 1, 64, 256),
@@ -56,7 +56,8 @@ DEFAULT_CONFIGS = {"cpu": "small,small_b64",
                    "cuda": "small,small_b256,small_b1024,large,large_b4096"}
 DEFAULT_STRATEGIES = {"cpu": "engine,recompute,seed_chunk_cell,seed_sliding_cell",
                       "cuda": "engine,engine_bf16,recompute,seed_chunk_cell,seed_sliding_cell"}
-# DESIGN.md section 6, "cuDNN recompute fp32" column (tokens/s, SGD, torch 2.11)
+# reference figures measured for the project before streamrnn existed: a plain cuDNN
+# recompute baseline in fp32 (tokens/s, SGD, torch 2.11), one per card and config
 ANCHORS = {
     ("H200", "small"): 4_703, ("H200", "small_b256"): 1.0e6, ("H200", "small_b1024"): 2.67e6,
     ("H200", "large"): 2_739, ("H200", "large_b4096"): 0.57e6,
@@ -313,7 +314,7 @@ def _bytes_needed(config: Config, preset: Preset, seconds: float) -> int:
 
 
 def default_base(overrides=()) -> Config:
-    """The benchmark's own defaults: SGD at lr 0.05, as DESIGN.md section 6 measured."""
+    """The benchmark's own defaults: SGD at lr 0.05, as the ANCHORS were measured."""
     return load_config(overrides=["train.optimizer=sgd", "train.lr=0.05", *overrides])
 
 

@@ -24,7 +24,9 @@ import numpy as np
 import zmq
 
 from .auth import secure_client
-from .wire import encode_tokens, pack
+from .wire import encode_tokens, pack, token_array
+
+DEFAULT_WINDOW = 64  # unacknowledged messages in flight (the daemon's queues allow for it)
 
 
 class ProducerError(Exception):
@@ -66,7 +68,8 @@ class _Stats:
 
 
 class Producer:
-    def __init__(self, endpoint: str, *, window: int = 64, max_tokens_per_message: int = 4096,
+    def __init__(self, endpoint: str, *, window: int = DEFAULT_WINDOW,
+                 max_tokens_per_message: int = 4096,
                  reply_timeout: float = 2.0, retry_seconds: float = 30.0,
                  context: zmq.Context | None = None, socket_options: dict | None = None,
                  keep_latencies: bool = False, server_key: str | None = None,
@@ -74,6 +77,7 @@ class Producer:
         """`server_key` (the daemon's NAME.key) and `client_key` (this producer's
         NAME.key_secret) turn on CURVE, for a daemon that requires it."""
         self.endpoint = endpoint
+        self.curve = bool(server_key or client_key)
         self.window, self.max_tokens = window, max_tokens_per_message
         self.reply_timeout, self.retry_seconds = reply_timeout, retry_seconds
         self.context = context or zmq.Context.instance()
@@ -86,14 +90,23 @@ class Producer:
             self.socket.setsockopt(option, value)
         if server_key or client_key:
             if not (server_key and client_key):
-                raise ProducerError("CURVE needs both the daemon's public key (server_key) "
-                                    "and this producer's secret key file (client_key)")
+                self.socket.close(linger=0)
+                given = "--server-key" if server_key else "--client-key"
+                raise ProducerError("CURVE needs both --server-key (the daemon's public "
+                                    "NAME.key) and --client-key (this producer's "
+                                    f"NAME.key_secret); only {given} was given")
             try:
                 secure_client(self.socket, server_key, client_key)
             except ValueError as e:
                 self.socket.close(linger=0)
                 raise ProducerError(str(e)) from None
-        self.socket.connect(endpoint)
+        try:
+            self.socket.connect(endpoint)
+        except zmq.ZMQError as e:  # not an endpoint at all: say so, not a traceback
+            self.socket.close(linger=0)
+            raise ProducerError(f"cannot connect to {endpoint!r}: "
+                                f"{zmq.strerror(e.errno).lower()}; expected tcp://HOST:PORT "
+                                "or ipc:///PATH") from None
         self.pending: OrderedDict[int, _Pending] = OrderedDict()  # by transmission id
         self.next_offset: dict[str, int] = {}   # where this producer appends next
         self.answers: dict[int, dict] = {}      # replies to position/status/... requests
@@ -117,9 +130,11 @@ class Producer:
     # ---- sending -------------------------------------------------------------------------
     def send(self, stream: str, tokens: Any, offset: int | None = None) -> None:
         """Append tokens to a stream (at `offset` if given: the position of the first one;
-        else after what this producer sent, or at the daemon's end for a new stream)."""
-        tokens = np.asarray(tokens if not isinstance(tokens, (bytes, bytearray))
-                            else np.frombuffer(tokens, np.uint8))
+        else after what this producer sent, or at the daemon's end for a new stream).
+        Tokens must be integers in 0 .. 2**32 - 1: anything else raises ValueError, and
+        nothing of that call is sent."""
+        tokens = token_array(tokens if not isinstance(tokens, (bytes, bytearray))
+                             else np.frombuffer(tokens, np.uint8))
         if offset is None:
             offset = self.next_offset.get(stream)
             if offset is None:
@@ -172,10 +187,10 @@ class Producer:
                         return answer
             else:
                 time.sleep(0.05)
-            if time.monotonic() - started > self.retry_seconds:
-                raise Unreachable(f"no answer from {self.endpoint} within "
-                                  f"{self.retry_seconds:g} s: is `streamrnn serve` running "
-                                  "there?")
+            waited = time.monotonic() - started
+            if waited > self.retry_seconds:
+                raise Unreachable(f"no answer from {self.endpoint} within {waited:.0f} s: "
+                                  f"{self._no_answer_hint()}")
 
     # ---- internals -------------------------------------------------------------------------
     def _send(self, message: dict | bytes) -> bool:
@@ -275,7 +290,7 @@ class Producer:
         now = time.monotonic()
         if self.pending and now - self.last_progress > self.retry_seconds:
             why = ("it kept answering busy (overloaded)" if self.stats.busy else
-                   "is `streamrnn serve` running there?")
+                   self._no_answer_hint())
             self.error = Unreachable(
                 f"no progress from {self.endpoint} for {self.retry_seconds:g} s with "
                 f"{len(self.pending)} messages unacknowledged: {why}")
@@ -292,6 +307,16 @@ class Producer:
             del self.pending[entry.transmission]
             self.stats.resends += 1
             self._transmit(entry)
+
+    def _no_answer_hint(self) -> str:
+        """Silence has two usual causes: no daemon, or one that requires CURVE and lets
+        this producer's handshake fail without a reply it could show."""
+        if self.curve:
+            return ("is `streamrnn serve` running there? Or it does not accept these CURVE "
+                    "keys: --server-key must be the daemon's public key, and this "
+                    "producer's public key must be in its ingest.curve_allowed_keys folder")
+        return ("is `streamrnn serve` running there? Or it requires CURVE keys "
+                "(--server-key, --client-key)")
 
     def _raise_error(self) -> None:
         if self.error is not None:

@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key."""
 
 
+class StartupError(Exception):
+    """The daemon cannot start as configured (a port in use, a folder it cannot use):
+    `streamrnn serve` logs the message and exits 2, which systemd does not restart."""
+
+
 def _opt(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"doc": doc, "choices": choices})
 
@@ -51,6 +56,10 @@ class TrainConfig:
     max_resident_streams: int = _opt(16384, "window-start states kept on the device; the "
                                      "least recently used others wait in host memory")
     device: str = _opt("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    cpu_threads: int = _opt(0, "CPU threads for torch's kernels (0 = torch's default, one "
+                            "per core); on a shared or busy host fewer avoid OpenMP "
+                            "oversubscription (a loaded 2-core host: 32 ms/update with 1 "
+                            "thread, 1140 ms with 2)")
     precision: str = _opt("fp32", "compute precision", choices=("fp32", "bf16", "fp64"))
     seed: int = _opt(0, "seed for the initial weights")
     flush_after_seconds: float = _opt(30.0, "daemon: a stream idle this long has its last "
@@ -76,6 +85,9 @@ class TrainConfig:
             raise ConfigError(f"train.flush_after_seconds = {self.flush_after_seconds} "
                               "must be >= 0 (0 = never)")
         _positive(self, "updates_per_turn")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"train.cpu_threads = {self.cpu_threads} must be >= 0 "
+                              "(0 = torch's default, one per core)")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device = {self.device!r}: expected auto, cpu, cuda "
                               "or cuda:N")
@@ -101,9 +113,18 @@ class IngestConfig:
                                    "producers allowed to send")
 
     def check(self) -> None:
-        if not re.fullmatch(r"(tcp://[^:]+:\d+|ipc://.+|inproc://.+)", self.endpoint):
-            raise ConfigError(f"ingest.endpoint = {self.endpoint!r}: expected "
-                              "tcp://HOST:PORT or ipc:///PATH")
+        problem = endpoint_problem(self.endpoint, bind=True)
+        if problem:
+            raise ConfigError(f"ingest.endpoint = {self.endpoint!r}: {problem}")
+        # one without the other would start without CURVE, open to anyone, while the
+        # operator believes producers must authenticate: refuse rather than guess
+        if bool(self.curve_secret_key) != bool(self.curve_allowed_keys):
+            given, empty = (("curve_secret_key", "curve_allowed_keys")
+                            if self.curve_secret_key else
+                            ("curve_allowed_keys", "curve_secret_key"))
+            raise ConfigError(f"ingest.{given} is set but ingest.{empty} is empty: CURVE "
+                              "needs both (the daemon's secret key file and the folder of "
+                              "allowed producer keys), or neither for no authentication")
         _positive(self, "max_message_bytes", "max_tokens_per_message", "max_stream_id_bytes",
                   "max_streams", "max_queued_tokens", "busy_retry_ms", "max_messages_per_turn")
         if self.max_queued_tokens < self.max_tokens_per_message:
@@ -120,7 +141,11 @@ class MetricsConfig:
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise ConfigError(f"metrics.port = {self.port} must be in 0 .. 65535")
+            raise ConfigError(f"metrics.port = {self.port} must be in 0 .. 65535 "
+                              "(0 = no metrics endpoint)")
+        if self.port and not self.address.strip():
+            raise ConfigError("metrics.address is empty: name the address to bind, e.g. "
+                              "127.0.0.1 (or set metrics.port = 0 for no metrics endpoint)")
 
 
 @dataclass(frozen=True)
@@ -158,6 +183,16 @@ class CheckpointConfig:
         return self.dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or \
             "streamrnn-state"
 
+    def resolved_dir_origin(self) -> str:
+        """How resolved_dir() was chosen, for messages about a folder that is not there."""
+        import os
+        if self.dir:
+            return "checkpoint.dir"
+        if os.environ.get("STATE_DIRECTORY", "").split(":")[0]:
+            return "$STATE_DIRECTORY (checkpoint.dir is empty)"
+        return ("the default, ./streamrnn-state (checkpoint.dir is empty, $STATE_DIRECTORY "
+                "not set)")
+
 
 @dataclass(frozen=True)
 class WalConfig:
@@ -185,6 +220,30 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def endpoint_problem(endpoint: str, bind: bool) -> str | None:
+    """What is wrong with a ZeroMQ endpoint, or None. ZeroMQ itself takes a port past
+    65535 modulo 65536 and binds somewhere else without a word, so ports are checked
+    here; a bind may also ask for any free port with `*`."""
+    expected = "expected tcp://HOST:PORT or ipc:///PATH"
+    transport, sep, address = endpoint.partition("://")
+    if not sep or not address:
+        return expected
+    if transport in ("ipc", "inproc"):
+        return None
+    if transport != "tcp":
+        return f"unknown transport {transport!r}: {expected}"
+    host, colon, port = address.rpartition(":")
+    if not colon or not host:
+        return f"{expected} (the host is missing)" if colon else \
+            f"{expected} (the port is missing)"
+    if bind and port == "*":
+        return None
+    if not re.fullmatch(r"[0-9]+", port) or not 1 <= int(port) <= 65535:
+        return (f"port {port!r} must be in 1 .. 65535" + (" (or * for any free port)"
+                                                           if bind else ""))
+    return None
+
+
 def _positive(section: Any, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
@@ -209,10 +268,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         for section, table in _read_toml(Path(path)).items():
             _merge(values, section, table, where=str(path))
     for item in overrides:
-        key, _, raw = item.partition("=")
-        section, _, name = key.strip().partition(".")
-        if not _ or not name:
-            raise ConfigError(f"override {item!r}: expected section.key=value, "
+        key, equals, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (equals and dot and section and name):
+            raise ConfigError(f"override {item!r}: expected SECTION.KEY=VALUE, "
                               "for example train.k1=16")
         _merge(values, section, {name: _parse_value(raw.strip())}, where="--set")
     return _build(values)

@@ -7,6 +7,8 @@ flushed so their last bytes are trained too.
 """
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import time
 from typing import BinaryIO, Iterator
@@ -77,5 +79,9 @@ def _open(paths: list[str]) -> list[tuple[str, BinaryIO]]:
 
 
 def _chunks(f: BinaryIO, size: int) -> Iterator[bytes]:
-    while data := f.read(size):
+    """Chunks of at most `size` bytes. A file is read in full chunks; a pipe or terminal
+    (`journalctl -f | streamrnn feed -`) gives whatever has arrived, at once: a full-size
+    read would hold a slow trickle back until `size` bytes piled up."""
+    read = f.read if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else f.read1
+    while data := read(size):
         yield data

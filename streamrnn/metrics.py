@@ -16,6 +16,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Inf
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 
+from .config import StartupError
 from .wire import REASONS, REQUEST_TYPES
 
 
@@ -43,9 +44,14 @@ class Metrics:
                                 "type.", ["type"], registry=r)
         self.rejected = Counter("streamrnn_messages_rejected", "Messages refused (nack), by "
                                 "reason.", ["reason"], registry=r)
+        # what ZeroMQ reports for a client without CURVE varies: a mechanism mismatch
+        # (protocol), the client hanging up mid-handshake (other), or both at once
         self.handshake_failures = Counter(
-            "streamrnn_handshake_failures", "Connections refused at the handshake: auth (a "
-            "CURVE key not allowed), protocol (e.g. no CURVE), other.", ["kind"], registry=r)
+            "streamrnn_handshake_failures", "Failed handshakes on the ingest endpoint (CURVE "
+            "on), by kind: auth (a CURVE key not in ingest.curve_allowed_keys), protocol (a "
+            "handshake ZeroMQ rejects, e.g. a client without CURVE), other (the peer hung "
+            "up during the handshake, e.g. a client without CURVE). One refused attempt may "
+            "count under both protocol and other.", ["kind"], registry=r)
         self.busy = Counter("streamrnn_busy_replies", "Token messages answered busy (queue "
                             "full) and not taken.", registry=r)
         self.flushes = Counter("streamrnn_stream_flushes", "Streams whose last targets were "
@@ -113,8 +119,14 @@ class Metrics:
         self.registry.register(_DeviceMemory(memory))
 
     def serve(self, address: str, port: int):
-        """Serve /metrics on a thread; returns (server, thread) for shutdown."""
-        return start_http_server(port, addr=address, registry=self.registry)
+        """Serve /metrics on a thread; returns (server, thread) for shutdown. An address
+        or port that cannot be bound is a StartupError in one line."""
+        try:
+            return start_http_server(port, addr=address, registry=self.registry)
+        except OSError as e:  # in use, not this host's, or a name that does not resolve
+            reason = e.strerror or str(e)
+            raise StartupError(f"cannot bind metrics.address:metrics.port {address}:{port}: "
+                               f"{reason[:1].lower()}{reason[1:]}") from None
 
 
 class _DeviceMemory:

@@ -6,13 +6,15 @@ what to answer is the daemon's. No torch here.
 """
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import auth
-from .config import IngestConfig
+from .config import IngestConfig, StartupError
 from .wire import pack
 
 
@@ -22,6 +24,15 @@ class Incoming:
     payload: bytes | None  # None: the frames did not have the shape of a request
 
 
+# Messages ZeroMQ queues per connection, each way. The Producer client keeps at most
+# 64 requests in flight (client.DEFAULT_WINDOW), so 256 leaves it (or a client with a few
+# times that window) room, while bounding what one connection can make the daemon hold
+# in memory to 256 messages of up to twice ingest.max_message_bytes. Beyond it ZeroMQ
+# stops reading that connection (TCP backpressure); a reply to a peer that does not read
+# them is dropped, and the peer asks again.
+QUEUED_MESSAGES_PER_CONNECTION = 256
+
+
 class Source:
     def __init__(self, config: IngestConfig, context: zmq.Context):
         self.socket = context.socket(zmq.ROUTER)
@@ -29,20 +40,26 @@ class Source:
         # the transport drops peers sending more than this; up to twice the message limit
         # they still get a readable "too_large" refusal from the daemon
         self.socket.maxmsgsize = 2 * config.max_message_bytes + 4096
-        self.socket.rcvhwm = 10_000
-        self.socket.sndhwm = 10_000
+        self.socket.rcvhwm = QUEUED_MESSAGES_PER_CONNECTION
+        self.socket.sndhwm = QUEUED_MESSAGES_PER_CONNECTION
         # reap half-open connections of producers that vanished
         self.socket.heartbeat_ivl = 10_000
         self.socket.heartbeat_timeout = 30_000
         self.authenticator = None
-        if config.curve_secret_key:
-            self.authenticator = auth.secure_server(self.socket, config.curve_secret_key,
-                                                    config.curve_allowed_keys, context)
-        # handshakes that fail (a key not allowed, a client without CURVE) are counted
-        self.monitor = self.socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-        self.socket.bind(config.endpoint)
+        self.curve = bool(config.curve_secret_key)  # producers must authenticate
+        self.monitor = None
+        try:
+            if self.curve:
+                self.authenticator = auth.secure_server(
+                    self.socket, config.curve_secret_key, config.curve_allowed_keys, context)
+            # handshakes that fail (a key not allowed, a client without CURVE) are counted
+            self.monitor = self.socket.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            _bind(self.socket, config.endpoint)
+        except BaseException:
+            self.close()  # no half-made socket or authenticator thread left behind
+            raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def receive(self, max_messages: int) -> list[Incoming]:
@@ -86,9 +103,27 @@ class Source:
 
     def close(self) -> None:
         if not self.socket.closed:
-            self.socket.disable_monitor()
-            self.monitor.close(linger=0)
+            if self.monitor is not None:
+                self.socket.disable_monitor()
+                self.monitor.close(linger=0)
             self.socket.close(linger=0)
         if self.authenticator is not None:
             self.authenticator.stop()
             self.authenticator = None
+
+
+def _bind(socket: zmq.Socket, endpoint: str) -> None:
+    """Bind, or a StartupError in one line that says what to change."""
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as e:
+        reason = zmq.strerror(e.errno)  # without the "(addr=...)" pyzmq appends
+        hint = {errno.EADDRINUSE: "another process listens there",
+                errno.ENODEV: "no interface or local address of that name on this host",
+                errno.EADDRNOTAVAIL: "that address is not one of this host's",
+                errno.EACCES: "not allowed for this user"}.get(e.errno)
+        if e.errno == errno.ENOENT and endpoint.startswith("ipc://"):
+            hint = f"the folder {os.path.dirname(endpoint[len('ipc://'):]) or '.'} " \
+                   "does not exist"
+        raise StartupError(f"cannot bind ingest.endpoint {endpoint}: {reason[:1].lower()}"
+                           f"{reason[1:]}" + (f" ({hint})" if hint else "")) from None

@@ -14,7 +14,7 @@ The window-start states live in a StatePool (pool.py): device tensors indexed by
 for the streams in use, host memory for idle ones beyond train.max_resident_streams.
 Forming a batch is a gather by slot, committing it a scatter (engine.py).
 
-`next_batch` plans one update of exact TBPTT(k1, k2) (see DESIGN.md section 1): for each
+`next_batch` plans one update of exact TBPTT(k1, k2) (README, "The exact semantics"): for each
 chosen stream a window of inputs [s, e) with e = trained_end + n (n = k1, or r < k1 on a
 flush), loss on the newest n targets, and the next start state taken at
 p = max(0, e + k1 - k2). The window is split at p into segment A = [s, p) and segment

@@ -15,10 +15,12 @@ import numpy as np
 
 # Refusal reasons: stable, machine-readable, one counter label each.
 REASONS = ("malformed", "too_large", "unknown_type", "bad_field", "bad_stream_id",
-           "too_many_tokens", "token_out_of_range", "gap", "too_many_streams")
+           "too_many_tokens", "token_out_of_range", "gap", "too_many_streams",
+           "backlogged", "internal")
 REQUEST_TYPES = ("tokens", "position", "status", "predict", "generate", "flush",
                  "checkpoint")
 MAX_GENERATE = 4096
+MAX_ID_BYTES = 256  # every reply echoes the id: a longer one would multiply what a reply costs
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ def decode(payload: bytes, limits: Limits) -> Request | Refusal:
         return Refusal("malformed", f"expected a msgpack map, got {type(message).__name__}")
     request_id = message.get("id")
     if request_id is not None and not _valid_id(request_id):
-        return Refusal("bad_field", "id must be an integer or a UTF-8 string")
+        return Refusal("bad_field", "id must be an integer or a UTF-8 string of at most "
+                       f"{MAX_ID_BYTES} bytes")
     try:
         return _decode_fields(message, request_id, limits)
     except _Refused as e:
@@ -87,13 +90,13 @@ def _request_id(payload: bytes) -> Any:
 
 
 def _valid_id(value: Any) -> bool:
-    """An id the reply can carry back: an int (not a bool) or a string of real UTF-8."""
+    """An id the reply can carry back: an int (not a bool) or a string of real UTF-8, at
+    most MAX_ID_BYTES long."""
     if type(value) is int:
         return -2**63 <= value < 2**64
     if isinstance(value, str):
         try:
-            value.encode("utf-8")
-            return True
+            return len(value.encode("utf-8")) <= MAX_ID_BYTES
         except UnicodeEncodeError:  # invalid UTF-8 decoded as surrogates
             return False
     return False
@@ -196,12 +199,44 @@ def pack(message: dict) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
 
-def encode_tokens(stream: str, offset: int, tokens: np.ndarray, request_id: Any = None,
+def token_array(tokens: Any) -> np.ndarray:
+    """Tokens as a 1-D integer array that fits the wire (0 .. 2**32 - 1), or ValueError.
+    Checked before anything is sent: a cast would turn -1 into 65535, 2.7 into 2 and
+    2**32 + 7 into 7, and the daemon would train on tokens nobody sent."""
+    array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise ValueError(f"tokens must be a flat sequence, got {array.ndim} dimensions")
+    if len(array) == 0:
+        return array.astype(np.int64)  # [] is float64 to numpy; nothing to check
+    values = array.tolist() if array.dtype == object else None
+    if values is not None and all(type(t) is int for t in values):
+        low, high = min(values), max(values)  # ints past 64 bits: numpy keeps objects
+    elif array.dtype.kind not in "iu":  # bool, float, str, ...
+        raise ValueError(f"tokens must be integers, got {array.dtype} values such as "
+                         f"{array[:1].tolist()[0]!r}")
+    else:
+        low, high = int(array.min()), int(array.max())
+    if low < 0:
+        raise ValueError(f"token {low} is negative: token ids are 0 .. {2**32 - 1}")
+    if high >= 2**32:
+        raise ValueError(f"token {high} does not fit the wire's 32 bits "
+                         f"(token ids are 0 .. {2**32 - 1})")
+    return array.astype(np.int64) if values is not None else array
+
+
+def encode_tokens(stream: str, offset: int, tokens: Any, request_id: Any = None,
                   width: int | None = None) -> bytes:
-    """A tokens message; tokens travel as little-endian uint16 when they fit, else uint32."""
-    tokens = np.asarray(tokens)
+    """A tokens message; tokens travel as little-endian uint16 when they fit, else uint32.
+    Tokens that are not integers in 0 .. 2**32 - 1 (or 2**16 - 1 for width 2) raise
+    ValueError."""
+    tokens = token_array(tokens)
+    high = int(tokens.max()) if len(tokens) else 0
     if width is None:
-        width = 2 if len(tokens) == 0 or int(tokens.max()) < 65536 else 4
+        width = 2 if high < 2**16 else 4
+    elif width not in (2, 4):
+        raise ValueError(f"width must be 2 or 4, got {width!r}")
+    elif width == 2 and high >= 2**16:
+        raise ValueError(f"token {high} does not fit width 2 (at most {2**16 - 1})")
     data = tokens.astype("<u2" if width == 2 else "<u4").tobytes()
     message = {"type": "tokens", "stream": stream, "offset": int(offset), "tokens": data,
                "width": width}

@@ -1,4 +1,5 @@
-"""An explicitly unrolled float64 TBPTT(k1, k2), written from DESIGN.md section 1 alone.
+"""An explicitly unrolled float64 TBPTT(k1, k2), written from the semantics alone
+(README, "The exact semantics").
 
 It shares nothing with the engine but the initial weights: its own gate equations, its
 own token bookkeeping, one cell step at a time, its own SGD and Adam, its own gradient

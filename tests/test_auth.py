@@ -1,15 +1,19 @@
 """Who may send: CURVE with an allow-list of producer keys, failing closed."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+import zmq
 
-from harness import DaemonProcess
+from harness import DaemonProcess, free_port
 from streamrnn.client import Producer, ProducerError, Unreachable
+from streamrnn.config import IngestConfig
+from streamrnn.source import Source
 
 
 @pytest.fixture
@@ -51,6 +55,11 @@ def test_only_listed_producers_get_in(tmp_path, keys):
         while True:
             with urllib.request.urlopen(d.metrics_url, timeout=10) as r:
                 text = r.read().decode()
+            # the help says where a client without CURVE is counted: other (or protocol)
+            help_line = next(line for line in text.splitlines()
+                             if line.startswith("# HELP streamrnn_handshake_failures_total"))
+            assert re.search(r"protocol \([^)]*without CURVE\)", help_line), help_line
+            assert re.search(r"other \([^)]*without CURVE\)", help_line), help_line
             failed = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
                       if line.startswith("streamrnn_handshake_failures_total{")}
             # the stranger fails auth; the plain client fails as protocol or other
@@ -68,7 +77,8 @@ def test_only_listed_producers_get_in(tmp_path, keys):
 @pytest.mark.parametrize("broken,message", [
     ("missing-secret", "cannot read key file"),
     ("public-as-secret", "holds no secret key"),
-    ("no-folder", "is not a folder"),
+    ("no-folder", "ingest.curve_allowed_keys = '{allowed}' does not exist"),
+    ("file-as-folder", "ingest.curve_allowed_keys = '{allowed}' is not a folder"),
     ("empty-folder", "no producer public keys"),
 ])
 def test_curve_fails_closed(tmp_path, keys, broken, message):
@@ -80,6 +90,8 @@ def test_curve_fails_closed(tmp_path, keys, broken, message):
         secret = keys / "server/server.key"
     elif broken == "no-folder":
         allowed = keys / "nowhere"
+    elif broken == "file-as-folder":
+        allowed = keys / "allowed/good.key"
     else:
         allowed = keys / "empty"
         allowed.mkdir()
@@ -87,11 +99,40 @@ def test_curve_fails_closed(tmp_path, keys, broken, message):
                                  f"ingest.curve_allowed_keys={allowed}"])
     d.start(wait=False)
     assert d.proc.wait(timeout=60) == 2
-    assert message in d.log() and "refusing to start" in d.log()
+    assert message.format(allowed=allowed) in d.log() and "refusing to start" in d.log()
+
+
+@pytest.mark.parametrize("half", ["curve_secret_key", "curve_allowed_keys"])
+def test_half_of_curve_is_refused_naming_both_keys(tmp_path, keys, half):
+    value = {"curve_secret_key": keys / "server/server.key_secret",
+             "curve_allowed_keys": keys / "allowed"}[half]
+    other = "curve_allowed_keys" if half == "curve_secret_key" else "curve_secret_key"
+    d = DaemonProcess(tmp_path, [f"ingest.{half}={value}"])
+    d.start(wait=False)
+    assert d.proc.wait(timeout=60) == 2  # not an open daemon the operator thinks is closed
+    assert f"config error: ingest.{half} is set but ingest.{other} is empty" in d.log()
+
+
+def test_source_says_whether_curve_is_on(tmp_path, keys):
+    context = zmq.Context()
+    try:
+        for curve, settings in ((False, {}), (True, {
+                "curve_secret_key": str(keys / "server/server.key_secret"),
+                "curve_allowed_keys": str(keys / "allowed")})):
+            source = Source(IngestConfig(endpoint=f"tcp://127.0.0.1:{free_port()}",
+                                         **settings), context)
+            try:
+                assert source.curve is curve
+            finally:
+                source.close()
+    finally:
+        context.term()
 
 
 def test_producer_key_errors_are_clear(keys):
-    with pytest.raises(ProducerError, match="both"):
+    # the flags the user types, not the library's parameter names
+    with pytest.raises(ProducerError, match="CURVE needs both --server-key .* and "
+                       "--client-key .*; only --server-key was given"):
         Producer("tcp://127.0.0.1:9", server_key=str(keys / "server/server.key"))
     with pytest.raises(ProducerError, match="cannot read key file"):
         Producer("tcp://127.0.0.1:9", server_key=str(keys / "server/missing.key"),

@@ -1,11 +1,20 @@
 """The command line as a user meets it: real subprocesses, real output."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+
+from harness import DaemonProcess
+from streamrnn.client import Producer
 
 
 def streamrnn(*args, timeout=120):
@@ -91,3 +100,189 @@ def test_bench_soak_checks_the_books(tmp_path):
         == (0, 0, 0)
     assert result["tokens_trained"] == result["tokens_sent"] - 4
     assert result["samples"] and result["samples"][-1]["rss_bytes"] > 0
+
+
+# ---- start-up failures: one line, exit 2 (systemd does not restart) ---------------------
+def occupied_port(stack: contextlib.ExitStack) -> int:
+    """A loopback port another socket listens on for as long as `stack` is open."""
+    s = stack.enter_context(socket.socket())
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["ingest in use", "ingest host", "ipc folder",
+                                  "metrics in use", "metrics host"])
+def test_startup_failures_are_one_clear_line(tmp_path, case):
+    with contextlib.ExitStack() as stack:
+        port = occupied_port(stack)
+        overrides, expected = {
+            "ingest in use": ([], f"cannot bind ingest.endpoint tcp://127.0.0.1:{port}: "
+                              "address already in use"),
+            "ingest host": ([f"ingest.endpoint=tcp://no-such-host.invalid:{port}"],
+                            f"cannot bind ingest.endpoint tcp://no-such-host.invalid:{port}: "
+                            "no such device"),
+            "ipc folder": ([f"ingest.endpoint=ipc://{tmp_path}/missing/ingest.sock"],
+                           f"cannot bind ingest.endpoint ipc://{tmp_path}/missing/ingest.sock: "
+                           f"no such file or directory (the folder {tmp_path}/missing does "
+                           "not exist)"),
+            "metrics in use": ([f"metrics.port={port}"], "cannot bind metrics.address:"
+                               f"metrics.port 127.0.0.1:{port}: address already in use"),
+            "metrics host": (["metrics.address=no-such-host.invalid"],
+                             "cannot bind metrics.address:metrics.port no-such-host.invalid:"),
+        }[case]
+        d = DaemonProcess(tmp_path, overrides, port=port if case == "ingest in use" else None)
+        d.start(wait=False)
+        assert d.proc.wait(timeout=120) == 2, d.log()
+    refusals = [e for e in d.events() if e.get("event") == "refusing to start"]
+    assert len(refusals) == 1, d.log()
+    assert refusals[0]["reason"].startswith(expected), refusals[0]["reason"]
+    assert "\n" not in refusals[0]["reason"] and "Traceback" not in d.log()
+
+
+# ---- keys --------------------------------------------------------------------------------
+def test_keys_generate_never_overwrites_silently(tmp_path):
+    out = streamrnn("keys", "generate", str(tmp_path), "--name", "server")
+    assert out.returncode == 0, out.stderr
+    secret = tmp_path / "server.key_secret"
+    before = secret.read_bytes()
+    out = streamrnn("keys", "generate", str(tmp_path), "--name", "server")
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith(f"streamrnn keys: {tmp_path / 'server.key'} already "
+                                         "exists") and "--force" in out.stderr
+    assert secret.read_bytes() == before  # the pair in use is untouched
+    (tmp_path / "server.key").unlink()    # half a pair left: still refused, by name
+    out = streamrnn("keys", "generate", str(tmp_path), "--name", "server")
+    assert out.returncode == 2 and str(secret) in out.stderr
+    out = streamrnn("keys", "generate", str(tmp_path), "--name", "server", "--force")
+    assert out.returncode == 0, out.stderr
+    assert secret.read_bytes() != before and (tmp_path / "server.key").exists()
+
+
+# ---- feed --------------------------------------------------------------------------------
+def test_feed_sends_what_a_pipe_has_without_waiting_for_more(tmp_path):
+    d = DaemonProcess(tmp_path, []).start()
+    feed = subprocess.Popen([sys.executable, "-m", "streamrnn", "feed", "--endpoint",
+                             d.endpoint, "--stream", "live", "-"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with Producer(d.endpoint, retry_seconds=30) as control:
+            for sent, line in enumerate([b"first line\n", b"second\n"]):
+                feed.stdin.write(line)
+                feed.stdin.flush()  # the pipe stays open: a live `journalctl -f`
+                expected = len(b"first line\n") + (len(line) if sent else 0)
+                deadline = time.monotonic() + 30
+                while control.position("live") < expected:
+                    assert feed.poll() is None, feed.stderr.read()
+                    assert time.monotonic() < deadline, "feed held the bytes back"
+                    time.sleep(0.1)
+                assert control.position("live") == expected
+        feed.stdin.close()
+        assert feed.wait(timeout=60) == 0, feed.stderr.read()
+    finally:
+        if feed.poll() is None:
+            feed.kill()
+            feed.wait()
+        assert d.stop() == 0
+
+
+def test_feed_reads_files_in_full_chunks(tmp_path):
+    from streamrnn.feed import _chunks
+    path = tmp_path / "data"
+    path.write_bytes(bytes(range(256)) * 100)
+    with open(path, "rb") as f:
+        sizes = [len(c) for c in _chunks(f, 5000)]
+    assert sizes == [5000] * 5 + [600]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["feed", "--chunk", "0", "x"], "argument --chunk: must be >= 1, got 0"),
+    (["feed", "--endpoint", "foo", "x"], "argument --endpoint: 'foo' (from --endpoint or "
+     "$STREAMRNN_ENDPOINT): expected tcp://HOST:PORT or ipc:///PATH"),
+    (["status", "--endpoint", "tcp://127.0.0.1:99999"], "port '99999' must be in 1 .. 65535"),
+    (["bench", "--rounds", "0"], "argument --rounds: must be >= 1"),
+    (["config", "--set", "train.k1"], "streamrnn: config error: override 'train.k1': "
+     "expected SECTION.KEY=VALUE, for example train.k1=16"),
+])
+def test_bad_arguments_are_one_clear_error(args, message):
+    out = streamrnn(*args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_shows_defaults_and_what_serve_answers():
+    from streamrnn.wire import REQUEST_TYPES
+    assert "seconds to wait for an answer (5)" in streamrnn("status", "--help").stdout
+    bench = " ".join(streamrnn("bench", "--help").stdout.split())
+    for default in ("time per strategy and config (12)", "--soak: length of the run (600)",
+                    "the median counts (3)", "where to write results (streamrnn-bench.json)"):
+        assert default in bench
+    assert "DESIGN.md" not in bench  # not in this repository
+    assert "wait for the daemon to write it (300)" in " ".join(
+        streamrnn("checkpoint", "--help").stdout.split())
+    serve = streamrnn("serve", "--help").stdout
+    assert all(kind in serve for kind in REQUEST_TYPES)
+
+
+@pytest.mark.parametrize("argv,seconds", [(["bench"], 12), (["bench", "--e2e"], 12),
+                                          (["bench", "--soak"], 600),
+                                          (["bench", "--soak", "--seconds", "5"], 5)])
+def test_bench_seconds_default_by_kind_of_run(argv, seconds):
+    from streamrnn.cli import bench_seconds, build_parser
+    assert bench_seconds(build_parser().parse_args(argv)) == seconds
+
+
+def test_readme_cites_no_missing_design_document():
+    assert "DESIGN.md" not in (Path(__file__).parent.parent / "README.md").read_text()
+
+
+# ---- checkpoints and status --------------------------------------------------------------
+def test_checkpoint_list_says_which_folder_is_missing_and_why(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
+    run = lambda *args, **more: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "streamrnn", "checkpoint", "list", *args], cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, env={**env, **more})
+    out = run()
+    assert out.returncode == 1
+    assert f"{tmp_path}/streamrnn-state/checkpoints does not exist" in out.stderr
+    assert "the default, ./streamrnn-state (checkpoint.dir is empty, $STATE_DIRECTORY " \
+        "not set)" in out.stderr
+    assert "streamrnn checkpoint list /var/lib/streamrnn/checkpoints" in out.stderr
+    out = run(STATE_DIRECTORY=str(tmp_path / "state"))
+    assert out.returncode == 1 and "it is $STATE_DIRECTORY (checkpoint.dir is empty)" \
+        in out.stderr
+    config = tmp_path / "c.toml"
+    config.write_text(f'[checkpoint]\ndir = "{tmp_path}/elsewhere"\n')
+    out = run("--config", str(config))
+    assert out.returncode == 1 and f"it is checkpoint.dir in {config}" in out.stderr
+    (tmp_path / "empty").mkdir()
+    out = run(str(tmp_path / "empty"))
+    assert (out.returncode, out.stdout.strip()) == (0, f"no checkpoints in {tmp_path}/empty")
+
+
+def test_status_shows_the_last_checkpoint_readably(tmp_path):
+    d = DaemonProcess(tmp_path, []).start()
+    try:
+        out = streamrnn("status", "--endpoint", d.endpoint)
+        assert out.returncode == 0, out.stderr
+        assert "last checkpoint none yet" in out.stdout
+        out = streamrnn("checkpoint", "save", "--endpoint", d.endpoint, "--timeout", "60")
+        assert out.returncode == 0, out.stderr
+        # from the daemon's folder, as on its host: the checkpoint's path resolves there
+        out = subprocess.run([sys.executable, "-m", "streamrnn", "status", "--endpoint",
+                              d.endpoint], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+        line = next(l for l in out.stdout.splitlines() if l.startswith("last checkpoint"))
+        assert re.fullmatch(r"last checkpoint \S+/checkpoint-\d+\.pt \(log position [\d,]+, "
+                            r"written \d+ s ago\)", line), line
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_checkpoint_elsewhere_has_no_age_but_says_why():
+    from streamrnn.cli import format_saved
+    text = format_saved({"path": "/nowhere/checkpoint-1.pt", "wal_seq": 1234, "seconds": 0.1})
+    assert text == ("/nowhere/checkpoint-1.pt (log position 1,234, age unknown: the file is "
+                    "not readable from here)")
+    assert "written 3 min ago" in format_saved({"path": "/nowhere/c.pt", "wal_seq": 1,
+                                                "created": time.time() - 200})

@@ -1,6 +1,7 @@
 """The producer client against real daemons: it waits for them, rides out restarts."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 
 from harness import DaemonProcess, free_port
+from streamrnn.auth import generate
 from streamrnn.client import Producer, ProducerError, Unreachable
+from streamrnn.wire import encode_tokens
 
 
 def test_producer_waits_for_a_daemon_that_starts_late(tmp_path):
@@ -83,3 +86,59 @@ def test_refusals_surface_as_errors(tmp_path):
             assert producer.position("ok") == 3 and producer.position("bad") == 0
     finally:
         assert d.stop() == 0
+
+
+INVALID_TOKENS = [
+    ([-1, 5], "token -1 is negative"),                      # was sent as 65535
+    ([1.9, 5], "tokens must be integers, got float64"),     # was truncated to 1
+    ([2**32 + 7], "token 4294967303 does not fit the wire's 32 bits"),  # was 7
+    ([2**64], "does not fit the wire's 32 bits"),
+    ([True, False], "tokens must be integers, got bool"),
+    (np.array([[1, 2]]), "tokens must be a flat sequence"),
+]
+
+
+def test_invalid_tokens_raise_before_anything_is_sent(tmp_path):
+    d = DaemonProcess(tmp_path, ["model.vocab_size=65536"]).start()
+    try:
+        with Producer(d.endpoint) as producer:
+            producer.send("s", [1, 2])
+            for tokens, message in INVALID_TOKENS:
+                with pytest.raises(ValueError, match=re.escape(message)):
+                    producer.send("s", tokens)
+            producer.flush(timeout=30)
+            assert producer.position("s") == 2  # nothing of the bad calls went out
+            producer.send("s", [3])             # and the producer carries on
+            producer.flush(timeout=30)
+            assert producer.position("s") == 3
+    finally:
+        assert d.stop() == 0
+
+
+def test_encode_tokens_checks_the_width():
+    with pytest.raises(ValueError, match="token 70000 does not fit width 2"):
+        encode_tokens("s", 0, [1, 70000], width=2)
+    assert encode_tokens("s", 0, [1, 70000])  # width 4 chosen by itself
+    assert encode_tokens("s", 0, [])          # an empty message is fine
+
+
+def test_no_answer_names_both_causes_and_the_flags(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Producer(endpoint, retry_seconds=1) as producer:
+        with pytest.raises(Unreachable) as info:
+            producer.status()
+    assert "is `streamrnn serve` running there? Or it requires CURVE keys (--server-key, " \
+        "--client-key)" in str(info.value)
+    public, secret = generate(str(tmp_path), "me")
+    with Producer(endpoint, retry_seconds=1, server_key=str(public),
+                  client_key=str(secret)) as producer:
+        with pytest.raises(Unreachable, match="in its ingest.curve_allowed_keys folder"):
+            producer.status()
+    with pytest.raises(ProducerError, match="only --client-key was given"):
+        Producer(endpoint, client_key=str(secret))
+
+
+def test_a_bad_endpoint_is_a_clear_error():
+    with pytest.raises(ProducerError, match="cannot connect to 'foo': invalid argument; "
+                       "expected tcp://HOST:PORT"):
+        Producer("foo")

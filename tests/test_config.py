@@ -39,12 +39,54 @@ def test_file_then_overrides(tmp_path):
     (["train.grad_clip=-1"], "train.grad_clip = -1.0 must be >= 0"),
     (["train.optimiser=sgd"], "unknown key train.optimiser (did you mean 'optimizer'?)"),
     (["trian.k1=3"], "unknown section [trian] (did you mean 'train'?)"),
-    (["k1=3"], "expected section.key=value"),
+    (["k1=3"], "override 'k1=3': expected SECTION.KEY=VALUE"),
+    (["train.k1"], "override 'train.k1': expected SECTION.KEY=VALUE"),
+    ([".k1=3"], "expected SECTION.KEY=VALUE"),
+    (["train.=3"], "expected SECTION.KEY=VALUE"),
+    (["train.cpu_threads=-1"], "train.cpu_threads = -1 must be >= 0"),
+    # ZeroMQ would bind 99999 - 65536 = 34463 without a word
+    (["ingest.endpoint=tcp://127.0.0.1:99999"],
+     "ingest.endpoint = 'tcp://127.0.0.1:99999': port '99999' must be in 1 .. 65535"),
+    (["ingest.endpoint=tcp://127.0.0.1:0"], "ingest.endpoint = 'tcp://127.0.0.1:0': port"),
+    (["ingest.endpoint=tcp://127.0.0.1:http"], "port 'http' must be in 1 .. 65535"),
+    (["ingest.endpoint=tcp://:5557"], "ingest.endpoint = 'tcp://:5557': expected "
+     "tcp://HOST:PORT or ipc:///PATH (the host is missing)"),
+    (["ingest.endpoint=tcp://127.0.0.1"], "(the port is missing)"),
+    (["ingest.endpoint=udp://127.0.0.1:5557"], "unknown transport 'udp'"),
+    (["ingest.endpoint=localhost:5557"], "ingest.endpoint = 'localhost:5557': expected"),
+    (["metrics.port=70000"], "metrics.port = 70000 must be in 0 .. 65535"),
+    (["metrics.address="], "metrics.address is empty"),
+    # half of CURVE would start open to anyone: both keys named
+    (["ingest.curve_allowed_keys=/etc/streamrnn/producers"],
+     "ingest.curve_allowed_keys is set but ingest.curve_secret_key is empty"),
+    (["ingest.curve_secret_key=/etc/streamrnn/keys/server.key_secret"],
+     "ingest.curve_secret_key is set but ingest.curve_allowed_keys is empty"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(overrides=overrides)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("endpoint", [
+    "tcp://127.0.0.1:5557", "tcp://*:5557", "tcp://127.0.0.1:*", "tcp://[::1]:5557",
+    "tcp://eth0:1", "tcp://localhost:65535", "ipc:///run/streamrnn/ingest.sock",
+    "inproc://ingest"])
+def test_endpoints_that_bind(endpoint):
+    assert load_config(overrides=[f"ingest.endpoint={endpoint}"]).ingest.endpoint == endpoint
+
+
+def test_cpu_threads():
+    assert load_config().train.cpu_threads == 0  # torch's default: one per core
+    assert load_config(overrides=["train.cpu_threads=1"]).train.cpu_threads == 1
+    assert "OpenMP oversubscription" in format_config(load_config())
+
+
+def test_curve_needs_both_keys_or_neither():
+    config = load_config(overrides=["ingest.curve_secret_key=/k/server.key_secret",
+                                    "ingest.curve_allowed_keys=/k/producers"])
+    assert config.ingest.curve_secret_key and config.ingest.curve_allowed_keys
+    assert not load_config().ingest.curve_secret_key
 
 
 def test_bad_files(tmp_path):

@@ -310,3 +310,42 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path):
     out = run(promtool(), "check", "rules", path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"SUCCESS: {len(rules)} rules found" in out.stdout
+
+
+# ---- what deploy/ tells operators -------------------------------------------------------
+def test_example_config_sets_every_key():
+    """Every key is written out: an operator sees what exists (nothing left commented
+    out as if it were not there yet), and `streamrnn config` documents the values."""
+    import tomllib
+    tree = tomllib.loads((DEPLOY / "config.toml").read_text())
+    for section, spec in Config.__dataclass_fields__.items():
+        keys = list(spec.default_factory.__dataclass_fields__)  # type: ignore[union-attr]
+        assert list(tree[section]) == keys, section
+
+
+def test_unit_documents_a_memory_cap_and_installs_from_the_checkout():
+    text = UNIT.read_text()
+    assert re.search(r"^# MemoryMax=\S+$", text, re.M)  # commented: site policy
+    assert "MemoryMax" not in "".join(unit_settings(text))
+    assert re.search(r"pip install \.$", text, re.M) and "./streamrnn" not in text
+
+
+def test_readme_checkpoint_folder_is_where_the_service_keeps_them(
+        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/streamrnn")  # what StateDirectory= sets
+    state = streamrnn.load_config(DEPLOY / "config.toml").checkpoint.resolved_dir()
+    assert f"streamrnn checkpoint list {state}/checkpoints" in (DEPLOY / "README.md").read_text()
+
+
+def test_readme_steps_work_on_a_fresh_host():
+    text = (DEPLOY / "README.md").read_text()
+    # the producers' folder is created before keys are copied into it
+    created = re.search(r"^install -d\b.* /etc/streamrnn/producers$", text, re.M)
+    copied = re.search(r"^install .*\S /etc/streamrnn/producers/$", text, re.M)
+    assert created and copied and created.start() < copied.start()
+    # an existing Prometheus config is merged into, never replaced
+    assert not re.search(r"^install .*prometheus\.yml", text, re.M)
+    assert "rule_files:" in text and "job_name: streamrnn" in text
+    # the torch build is a choice, said out loud
+    assert "--index-url https://download.pytorch.org/whl/cpu" in text
+    assert "Python 3.11" in text

@@ -275,6 +275,12 @@ HAND = [
     hostile("id a float (not echoed)", message(1.5, type="status"), "bad_field"),
     hostile("id bin (not echoed)", message(b"x", type="status"), "bad_field"),
     hostile("id an array (not echoed)", message([1], type="status"), "bad_field"),
+    # every reply echoes the id: a long one would be copied into each of them
+    hostile("id of 257 bytes (not echoed)", message("i" * 257, type="status"), "bad_field"),
+    hostile("id of 129 two-byte characters (not echoed)", tokens_msg("é" * 129),
+            "bad_field"),
+    hostile("id of 1 MiB in a too large message (not echoed)",
+            message("i" * 70_000, type="status"), "too_large"),
     # bad_stream_id
     hostile("stream an int", tokens_msg(4, stream=5), "bad_stream_id", 4),
     hostile("stream bin", tokens_msg(stream=b"bytes"), "bad_stream_id"),
@@ -362,6 +368,29 @@ def test_a_float_width_is_a_bad_field(daemon, client):
     check_refused(daemon, client, hostile(
         "width 2.0", tokens_msg(stream="hostile-float-width", tokens=u16([1, 2]), width=2.0),
         "bad_field"), 0)
+
+
+def test_an_id_of_256_bytes_is_echoed(daemon, client):
+    rid = "é" * 128  # 256 bytes of UTF-8: the longest id there is
+    reply = exchange(client, [encode({"type": "position", "stream": "x", "id": rid})])
+    assert reply == {"type": "position", "stream": "x", "next_offset": 0, "id": rid}
+
+
+def test_router_queues_are_bounded_per_connection():
+    """ZeroMQ queues this many messages per connection before the daemon reads them: it
+    must hold a Producer's whole window, and not ten thousand 2 MiB messages."""
+    from harness import free_port
+    from streamrnn.client import DEFAULT_WINDOW
+    from streamrnn.config import IngestConfig
+    from streamrnn.source import Source
+    context = zmq.Context()
+    source = Source(IngestConfig(endpoint=f"tcp://127.0.0.1:{free_port()}"), context)
+    try:
+        for queue in (source.socket.rcvhwm, source.socket.sndhwm):
+            assert 2 * DEFAULT_WINDOW <= queue <= 8 * DEFAULT_WINDOW, queue
+    finally:
+        source.close()
+        context.term()
 
 
 def test_a_bool_id_is_a_bad_field(daemon, client):
