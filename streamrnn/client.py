@@ -170,6 +170,14 @@ class Producer:
     def status(self) -> dict:
         return self.request({"type": "status"})
 
+    def end(self, stream: str) -> dict:
+        """Say the stream has ended (after sending all of it: call flush() first): the
+        daemon trains what is left, then forgets the stream; its id may start again
+        from offset 0 once `position` reports 0."""
+        reply = self.request({"type": "end", "stream": stream})
+        self.next_offset.pop(stream, None)
+        return reply
+
     def request(self, message: dict) -> dict:
         """Send a request and wait for its answer, asking again while the daemon is away."""
         started = time.monotonic()

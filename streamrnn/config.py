@@ -101,7 +101,7 @@ class IngestConfig:
                                   "over twice this, the sender is disconnected")
     max_tokens_per_message: int = _opt(65536, "more tokens in one message are refused")
     max_stream_id_bytes: int = _opt(256, "longest stream id, in UTF-8 bytes")
-    max_streams: int = _opt(100_000, "live streams at most; tokens for more are refused")
+    max_streams: int = _opt(100_000, "streams at most (an end request frees one); tokens for more are refused")
     max_queued_tokens: int = _opt(4_000_000, "received but untrained tokens at most; "
                                   "beyond it producers are told busy")
     busy_retry_ms: int = _opt(100, "retry hint sent with busy")
@@ -278,11 +278,18 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def config_from_dict(tree: dict[str, dict[str, Any]]) -> Config:
-    """A Config from a nested dict such as `Config.to_dict()` gives (checkpoints)."""
-    values: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
+    """A Config from a nested dict such as `Config.to_dict()` gives: what a checkpoint or
+    the log saved, to compare with the running config. Lenient on purpose: keys another
+    version added or dropped are ignored and the value checks are not rerun (a rule
+    added since must not make an old checkpoint unreadable); only what compares matters."""
+    sections = _sections()
+    values: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for section, table in tree.items():
-        _merge(values, section, table, where="saved config")
-    return _build(values)
+        if section in sections and isinstance(table, dict):
+            known = {f.name for f in dataclasses.fields(sections[section])}
+            _merge(values, section, {k: v for k, v in table.items() if k in known},
+                   where="saved config")
+    return Config(**{name: cls(**values[name]) for name, cls in sections.items()})
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from . import auth, faults, logs, wire
 from .config import Config, StartupError
 from .learner import LearnResult, Learner
 from .durability import FLUSH_RECORD_STREAMS, Durability, IncompatibleState, LogFull
+from .wal import WalSyncFailed
 from .metrics import Metrics
 from .source import Incoming, Source
 from .systemd import Notifier
@@ -197,6 +198,8 @@ class Daemon:
         try:
             faults.maybe_fail(f"request_{request.type}")
             reply = getattr(self, f"_on_{request.type}")(request)
+        except WalSyncFailed:
+            raise  # nothing more may be acknowledged: end (the next start replays the log)
         except Exception as e:  # a bug or a sick model (NaN weights) must not end the daemon
             self.log.exception("request failed", type=request.type)
             reply = _nack("internal", f"{request.type} failed in the daemon: "
@@ -220,6 +223,10 @@ class Daemon:
                          f"expected offset is {expected}", stream=r.stream,
                          next_offset=expected)
         new = r.tokens[expected - r.offset:]
+        if len(new) and r.stream in streams.ended:
+            return _nack("ended", f"stream {r.stream!r} has ended (an end request); its id "
+                         "is free again once its last tokens are trained and it is "
+                         "forgotten: then position reports 0", stream=r.stream)
         if len(new):
             if r.stream not in streams.row_of and \
                     len(streams.ids) >= self.config.ingest.max_streams:
@@ -289,10 +296,25 @@ class Daemon:
             self.last_seen.move_to_end(stream, last=False)
         return {"type": "flush", "stream": r.stream, "scheduled": len(scheduled)}
 
+    def _on_end(self, r: wire.Request) -> dict:
+        streams = self.learner.streams
+        known = r.stream in streams.row_of
+        if known and r.stream not in streams.ended:
+            if not self.durability.log_end(r.stream):
+                self.metrics.busy.inc()
+                return {"type": "busy", "stream": r.stream, "retry_after_ms": 1000}
+            self.learner.end(r.stream)
+        if known:  # flushed (and so forgotten) at the next housekeeping with no backlog
+            self.last_seen[r.stream] = -math.inf
+            self.last_seen.move_to_end(r.stream, last=False)
+        return {"type": "ended", "stream": r.stream, "known": known,
+                "next_offset": streams.next_offset(r.stream)}
+
     def _on_checkpoint(self, r: wire.Request) -> dict:
-        last = self.durability.last_checkpoint
-        if last is not None and last.wal_seq == self.durability.wal_seq and \
-                self.durability.wal is not None:
+        last, durability = self.durability.last_checkpoint, self.durability
+        if last is not None and durability.wal is not None and \
+                last.wal_seq == durability.wal_seq and \
+                self.learner.updates == durability.updates_at_checkpoint:
             return {"type": "checkpoint", "ok": True, **_saved(last)}  # nothing new since
         saved = self.durability.checkpoint(wait=True)
         if saved is None:
@@ -393,9 +415,11 @@ class Daemon:
                     self.last_seen[stream] = -math.inf
                     self.last_seen.move_to_end(stream, last=False)
                 return
-            result = self.learner.flush(group)
+            before = len(self.learner.streams.ids)
+            result = self.learner.flush(group)  # also forgets ended streams it emptied
             self.account(result, time.perf_counter() - started)
             self.metrics.flushes.inc(result.streams)
+            self.metrics.streams_ended.inc(before - len(self.learner.streams.ids))
 
     def _count_refusal(self, reason: str, message: str) -> None:
         self.metrics.rejected.labels(reason).inc()

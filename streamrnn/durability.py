@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,6 +44,8 @@ class Durability:
     def __init__(self, config: Config, learner: Learner, metrics, log):
         self.config, self.learner, self.metrics, self.log = config, learner, metrics, log
         self.root = Path(config.checkpoint.resolved_dir())
+        self.lock_file = None
+        self._lock()  # before anything in the folder is touched
         self.checkpoints = Checkpoints(self.root / "checkpoints", config.checkpoint.keep)
         self.wal: WriteAheadLog | None = None
         self.wal_seq = 0                     # the newest record applied
@@ -52,7 +55,6 @@ class Durability:
         self.updates_at_checkpoint = 0
         self.full_since: float | None = None  # the log's disk is full since then
         self.last_probe = 0.0
-        self.lock_file = None
 
     # ---- start -----------------------------------------------------------------------------
     def recover(self, fresh: bool = False, should_stop: Callable[[], bool] = lambda: False,
@@ -60,7 +62,6 @@ class Durability:
         """Load the newest good checkpoint and replay the log after it. `should_stop` is
         asked between records (a stop request during a long replay); `progress` gets a
         status line every few seconds of replay."""
-        self._lock()
         if fresh:
             self._set_aside()
         loaded = self.checkpoints.load_newest(self._unreadable)
@@ -74,6 +75,9 @@ class Durability:
                     f"{', '.join(differing)}. Use that config, or start afresh with "
                     "`streamrnn serve --fresh` (the old state is moved aside, not deleted)")
             self.learner.load_state_dict(state["learner"])
+            # the batch width of the updates logged after it (see _apply's "config")
+            self.learner.max_batch_streams = int(state.get(
+                "batch_streams", self.config.train.max_batch_streams))
             torch.set_rng_state(state["rng"])
             self.wal_seq = int(state["wal_seq"])
             self.last_checkpoint = Saved(path, self.wal_seq, 0.0)
@@ -95,6 +99,8 @@ class Durability:
         replayed = self._replay(should_stop, progress, loaded is not None)
         if should_stop():
             return  # the rest of the log stays for the next start
+        # replayed to the end: from here on, updates run as this config says
+        self.learner.max_batch_streams = self.config.train.max_batch_streams
         if self.config.wal.mode == "off":
             self._retire_log()
         else:
@@ -103,29 +109,26 @@ class Durability:
     def _replay(self, should_stop, progress, from_checkpoint: bool) -> int:
         replayed_tokens = replayed = 0
         started = next_status = time.monotonic()
-        try:
-            for record in self.wal.records_after(self.wal_seq):
-                if record["q"] != self.wal_seq + 1:
-                    where = (f"the checkpoint covers records up to {self.wal_seq}"
-                             if from_checkpoint else "no checkpoint could be loaded")
-                    raise IncompatibleState(
-                        f"the log in {self.root / 'wal'} continues at record {record['q']} "
-                        f"but {where}: acknowledged input in between would be lost. "
-                        "Restore the missing checkpoint or log files, or start afresh "
-                        "with `streamrnn serve --fresh`")
-                replayed_tokens += self._apply(record)
-                replayed += 1
-                self.wal_seq = record["q"]
-                if time.monotonic() >= next_status:
-                    next_status = time.monotonic() + REPLAY_STATUS_SECONDS
-                    progress(f"replaying the log: record {self.wal_seq}, "
-                             f"{self.learner.updates:,} updates")
-                    if should_stop():
-                        self.log.warning("stop requested during replay; the rest of the "
-                                         "log stays for the next start", at=self.wal_seq)
-                        break
-        finally:
-            self.learner.max_batch_streams = self.config.train.max_batch_streams
+        for record in self.wal.records_after(self.wal_seq):
+            if record["q"] != self.wal_seq + 1:
+                where = (f"the checkpoint covers records up to {self.wal_seq}"
+                         if from_checkpoint else "no checkpoint could be loaded")
+                raise IncompatibleState(
+                    f"the log in {self.root / 'wal'} continues at record {record['q']} "
+                    f"but {where}: acknowledged input in between would be lost. "
+                    "Restore the missing checkpoint or log files, or start afresh "
+                    "with `streamrnn serve --fresh`")
+            replayed_tokens += self._apply(record)
+            replayed += 1
+            self.wal_seq = record["q"]
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + REPLAY_STATUS_SECONDS
+                progress(f"replaying the log: record {self.wal_seq}, "
+                         f"{self.learner.updates:,} updates")
+                if should_stop():
+                    self.log.warning("stop requested during replay; the rest of the "
+                                     "log stays for the next start", at=self.wal_seq)
+                    break
         self.metrics.recovery_replayed_tokens.inc(replayed_tokens)
         seconds = time.monotonic() - started
         if replayed:
@@ -149,6 +152,8 @@ class Durability:
                     f"state it follows in {self.root}")
         elif kind == "flush":
             self.learner.flush(record["s"])
+        elif kind == "end":
+            self.learner.end(record["s"])
         elif kind == "config":
             # the config the following records were made with: same model, and their
             # updates replayed with the batch width they ran with
@@ -204,11 +209,12 @@ class Durability:
     def _set_aside(self) -> None:
         """--fresh: move checkpoints and log into a dated folder inside the state folder
         (the folder itself may be a mount point, as systemd's StateDirectory is)."""
-        parts = [self.root / name for name in ("checkpoints", "wal") if (self.root / name).exists()]
+        parts = [self.root / name for name in ("checkpoints", "wal")
+                 if (self.root / name).is_dir() and any((self.root / name).iterdir())]
         if not parts:
             return
-        aside = self.root / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir()
+        aside = Path(tempfile.mkdtemp(prefix=f"previous-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                      dir=self.root))
         for part in parts:
             part.rename(aside / part.name)
         self.checkpoints = Checkpoints(self.root / "checkpoints", self.config.checkpoint.keep)
@@ -225,6 +231,10 @@ class Durability:
     def log_train(self) -> None:
         if not self._append({"t": "train"}):
             raise LogFull()
+
+    def log_end(self, stream: str) -> bool:
+        """Log that a stream ended; False if the log cannot take it (disk full)."""
+        return self.healthy and self._append({"t": "end", "s": stream})
 
     def log_flush(self, streams: list[str]) -> None:
         """(At most FLUSH_RECORD_STREAMS streams: the daemon flushes in groups.)"""
@@ -292,7 +302,8 @@ class Durability:
         if self.wal is not None:
             self.wal.sync()
         state = {"learner": _snapshot(self.learner.state_dict()),
-                 "rng": torch.get_rng_state(), "version": _version()}
+                 "rng": torch.get_rng_state(), "version": _version(),
+                 "batch_streams": self.learner.max_batch_streams}
         self.next_due = time.monotonic() + (
             self.config.checkpoint.interval_seconds or float("inf"))
         self.updates_at_checkpoint = self.learner.updates

@@ -5,7 +5,7 @@
     STREAMRNN_FAIL_AT=checkpoint_write:1  raise ENOSPC from the 1st time on (disk full)
     STREAMRNN_HANG_AT=turn:50           the main loop stops forever on its 50th turn
 
-Points: wal_write, wal_rotate, wal_fsync, checkpoint_write, turn, request_<type>. Unset (always, outside tests), each check
+Points: wal_write, wal_rotate, wal_fsync (crash or fail), checkpoint_write, turn, request_<type>. Unset (always, outside tests), each check
 is one dictionary lookup.
 """
 from __future__ import annotations

@@ -74,6 +74,9 @@ class Learner:
         each update takes the oldest ready window of up to train.max_batch_streams
         streams. All tokens are checked first, so a bad one changes nothing."""
         checked = {sid: self.check_tokens(t) for sid, t in tokens_by_stream.items()}
+        ended = [sid for sid, t in checked.items() if len(t) and sid in self.streams.ended]
+        if ended:
+            raise ValueError(f"stream {ended[0]!r} has ended: it takes no more tokens")
         for sid, tokens in checked.items():
             self.streams.append(sid, tokens)
         return self.train()
@@ -89,9 +92,19 @@ class Learner:
         replies wait for one update, not for a whole turn); returning False stops."""
         return self._train((None,), max_updates, between)
 
+    def end(self, stream_id: StreamId) -> bool:
+        """The stream gets no more tokens: the next flush that trains its last targets
+        also forgets it (tokens, state and id: the id may then start again from offset
+        0), so streams that come and go do not pile up. False if the stream is unknown."""
+        if stream_id not in self.streams.row_of:
+            return False
+        self.streams.ended.add(stream_id)
+        return True
+
     def flush(self, stream_id: StreamId | Iterable[StreamId] | None = None) -> LearnResult:
         """Train the last r < k1 targets of a stream, of several, or of all (None) in a
-        shorter update, so nothing received stays untrained. Streams continue afterwards."""
+        shorter update, so nothing received stays untrained. Streams continue afterwards,
+        except ended ones (see `end`), which are forgotten once nothing is left to train."""
         if stream_id is None:
             ids = self.streams.ids
         elif isinstance(stream_id, (list, tuple, set, frozenset)):
@@ -102,7 +115,10 @@ class Learner:
                         np.int64)
         if len(rows) == 0:
             return LearnResult()
-        return self._train((None, rows))  # full windows first, then the remainders
+        result = self._train((None, rows))  # full windows first, then the remainders
+        if self.streams.ended:
+            self.streams.forget_ended()
+        return result
 
     def _train(self, phases: tuple, max_updates: int | None = None,
                between: Callable[[], bool] | None = None) -> LearnResult:
@@ -153,7 +169,7 @@ class Learner:
     @property
     def untrained_tokens(self) -> int:
         """Targets received but not trained yet, over all streams."""
-        return self.streams.total_tokens - self.streams.num_nonempty - self.tokens_trained
+        return self.streams.untrained_total
 
     # ---- prediction --------------------------------------------------------------------
     @torch.no_grad()

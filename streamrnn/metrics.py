@@ -56,6 +56,9 @@ class Metrics:
                             "full) and not taken.", registry=r)
         self.flushes = Counter("streamrnn_stream_flushes", "Streams whose last targets were "
                                "trained by a flush (idle or requested).", registry=r)
+        self.streams_ended = Counter(
+            "streamrnn_streams_forgotten", "Ended streams (end request) forgotten once "
+            "their last targets were trained: their ids are free again.", registry=r)
         self.update_seconds = Histogram(
             "streamrnn_update_duration_seconds", "Wall time per update (a training turn's "
             "time over its updates; the turn ends with a device sync).",

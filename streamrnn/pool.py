@@ -61,6 +61,24 @@ class StatePool:
             self._bring_in(missing, free[:len(missing)])
         return self.slot_of_row[rows]
 
+    def drop(self, row: int) -> None:
+        """Forget the row's state (its slot, if any, is free for another stream)."""
+        slot = self.slot_of_row[row]
+        if slot >= 0:
+            self.row_of_slot[slot] = -1
+        self.slot_of_row[row], self.last_used[row] = -1, 0
+        self.host.pop(row, None)
+
+    def move(self, source: int, target: int) -> None:
+        """The state of row `source` becomes row `target`'s (target was dropped)."""
+        slot = self.slot_of_row[source]
+        self.slot_of_row[target], self.last_used[target] = slot, self.last_used[source]
+        if slot >= 0:
+            self.row_of_slot[slot] = target
+        if source in self.host:
+            self.host[target] = self.host.pop(source)
+        self.slot_of_row[source], self.last_used[source] = -1, 0
+
     def state(self, row: int) -> tuple[torch.Tensor, ...]:
         """The row's state, (layers, 1, hidden) each, on the device, without moving it."""
         slot = self.slot_of_row[row]

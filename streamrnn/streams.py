@@ -144,8 +144,9 @@ class StreamTable:
         self.waiting: dict[int, int] = {}  # tokens in each row's overflow queue
         self.turn = 0  # batches planned so far; orders streams fairly
         self._geometries: dict[tuple, Geometry] = {}
-        self.total_tokens = 0   # tokens received, all streams (overflow included)
-        self.num_nonempty = 0   # streams with at least one token
+        self.total_tokens = 0      # tokens received, over the table's life
+        self.untrained_total = 0   # targets received but not trained, all streams
+        self.ended: set[StreamId] = set()  # streams that get no more tokens (see forget)
         self._grow(capacity)
 
     # ---- intake ------------------------------------------------------------------
@@ -164,10 +165,12 @@ class StreamTable:
         """Queue validated tokens (int32, each < vocab) at the end of the stream."""
         if len(tokens) == 0:
             return
+        if stream_id in self.ended:
+            raise ValueError(f"stream {stream_id!r} has ended: it takes no more tokens")
         row = self.row(stream_id)
-        if self.next_offset(stream_id) == 0:
-            self.num_nonempty += 1
+        first = self.next_offset(stream_id) == 0  # the first token is no target
         self.total_tokens += len(tokens)
+        self.untrained_total += len(tokens) - first
         self.states.touch(row)
         if row in self.overflow:
             self.overflow[row].append(tokens)
@@ -276,7 +279,40 @@ class StreamTable:
         windows = lines[rows, s % self.ring_width]
         self.trained_end[rows] = e
         self.start_pos[rows] = p
+        self.untrained_total -= int(n.sum())
         return Batch(rows, self.states.slots(rows), windows, geometry)
+
+    # ---- streams that end --------------------------------------------------------------
+    def forget_ended(self) -> list[StreamId]:
+        """Remove the ended streams that have nothing left to train: tokens, state and
+        id go (the id may start again from offset 0). The last row moves into each hole,
+        so rows stay dense; the same calls in the same order (a replay) move the same."""
+        done = [sid for sid in sorted(self.ended, key=self.row_of.__getitem__, reverse=True)
+                if self.untrained(sid) == 0]
+        for sid in done:
+            self._remove(self.row_of.pop(sid))
+            self.ended.discard(sid)
+        return done
+
+    def _remove(self, row: int) -> None:
+        self.overflow.pop(row, None)
+        self.waiting.pop(row, None)
+        self.states.drop(row)
+        last = len(self.ids) - 1
+        if row != last:
+            moved = self.ids[last]
+            for array in (self.num_tokens, self.trained_end, self.start_pos,
+                          self.last_served, self.ring):
+                array[row] = array[last]
+            if last in self.overflow:
+                self.overflow[row], self.waiting[row] = (self.overflow.pop(last),
+                                                         self.waiting.pop(last))
+            self.states.move(last, row)
+            self.ids[row] = moved
+            self.row_of[moved] = row
+        self.ids.pop()
+        for array in (self.num_tokens, self.trained_end, self.start_pos, self.last_served):
+            array[last] = 0  # a new stream takes this row next: it must start clean
 
     # ---- capacity and persistence ---------------------------------------------------
     def _grow(self, capacity: int) -> None:
@@ -303,6 +339,8 @@ class StreamTable:
                          for row, q in self.overflow.items()},
             "states": self.states.state_dict(len(self.num_tokens)),
             "turn": self.turn,
+            "ended": sorted(self.ended, key=self.row_of.__getitem__),
+            "total_tokens": self.total_tokens,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -323,5 +361,7 @@ class StreamTable:
         self.waiting = {row: len(queue[0]) for row, queue in self.overflow.items()}
         self.states.load_state_dict(state["states"], len(self.num_tokens))
         self.turn = int(state["turn"])
-        self.total_tokens = sum(self.next_offset(sid) for sid in self.ids)
-        self.num_nonempty = sum(1 for sid in self.ids if self.next_offset(sid) > 0)
+        self.ended = set(state.get("ended", ()))
+        self.total_tokens = int(state.get("total_tokens",
+                                          sum(self.next_offset(sid) for sid in self.ids)))
+        self.untrained_total = sum(self.untrained(sid) for sid in self.ids)

@@ -4,6 +4,8 @@ Records are msgpack maps numbered by a global sequence number `q`:
     {"q": n, "t": "tokens", "s": stream, "k": <uint32 LE bytes>}  tokens appended
     {"q": n, "t": "train"}                                        one update ran
     {"q": n, "t": "flush", "s": [streams]}                        these were flushed
+    {"q": n, "t": "end", "s": stream}                             stream ended (forgotten at
+                                                                  the flush that empties it)
     {"q": n, "t": "config", "c": {...}}                           the daemon (re)started
                                                                   with this config
     {"q": n, "t": "noop"}                                         a probe for disk room
@@ -36,6 +38,12 @@ MAX_RECORD = 64 << 20
 
 class WalFull(OSError):
     """A record could not be written (disk full): nothing of it is in the log."""
+
+
+class WalSyncFailed(Exception):
+    """fsync failed: what the log holds since the last good sync may not be on disk, and
+    a later fsync would not say so (the kernel reports a write-back error once). Nothing
+    more may be acknowledged: the daemon ends, and the next start replays what is there."""
 
 
 class WalDamaged(Exception):
@@ -89,7 +97,12 @@ class WriteAheadLog:
         """Make everything appended durable (one fsync for the whole group)."""
         if self.dirty and self.fsync_enabled:
             faults.maybe_crash("wal_fsync")
-            os.fsync(self.file.fileno())
+            try:
+                faults.maybe_fail("wal_fsync")
+                os.fsync(self.file.fileno())
+            except OSError as e:
+                raise WalSyncFailed(f"fsync of the write-ahead log {self.path} failed: "
+                                    f"{e.strerror or e}") from e
         self.dirty = False
 
     def close(self) -> None:

@@ -16,9 +16,9 @@ import numpy as np
 # Refusal reasons: stable, machine-readable, one counter label each.
 REASONS = ("malformed", "too_large", "unknown_type", "bad_field", "bad_stream_id",
            "too_many_tokens", "token_out_of_range", "gap", "too_many_streams",
-           "backlogged", "internal")
+           "backlogged", "ended", "internal")
 REQUEST_TYPES = ("tokens", "position", "status", "predict", "generate", "flush",
-                 "checkpoint")
+                 "checkpoint", "end")
 MAX_GENERATE = 4096
 MAX_ID_BYTES = 256  # every reply echoes the id: a longer one would multiply what a reply costs
 
@@ -117,7 +117,7 @@ def _decode_fields(m: dict, request_id: Any, limits: Limits) -> Request:
     if kind == "flush" and m.get("stream") is None:
         return Request("flush", request_id)
     stream = _stream_id(m.get("stream"), limits)
-    if kind == "position" or kind == "flush":
+    if kind in ("position", "flush", "end"):
         return Request(kind, request_id, stream)
     if kind == "predict":
         top_k = _int(m, "top_k", 10, 1, limits.vocab_size)

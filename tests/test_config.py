@@ -121,3 +121,14 @@ def test_readme_shows_the_current_defaults():
     from pathlib import Path
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert format_config(load_config()).strip() in readme
+
+
+def test_a_saved_config_is_read_leniently():
+    """What a checkpoint or the log saved is only compared: keys another version added
+    or dropped, and values a newer rule would refuse, must not make it unreadable."""
+    saved = load_config().to_dict()
+    saved["model"]["a_key_from_elsewhere"] = 1
+    saved["ingest"]["curve_allowed_keys"] = "/etc/streamrnn/producers"  # no secret key
+    del saved["train"]["cpu_threads"]
+    config = config_from_dict(saved)
+    assert config.model == load_config().model

@@ -324,10 +324,13 @@ def _metric(text: str, name: str) -> str:
 
 def test_second_daemon_on_the_same_state_folder_is_refused(tmp_path):
     d = DaemonProcess(tmp_path, DURABLE).start()
+    writing = tmp_path / "streamrnn-state/checkpoints/checkpoint-being-written.tmp"
+    writing.write_bytes(b"the first daemon's checkpoint in progress")
     other = DaemonProcess(tmp_path, DURABLE)  # same folder (cwd), other ports
     other.start(wait=False)
     assert other.proc.wait(timeout=60) == 2
     assert f"is in use by streamrnn serve, pid {d.proc.pid}" in other.log()
+    assert writing.exists()  # refused before touching anything in the folder
     assert ask(d, {"type": "status"})["type"] == "status"  # the first one is unharmed
     assert d.stop() == 0
 
@@ -402,14 +405,19 @@ def test_replay_uses_the_batch_width_the_log_was_written_with(tmp_path):
     narrow = ["train.flush_after_seconds=0", "checkpoint.interval_seconds=0",
               "train.max_batch_streams=1"]
     d = DaemonProcess(tmp_path, narrow).start()
-    with Producer(d.endpoint) as p:
-        for i in range(6):
-            p.send(f"s{i}", text(200, seed=i), offset=0)
-        p.flush(timeout=60)
-    deadline = time.monotonic() + 120
-    while (before := ask(d, {"type": "status"}))["queued_tokens"] > 6 * (199 % 4):
-        assert time.monotonic() < deadline, "training did not catch up"
-        time.sleep(0.1)
+    for half in range(2):  # a checkpoint between: the log after it ran narrow too
+        with Producer(d.endpoint) as p:
+            for i in range(6):
+                p.send(f"s{i}", text(200, seed=i)[half * 100:(half + 1) * 100],
+                       offset=half * 100)
+            p.flush(timeout=60)
+        deadline = time.monotonic() + 120
+        while (before := ask(d, {"type": "status"}))["queued_tokens"] > 6 * (
+                (100 * half + 99) % 4):
+            assert time.monotonic() < deadline, "training did not catch up"
+            time.sleep(0.1)
+        if half == 0:
+            assert ask(d, {"type": "checkpoint"})["ok"]
     d.stop(signal.SIGKILL)
     wide = DaemonProcess(tmp_path, [*narrow[:2], "train.max_batch_streams=256"], port=d.port)
     wide.start()
@@ -480,3 +488,42 @@ def test_repeated_checkpoint_requests_write_once(tmp_path):
     assert all(r["path"] == first["path"] for r in again)
     assert sum(e["event"] == "checkpoint saved" for e in d.events()) == writes
     assert d.stop() == 0
+
+
+def test_an_ended_stream_is_forgotten_and_its_id_starts_again(tmp_path):
+    d = DaemonProcess(tmp_path, ["checkpoint.interval_seconds=0"]).start()
+    with RawClient(d.endpoint) as c:
+        assert c.ask({"type": "tokens", "stream": "s", "offset": 0,
+                      "tokens": list(range(30))})["type"] == "ack"
+        ended = c.ask({"type": "end", "stream": "s"})
+        assert ended["type"] == "ended" and ended["known"] and ended["next_offset"] == 30
+        refused = c.ask({"type": "tokens", "stream": "s", "offset": 30, "tokens": [1]})
+        assert refused["type"] == "nack" and refused["reason"] == "ended"
+        deadline = time.monotonic() + 30
+        while c.ask({"type": "position", "stream": "s"})["next_offset"] != 0:
+            assert time.monotonic() < deadline, "never forgotten"
+            time.sleep(0.1)
+        assert c.ask({"type": "tokens", "stream": "s", "offset": 0,
+                      "tokens": [5, 6, 7]})["type"] == "ack"
+        assert c.ask({"type": "end", "stream": "nobody"})["known"] is False
+    assert "streamrnn_streams_forgotten_total 1.0" in _scrape(d)
+    status = ask(d, {"type": "status"})
+    assert status["streams"] == 1 and status["tokens_received"] == 33
+    d.stop(signal.SIGKILL)
+    d.start()  # the log replays the end, the forgetting and the new start alike
+    assert ask(d, {"type": "position", "stream": "s"})["next_offset"] == 3
+    assert ask(d, {"type": "status"})["streams"] == 1
+    assert d.stop() == 0
+
+
+def test_a_failed_fsync_acknowledges_nothing_and_ends_the_daemon(tmp_path):
+    """After a failed fsync a later one may report success for data that never reached
+    the disk: nothing more may be acked, so the daemon ends (systemd restarts it)."""
+    d = DaemonProcess(tmp_path, DURABLE)
+    d.start(env={"STREAMRNN_FAIL_AT": "wal_fsync:2"})  # the 1st: wait_ready's status
+    with RawClient(d.endpoint) as c:
+        with pytest.raises(TimeoutError):
+            c.ask({"type": "tokens", "stream": "s", "offset": 0, "tokens": [1, 2, 3]},
+                  timeout=5)
+    assert d.proc.wait(timeout=30) == 1
+    assert "fsync of the write-ahead log" in d.log()

@@ -211,3 +211,45 @@ def test_totals_are_counted_update_by_update():
     assert [t["tokens_trained"] for t in seen] == list(range(4, 41, 4))
     assert all(a["bits"] < b["bits"] for a, b in zip(seen, seen[1:]))
     assert seen[-1]["bits"] == learner.bits
+
+
+def test_an_ended_stream_is_forgotten_at_the_flush_and_nothing_else_changes():
+    """Twin learners, fed alike; in one, stream b ends. The flush trains the same windows
+    in both, then forgets b there: the other streams' positions and states (moved to new
+    rows, some spilled to host memory) are the same as in the twin."""
+    rng = np.random.default_rng(11)
+    feeds = [{s: rng.integers(0, 13, int(rng.integers(5, 30))) for s in "abcdef"}
+             for _ in range(4)]
+    ending, twin = (make("train.max_resident_streams=2", "train.max_batch_streams=2") for _ in range(2))
+    for feed in feeds:
+        assert ending.learn_many(feed) == twin.learn_many(feed)
+    assert ending.end("b") and not ending.end("zz")
+    with pytest.raises(ValueError, match="has ended"):
+        ending.learn_many({"a": [1, 2], "b": [3]})
+    assert ending.streams.next_offset("a") == twin.streams.next_offset("a")  # nothing taken
+    assert ending.flush() == twin.flush()
+    assert "b" not in ending.streams.row_of and ending.streams.next_offset("b") == 0
+    assert ending.streams.ids == ["a", "f", "c", "d", "e"]  # f moved into b's row
+    assert ending.streams.states.slot_of_row[1] < 0  # and its state was in host memory
+    assert all(torch.equal(p, q) for p, q in zip(params(ending), params(twin)))
+    for s in "acdef":
+        assert ending.streams.next_offset(s) == twin.streams.next_offset(s)
+        assert torch.equal(ending.predict(s), twin.predict(s))
+    assert ending.untrained_tokens == twin.untrained_tokens == 0
+    ending.learn("b", [1, 2, 3])  # the id starts again, from scratch
+    assert ending.streams.next_offset("b") == 3 and ending.untrained_tokens == 2
+    restored = make("train.max_resident_streams=2", "train.max_batch_streams=2")
+    restored.load_state_dict(ending.state_dict())
+    assert restored.untrained_tokens == 2 and restored.streams.total_tokens == \
+        ending.streams.total_tokens
+
+
+def test_ended_streams_are_kept_across_save_and_load():
+    learner = make()
+    learner.learn_many({"a": np.arange(10) % 13, "b": np.arange(7) % 13})
+    learner.end("a")
+    restored = make()
+    restored.load_state_dict(learner.state_dict())
+    assert restored.streams.ended == {"a"}
+    restored.flush()
+    assert restored.streams.ids == ["b"]
