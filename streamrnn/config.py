@@ -60,7 +60,9 @@ class TrainConfig:
                             "per core); on a shared or busy host fewer avoid OpenMP "
                             "oversubscription (a loaded 2-core host: 32 ms/update with 1 "
                             "thread, 1140 ms with 2)")
-    precision: str = _opt("fp32", "compute precision", choices=("fp32", "bf16", "fp64"))
+    precision: str = _opt("fp32", "compute precision (bf16: embedding and output head in "
+                          "bfloat16, the recurrence stays float32)",
+                          choices=("fp32", "bf16", "fp64"))
     seed: int = _opt(0, "seed for the initial weights")
     flush_after_seconds: float = _opt(30.0, "daemon: a stream idle this long has its last "
                                       "r < k1 targets trained (0 = never)")
