@@ -66,6 +66,10 @@ class TrainConfig:
     seed: int = _opt(0, "seed for the initial weights")
     flush_after_seconds: float = _opt(30.0, "daemon: a stream idle this long has its last "
                                       "r < k1 targets trained (0 = never)")
+    forget_after_seconds: float = _opt(0.0, "daemon: a stream with no new tokens for this "
+                                       "long ends, as by an end request: trained to its "
+                                       "last token, then forgotten with its state (0 = "
+                                       "never: streams keep their state for good)")
     updates_per_turn: int = _opt(8, "daemon: at most this many updates between two "
                                  "looks at the network, so intake never starves")
 
@@ -85,6 +89,9 @@ class TrainConfig:
             raise ConfigError(f"train.grad_clip = {self.grad_clip} must be >= 0 (0 = off)")
         if not self.flush_after_seconds >= 0:
             raise ConfigError(f"train.flush_after_seconds = {self.flush_after_seconds} "
+                              "must be >= 0 (0 = never)")
+        if not self.forget_after_seconds >= 0:
+            raise ConfigError(f"train.forget_after_seconds = {self.forget_after_seconds} "
                               "must be >= 0 (0 = never)")
         _positive(self, "updates_per_turn")
         if self.cpu_threads < 0:

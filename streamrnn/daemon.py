@@ -50,6 +50,8 @@ class Daemon:
         self.started = time.monotonic()
         self.inbox: deque[Incoming] = deque()  # received, not handled yet
         self.last_seen: OrderedDict[str, float] = OrderedDict()  # streams with fresh input
+        self.last_input: OrderedDict[str, float] = OrderedDict()  # every live stream's
+        #   latest tokens, oldest first (train.forget_after_seconds)
         self.recent: deque[tuple[float, int, float]] = deque()  # (time, targets, bits)
         self.refused = logs.Bursts(self.log, "refused input")
         self.training_pending = False
@@ -109,6 +111,8 @@ class Daemon:
         for stream in self.learner.streams.ids:  # recovered streams still owe a flush
             if self.learner.streams.untrained(stream) > 0:
                 self.last_seen[stream] = now
+            if stream not in self.learner.streams.ended:
+                self.last_input[stream] = now
         self.metrics.wal_bytes.set_function(lambda: self.durability.wal_bytes)
         self.metrics_server = None
         if c.metrics.port:
@@ -240,8 +244,9 @@ class Daemon:
                 self.metrics.busy.inc()
                 return {"type": "busy", "stream": r.stream, "retry_after_ms": 1000}
             self.learner.add(r.stream, new)
-            self.last_seen[r.stream] = time.monotonic()
+            self.last_seen[r.stream] = self.last_input[r.stream] = time.monotonic()
             self.last_seen.move_to_end(r.stream)
+            self.last_input.move_to_end(r.stream)
         self.metrics.tokens_received.inc(len(new))
         self.metrics.tokens_duplicate.inc(len(r.tokens) - len(new))
         return {"type": "ack", "stream": r.stream, "next_offset": expected + len(new),
@@ -299,16 +304,23 @@ class Daemon:
     def _on_end(self, r: wire.Request) -> dict:
         streams = self.learner.streams
         known = r.stream in streams.row_of
-        if known and r.stream not in streams.ended:
-            if not self.durability.log_end(r.stream):
-                self.metrics.busy.inc()
-                return {"type": "busy", "stream": r.stream, "retry_after_ms": 1000}
-            self.learner.end(r.stream)
-        if known:  # flushed (and so forgotten) at the next housekeeping with no backlog
-            self.last_seen[r.stream] = -math.inf
-            self.last_seen.move_to_end(r.stream, last=False)
+        if known and not self._end(r.stream):
+            self.metrics.busy.inc()
+            return {"type": "busy", "stream": r.stream, "retry_after_ms": 1000}
         return {"type": "ended", "stream": r.stream, "known": known,
                 "next_offset": streams.next_offset(r.stream)}
+
+    def _end(self, stream: str) -> bool:
+        """End a known stream (logged first; False if the log cannot take it). It is
+        flushed, and so forgotten, at the next housekeeping with no backlog."""
+        if stream not in self.learner.streams.ended:
+            if not self.durability.log_end(stream):
+                return False
+            self.learner.end(stream)
+        self.last_input.pop(stream, None)
+        self.last_seen[stream] = -math.inf
+        self.last_seen.move_to_end(stream, last=False)
+        return True
 
     def _on_checkpoint(self, r: wire.Request) -> dict:
         last, durability = self.durability.last_checkpoint, self.durability
@@ -374,6 +386,10 @@ class Daemon:
                 idle.append(self.last_seen.popitem(last=False)[0])
             if idle:
                 self._flush(idle)
+        forget_after = self.config.train.forget_after_seconds or math.inf
+        while self.last_input and now - next(iter(self.last_input.values())) >= forget_after:
+            if not self._end(next(iter(self.last_input))):
+                break  # the log is full: again once it has room
         self.durability.maybe_checkpoint(now)
         m, learner = self.metrics, self.learner
         m.learning_rate.set(learner.optimizer.param_groups[0]["lr"])
