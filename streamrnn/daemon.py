@@ -297,8 +297,7 @@ class Daemon:
         candidates = streams.ids if r.stream is None else [r.stream]
         scheduled = [sid for sid in candidates if streams.untrained(sid) > 0]
         for stream in scheduled:
-            self.last_seen[stream] = -math.inf
-            self.last_seen.move_to_end(stream, last=False)
+            self._flush_soon(stream)
         return {"type": "flush", "stream": r.stream, "scheduled": len(scheduled)}
 
     def _on_end(self, r: wire.Request) -> dict:
@@ -318,9 +317,13 @@ class Daemon:
                 return False
             self.learner.end(stream)
         self.last_input.pop(stream, None)
+        self._flush_soon(stream)
+        return True
+
+    def _flush_soon(self, stream: str) -> None:
+        """First in line for the next housekeeping flush (as if idle since forever)."""
         self.last_seen[stream] = -math.inf
         self.last_seen.move_to_end(stream, last=False)
-        return True
 
     def _on_checkpoint(self, r: wire.Request) -> dict:
         last, durability = self.durability.last_checkpoint, self.durability
@@ -428,8 +431,7 @@ class Daemon:
                 self.durability.log_flush(group)
             except LogFull:
                 for stream in streams[first:]:  # again once the log has room
-                    self.last_seen[stream] = -math.inf
-                    self.last_seen.move_to_end(stream, last=False)
+                    self._flush_soon(stream)
                 return
             before = len(self.learner.streams.ids)
             result = self.learner.flush(group)  # also forgets ended streams it emptied

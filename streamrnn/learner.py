@@ -147,8 +147,13 @@ class Learner:
         if not update_ce:
             return LearnResult()
         # note: a CPU-GPU sync, once per call
-        bits = sum(nats_to_bits(nats) for nats in torch.stack(update_ce).double().tolist())
-        self._settle()
+        call_bits = [nats_to_bits(n) for n in torch.stack(update_ce).double().tolist()]
+        # what is still unsettled is this call's tail (a checkpoint between two updates
+        # settled the rest): add it from the values just fetched, not fetched again
+        for update_bits in call_bits[len(call_bits) - len(self._unsettled):]:
+            self._bits += update_bits
+        self._unsettled.clear()
+        bits = sum(call_bits)
         streams = len(np.unique(np.concatenate(trained)))
         return LearnResult(streams, len(update_ce), targets, bits, tuple(widths))
 

@@ -68,12 +68,6 @@ class Batch:
     geometry: Geometry
 
     @property
-    def tokens(self) -> np.ndarray:
-        """Segment A inputs, segment B inputs and targets, flat (the engine does this
-        gather on the device; here for tests and readers)."""
-        return self.windows.reshape(-1)[self.geometry.token_index]
-
-    @property
     def num_streams(self) -> int:
         return len(self.slots)
 

@@ -51,10 +51,19 @@ def finish(d: DaemonProcess) -> dict:
     return checkpoint.load(Path(d.workdir) / reply["path"])
 
 
-def wait_trained(d: DaemonProcess) -> dict:
-    """Wait until only the r < k1 tokens a flush would train are queued; the status."""
+def send_all(d: DaemonProcess, stream: str, tokens, offset: int | None = 0, **options):
+    """Send tokens to one stream (at `offset`; None: after what it has) and wait for
+    every ack."""
+    with Producer(d.endpoint, **options) as p:
+        p.send(stream, tokens, offset=offset)
+        p.flush(timeout=60)
+
+
+def wait_trained(d: DaemonProcess, at_most: int = 3) -> dict:
+    """Wait until at most `at_most` targets are queued (default: the r < k1 = 4 of one
+    stream, which only a flush trains); the status."""
     deadline = time.monotonic() + 120
-    while (status := ask(d, {"type": "status"}))["queued_tokens"] >= 4:
+    while (status := ask(d, {"type": "status"}))["queued_tokens"] > at_most:
         assert time.monotonic() < deadline, "training did not catch up"
         time.sleep(0.1)
     return status
@@ -208,13 +217,9 @@ def test_sigterm_under_load_checkpoints_and_next_start_replays_nothing(tmp_path)
 
 def test_corrupt_newest_checkpoint_falls_back_and_replays_more(tmp_path):
     d = DaemonProcess(tmp_path, DURABLE).start()
-    with Producer(d.endpoint) as p:
-        p.send("s", text(3000, seed=3), offset=0)
-        p.flush(timeout=60)
+    send_all(d, "s", text(3000, seed=3))
     first = ask(d, {"type": "checkpoint"})
-    with Producer(d.endpoint) as p:
-        p.send("s", text(1000, seed=4))
-        p.flush(timeout=60)
+    send_all(d, "s", text(1000, seed=4), offset=None)
     status_before = wait_trained(d)
     second = ask(d, {"type": "checkpoint"})
     d.stop(signal.SIGKILL)
@@ -250,9 +255,7 @@ def test_incompatible_config_is_refused_unless_fresh(tmp_path):
 def test_failed_checkpoint_write_keeps_serving(tmp_path):
     d = DaemonProcess(tmp_path, DURABLE)
     d.start(env={"STREAMRNN_FAIL_AT": "checkpoint_write:1"})
-    with Producer(d.endpoint) as p:
-        p.send("s", text(2000), offset=0)
-        p.flush(timeout=60)
+    send_all(d, "s", text(2000))
     reply = ask(d, {"type": "checkpoint"})
     assert reply == {"type": "checkpoint", "ok": False,
                      "error": "the write failed; see the daemon's log", "id": reply["id"]}
@@ -284,9 +287,7 @@ def test_full_log_disk_answers_busy_and_acks_nothing(tmp_path):
 
 def test_checkpoint_commands(tmp_path):
     d = DaemonProcess(tmp_path, DURABLE).start()
-    with Producer(d.endpoint) as p:
-        p.send("s", text(1500), offset=0)
-        p.flush(timeout=60)
+    send_all(d, "s", text(1500))
     status = wait_trained(d)  # nothing changes from here on
     cli = [sys.executable, "-m", "streamrnn", "checkpoint"]
     saved = subprocess.run([*cli, "save", "--endpoint", d.endpoint], capture_output=True,
@@ -341,9 +342,7 @@ SMALL_LOG = [*DURABLE, "wal.segment_bytes=2000", "checkpoint.keep=2"]
 def _feed_with_checkpoints(d: DaemonProcess, rounds: int) -> int:
     sent = 0
     for i in range(rounds):
-        with Producer(d.endpoint) as p:
-            p.send("s", text(600, seed=i), offset=sent)
-            p.flush(timeout=60)
+        send_all(d, "s", text(600, seed=i), offset=sent)
         sent += 600
         wait_trained(d)
         assert ask(d, {"type": "checkpoint"})["ok"]
@@ -373,9 +372,7 @@ def test_log_with_a_hole_is_refused_not_replayed(tmp_path):
 def test_damage_inside_an_older_log_segment_is_refused(tmp_path):
     d = DaemonProcess(tmp_path, ["train.flush_after_seconds=0", "checkpoint.interval_seconds=0",
                                  "wal.segment_bytes=2000"]).start()
-    with Producer(d.endpoint, max_tokens_per_message=100) as p:
-        p.send("s", text(3000), offset=0)
-        p.flush(timeout=60)
+    send_all(d, "s", text(3000), max_tokens_per_message=100)
     d.stop(signal.SIGKILL)  # no checkpoint: everything is in the log
     first = sorted((tmp_path / "streamrnn-state/wal").glob("wal-*.log"))[0]
     data = bytearray(first.read_bytes())
@@ -411,11 +408,7 @@ def test_replay_uses_the_batch_width_the_log_was_written_with(tmp_path):
                 p.send(f"s{i}", text(200, seed=i)[half * 100:(half + 1) * 100],
                        offset=half * 100)
             p.flush(timeout=60)
-        deadline = time.monotonic() + 120
-        while (before := ask(d, {"type": "status"}))["queued_tokens"] > 6 * (
-                (100 * half + 99) % 4):
-            assert time.monotonic() < deadline, "training did not catch up"
-            time.sleep(0.1)
+        before = wait_trained(d, at_most=6 * ((100 * half + 99) % 4))
         if half == 0:
             assert ask(d, {"type": "checkpoint"})["ok"]
     d.stop(signal.SIGKILL)
@@ -478,9 +471,7 @@ def test_a_failing_request_is_answered_and_the_daemon_goes_on(tmp_path):
 
 def test_repeated_checkpoint_requests_write_once(tmp_path):
     d = DaemonProcess(tmp_path, DURABLE).start()
-    with Producer(d.endpoint) as p:
-        p.send("s", text(500), offset=0)
-        p.flush(timeout=60)
+    send_all(d, "s", text(500))
     wait_trained(d)
     first = ask(d, {"type": "checkpoint"})
     writes = sum(e["event"] == "checkpoint saved" for e in d.events())
