@@ -8,6 +8,6 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # torch loads in seconds: import it when a Learner is wanted, not for `--help`
     if name in ("Learner", "LearnResult"):
-        from . import learner
+        from .core import learner
         return getattr(learner, name)
     raise AttributeError(f"module 'streamrnn' has no attribute {name!r}")

@@ -215,7 +215,7 @@ def _config(args) -> int:
 
 
 def _keys(args) -> int:
-    from . import auth
+    from . import keys as auth
     try:
         public, secret = auth.generate(args.directory, args.name, force=args.force)
     except auth.KeyError_ as e:
@@ -227,13 +227,13 @@ def _keys(args) -> int:
 
 
 def _serve(args) -> int:
-    from . import daemon
+    from .serve import daemon
     config = _load(args)
     return 0 if config is None else daemon.serve(config, fresh=args.fresh)
 
 
 def _checkpoint(args) -> int:
-    from . import checkpoint
+    from .serve import checkpoint
     if args.action == "save":
         from .client import ProducerError
         try:
@@ -386,22 +386,22 @@ def _duration(seconds: float) -> str:
 
 
 def _demo(args) -> int:
-    from . import demo
+    from .tools import demo
     load_config(None, args.overrides)  # a bad --set stops here, with its message
     return demo.run(args.overrides, args.seconds, args.streams, args.chunk)
 
 
 def _bench(args) -> int:
-    from . import bench
+    from .tools import bench_engine as bench
     config = _load(args, defaults=("train.optimizer=sgd", "train.lr=0.05"))
     if config is None:
         return 0
     seconds = bench_seconds(args)
     if args.soak:
-        from . import bench_soak
+        from .tools import bench_soak
         bench_soak.run(config, args.streams, args.producers, seconds, args.json)
     elif args.e2e:
-        from . import bench_e2e
+        from .tools import bench_e2e
         bench_e2e.run(config, args.streams, args.producers, seconds, args.json,
                       wal_modes=tuple(args.wal_modes.split(",")))
     else:

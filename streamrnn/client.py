@@ -23,7 +23,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from .auth import secure_client
+from .keys import secure_client
 from .wire import encode_tokens, pack, token_array
 
 DEFAULT_WINDOW = 64  # unacknowledged messages in flight (the daemon's queues allow for it)

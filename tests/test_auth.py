@@ -13,7 +13,7 @@ import zmq
 from harness import DaemonProcess, free_port
 from streamrnn.client import Producer, ProducerError, Unreachable
 from streamrnn.config import IngestConfig
-from streamrnn.source import Source
+from streamrnn.serve.source import Source
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from harness import DaemonProcess, free_port
-from streamrnn.auth import generate
+from streamrnn.keys import generate
 from streamrnn.client import Producer, ProducerError, Unreachable
 from streamrnn.wire import encode_tokens
 

@@ -18,7 +18,7 @@ from prometheus_client import generate_latest
 import streamrnn
 from streamrnn.cli import build_parser
 from streamrnn.config import Config
-from streamrnn.metrics import Metrics
+from streamrnn.serve.metrics import Metrics
 from tools import promtool, require
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

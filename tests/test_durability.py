@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from harness import DaemonProcess, RawClient
-from streamrnn import checkpoint
+from streamrnn.serve import checkpoint
 from streamrnn.client import Producer
-from streamrnn.textdata import text_streams
+from streamrnn.tools.textdata import text_streams
 
 # no idle flushes (their timing would differ between runs); checkpoints every 20 updates,
 # so a kill usually lands between two and recovery needs the log

@@ -382,7 +382,7 @@ def test_router_queues_are_bounded_per_connection():
     from harness import free_port
     from streamrnn.client import DEFAULT_WINDOW
     from streamrnn.config import IngestConfig
-    from streamrnn.source import Source
+    from streamrnn.serve.source import Source
     context = zmq.Context()
     source = Source(IngestConfig(endpoint=f"tcp://127.0.0.1:{free_port()}"), context)
     try:

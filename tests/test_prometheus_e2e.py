@@ -24,7 +24,7 @@ import pytest
 
 from harness import DaemonProcess, RawClient, free_port
 from streamrnn.client import Producer
-from streamrnn.textdata import text_streams
+from streamrnn.tools.textdata import text_streams
 from tools import require
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

@@ -16,8 +16,8 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Inf
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 
-from .config import StartupError
-from .wire import REASONS, REQUEST_TYPES
+from ..config import StartupError
+from ..wire import REASONS, REQUEST_TYPES
 
 
 class Metrics:

@@ -14,8 +14,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import auth
-from .config import IngestConfig, StartupError
-from .wire import pack
+from ..config import IngestConfig, StartupError
+from ..wire import pack
 
 
 @dataclass(frozen=True)

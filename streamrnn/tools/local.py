@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import Config, format_config
+from ..config import Config, format_config
 
 
 def free_port() -> int:
@@ -50,7 +50,7 @@ class LocalDaemon:
 def running(prefix: str, settings: list[str], config: Config | None = None):
     """A LocalDaemon in a temporary folder, and a Producer that waited until it answers;
     stopped (SIGTERM) and cleaned up on the way out."""
-    from .client import Producer
+    from ..client import Producer
     with tempfile.TemporaryDirectory(prefix=prefix) as state:
         daemon = LocalDaemon(state, settings, config)
         try:

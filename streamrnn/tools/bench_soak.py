@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .config import Config
+from ..config import Config
 from .local import running
 from .textdata import text_streams
 
@@ -114,7 +114,7 @@ def _check_books(control, reports: list[dict]) -> dict:
 
 
 def _produce(endpoint: str, names: list[str], seconds: float, seed: int, results) -> None:
-    from .client import Producer
+    from ..client import Producer
     texts = text_streams(len(names) + seed, 50_000)[seed:]
     chunk = 512
     sent = {name: 0 for name in names}

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, config_from_dict
+from ..config import Config, ConfigError, config_from_dict
 from .engine import Engine, nats_to_bits
 from .model import RecurrentLM
 from .streams import StreamId, StreamTable

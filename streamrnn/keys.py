@@ -1,10 +1,6 @@
-"""Who may send: CURVE encryption with an allow-list of producers' public keys.
-
-Keys are ZeroMQ certificate files as `streamrnn keys generate` writes them: NAME.key
-(public, safe to copy) and NAME.key_secret (secret, stays with its owner). The daemon
-holds the server's secret; its folder ingest.curve_allowed_keys holds the public keys of
-the producers it accepts (re-read every 30 s, so adding a producer needs no restart).
-Misconfigured keys stop the daemon at start: it never falls back to accepting anyone.
+"""CURVE key files: NAME.key (public, safe to copy) and NAME.key_secret (secret, stays with
+its owner), as `streamrnn keys generate` writes them. Producers (client.py) and the
+daemon (serve/auth.py) read them here; no sockets are made here but the ones passed in.
 """
 from __future__ import annotations
 
@@ -13,7 +9,6 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 
 class KeyError_(ValueError):
@@ -38,30 +33,6 @@ def load(path: str, secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret_key
 
 
-def secure_server(socket: zmq.Socket, secret_key_path: str, allowed_dir: str,
-                  context: zmq.Context) -> ThreadAuthenticator:
-    """Make `socket` (not bound yet) a CURVE server that lets in only allowed keys."""
-    public, secret = load(secret_key_path, secret=True)
-    folder = expand(allowed_dir)
-    if not allowed_dir or not folder.is_dir():
-        what = "does not exist" if allowed_dir and not folder.exists() else "is not a folder"
-        raise KeyError_(f"ingest.curve_allowed_keys = {allowed_dir!r} {what}: with CURVE "
-                        "on, producers are let in only by their public key files there")
-    if not list(folder.glob("*.key")):
-        raise KeyError_(f"no producer public keys (*.key) in {folder}: nobody could send")
-    authenticator = ThreadAuthenticator(context)
-    authenticator.start()
-    authenticator.configure_curve(domain="*", location=str(folder))
-    socket.curve_secretkey = secret
-    socket.curve_publickey = public
-    socket.curve_server = True
-    return authenticator
-
-
-def reload(authenticator: ThreadAuthenticator, allowed_dir: str) -> None:
-    authenticator.configure_curve(domain="*", location=str(expand(allowed_dir)))
-
-
 def secure_client(socket: zmq.Socket, server_key_path: str, client_key_path: str) -> None:
     """CURVE for a producer: the daemon's public key, and the producer's own key pair."""
     server_public, _ = load(server_key_path, secret=False)
@@ -84,3 +55,4 @@ def generate(directory: str, name: str, force: bool = False) -> tuple[Path, Path
     public, secret = zmq.auth.create_certificates(folder, name)
     os.chmod(secret, 0o600)
     return Path(public), Path(secret)
+

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import Producer, ProducerError
+from ..client import Producer, ProducerError
 from .local import LocalDaemon, free_port
 from .textdata import stdlib_files
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config, load_config
-from .learner import Learner, resolve_device
+from ..config import Config, load_config
+from ..core.learner import Learner, resolve_device
 from .textdata import text_streams
 
 

@@ -20,9 +20,10 @@ import prometheus_client
 import torch
 import zmq
 
-from . import auth, faults, logs, wire
-from .config import Config, StartupError
-from .learner import LearnResult, Learner
+from .. import wire
+from . import auth, faults, logs
+from ..config import Config, StartupError
+from ..core.learner import LearnResult, Learner
 from .durability import FLUSH_RECORD_STREAMS, Durability, IncompatibleState, LogFull
 from .wal import WalSyncFailed
 from .metrics import Metrics
@@ -467,7 +468,7 @@ def _nack(reason: str, message: str, **extra) -> dict:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 
 

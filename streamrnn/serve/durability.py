@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, Checkpoints, Saved
-from .config import Config, StartupError, config_from_dict
-from .learner import Learner, incompatible_keys
+from ..config import Config, StartupError, config_from_dict
+from ..core.learner import Learner, incompatible_keys
 from .wal import WalDamaged, WalFull, WriteAheadLog
 
 FLUSH_RECORD_STREAMS = 4096  # streams per flush record: keeps records far below MAX_RECORD
@@ -359,6 +359,6 @@ def _snapshot(tree):
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 

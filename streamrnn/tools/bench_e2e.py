@@ -15,15 +15,15 @@ from dataclasses import replace
 
 import numpy as np
 
-from .config import Config
+from ..config import Config
 from .local import running
 from .textdata import text_streams
 
 
 def run(base: Config, num_streams: int, num_producers: int, seconds: float,
         json_path: str | None, echo=print, wal_modes: tuple[str, ...] = ("fsync",)) -> dict:
-    from .bench import _engine, machine_info
-    from .learner import resolve_device
+    from .bench_engine import _engine, machine_info
+    from ..core.learner import resolve_device
     config = replace(base, train=replace(
         base.train, max_batch_streams=max(base.train.max_batch_streams, num_streams),
         max_resident_streams=max(base.train.max_resident_streams, num_streams)))
@@ -89,7 +89,7 @@ def _measure_daemon(config: Config, data: list[bytes], num_producers: int, secon
 
 def _produce(endpoint: str, streams: dict[str, bytes], seconds: float, results) -> None:
     """One producer process: send its streams round-robin for `seconds`, then report."""
-    from .client import Producer
+    from ..client import Producer
     chunk = 1024
     stop = time.monotonic() + seconds
     with Producer(endpoint, retry_seconds=120, keep_latencies=True) as producer:
