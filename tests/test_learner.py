@@ -1,6 +1,7 @@
 """The in-process API: inputs it takes and refuses, prediction, flush, exact resume."""
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -201,16 +202,101 @@ def test_spilling_idle_streams_changes_nothing_but_where_states_live():
 
 
 def test_totals_are_counted_update_by_update():
-    """A checkpoint taken between two updates of one call (the daemon serves requests
-    there) must see model, table and totals agree."""
+    """A checkpoint taken between two steps (the daemon serves requests there) must see
+    model, table and totals agree."""
     learner = make()
     learner.add("s", np.arange(41) % 13)  # 10 updates of k1 = 4
     seen = []
-    learner.train(between=lambda: seen.append(learner.state_dict()["totals"]))
+    while (plan := learner.next_update()) is not None:
+        learner.step(plan)
+        seen.append(learner.state_dict()["totals"])
     assert [t["updates"] for t in seen] == list(range(1, 11))
     assert [t["tokens_trained"] for t in seen] == list(range(4, 41, 4))
     assert all(a["bits"] < b["bits"] for a, b in zip(seen, seen[1:]))
     assert seen[-1]["bits"] == learner.bits
+
+
+def test_next_update_changes_nothing_until_it_runs():
+    learner = make()
+    learner.add("s", np.arange(41) % 13)
+    before = copy.deepcopy(learner.state_dict())
+    plans = [learner.next_update() for _ in range(3)]
+    assert all(np.array_equal(p.rows, plans[0].rows) and np.array_equal(p.n, plans[0].n)
+               for p in plans)
+    assert_same(learner.state_dict(), before)
+
+
+def poison_head(learner, when):
+    """Make the head's output NaN on the forward passes `when` says (a stand-in for a
+    loss that overflows); returns the list of forward passes seen."""
+    calls = []
+
+    def hook(module, inputs, output):
+        calls.append(len(calls))
+        return output * float("nan") if when(len(calls) - 1) else output
+    learner.model.head.register_forward_hook(hook)
+    return calls
+
+
+def test_a_non_finite_loss_changes_neither_weights_nor_optimizer():
+    learner = make()
+    learner.learn("s", np.arange(9) % 13)  # two updates: Adam has state
+    before = copy.deepcopy(learner.state_dict())  # state_dict() shares the tensors
+    poison_head(learner, when=lambda i: i == 0)
+    result = learner.learn("s", np.arange(9, 13) % 13)  # one update, poisoned
+    assert (result.updates, result.skipped, result.skipped_targets, result.targets) == \
+        (1, 1, 4, 0)
+    assert result.bits == 0.0
+    after = learner.state_dict()
+    assert_same(after["model"], before["model"])
+    assert_same(after["optimizer"], before["optimizer"])  # step counts too
+    assert learner.skipped_updates == 1 and learner.tokens_trained == 8
+    assert np.isfinite(learner.bits)
+    states = learner.streams.states.tensors
+    assert all(torch.isfinite(t).all() for t in states)
+    healthy = learner.learn("s", np.arange(13, 17) % 13)  # the next one steps again
+    assert (healthy.skipped, healthy.targets) == (0, 4)
+    assert not torch.equal(learner.model.head.weight, before["model"]["head.weight"])
+
+
+def test_a_step_that_raises_leaves_the_table_where_the_model_is():
+    learner = make()
+    learner.add("s", np.arange(9) % 13)
+    handle = learner.model.head.register_forward_hook(
+        lambda *_: (_ for _ in ()).throw(RuntimeError("device lost")))
+    with pytest.raises(RuntimeError, match="device lost"):
+        learner.train()
+    assert learner.untrained_tokens == 8 and learner.updates == 0
+    handle.remove()
+    twin = make()
+    twin.add("s", np.arange(9) % 13)
+    assert learner.train() == twin.train()  # the same two updates, nothing skipped
+    assert_same(learner.state_dict()["model"], twin.state_dict()["model"])
+
+
+def test_a_tuple_is_one_stream_id():
+    learner = make()
+    learner.learn(("a", 1), np.arange(7) % 13)  # 6 targets: 4 trained, 2 wait
+    learner.learn("a", np.arange(7) % 13)
+    result = learner.flush(("a", 1))
+    assert (result.streams, result.targets) == (1, 2)
+    assert learner.streams.untrained("a") == 2
+    assert learner.flush_many(["a", ("a", 1)]).targets == 2
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
 
 
 def test_an_ended_stream_is_forgotten_at_the_flush_and_nothing_else_changes():

@@ -4,7 +4,8 @@
     segment A     [s, p) from h(s)     -> h(p), kept as the next start state
     segment B     [p, e) from h(p)     (gradient flows back through h(p) into A)
     loss          mean cross-entropy of the newest n targets of every window
-    backward, clip, optimizer step; then h(p), detached, scattered into the pools
+    backward, clip, optimizer step (skipped on the device if the loss or gradient is not
+                  finite); then h(p), detached, scattered into the pools
 
 Each segment is one fused sequence call (cuDNN on a GPU) for all streams in it; windows
 of unequal length (young streams, flushes) go through as a packed sequence, which gives
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .model import RecurrentLM, State
-from .streams import Batch, Geometry
+from .geometry import Batch, Geometry
 
 
 class Engine:
@@ -39,9 +40,10 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def step(self, batch: Batch, pools: State) -> torch.Tensor:
+    def step(self, batch: Batch, pools: State) -> tuple[torch.Tensor, torch.Tensor]:
         """Train one batch; returns the summed cross-entropy (nats) of its targets,
-        computed before the weights changed, as a device scalar (no host sync)."""
+        computed before the weights changed, and 1.0 if the step was skipped (the loss
+        or the gradient was not finite) else 0.0: device scalars, no host sync."""
         g = batch.geometry
         rows_a, rows_b, loss_rows, token_index = self._geometry_on_device(g)
         slots, windows = self._upload(batch.slots, batch.windows)
@@ -73,14 +75,25 @@ class Engine:
 
         self.optimizer.zero_grad(set_to_none=True)
         (total_ce / batch.num_targets).backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
         if self.grad_clip > 0:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self.last_grad_norm = norm
+        # a NaN or infinite loss or gradient must reach neither the weights nor the
+        # optimizer state; the fused optimizers skip their step where found_inf is 1, on
+        # the device, as under GradScaler: no host sync to decide
+        skipped = (~torch.isfinite(total_ce) | ~torch.isfinite(norm)).float()
+        self.optimizer.found_inf = skipped
         self.optimizer.step()
         with torch.no_grad():
             for pool, state in zip(pools, at_p):
-                pool[:, slots] = state.to(pool.dtype)  # scatter the next start states
-        return total_ce.detach()
+                # scatter the next start states; a non-finite one (from a poisoned forward)
+                # would stay in its stream for good: it starts again from zeros instead
+                pool[:, slots] = torch.nan_to_num(state, nan=0.0, posinf=0.0,
+                                                  neginf=0.0).to(pool.dtype)
+        return total_ce.detach(), skipped
 
     def _segment(self, tokens: torch.Tensor, lengths: np.ndarray, state: State):
         """Run the recurrent layers over (T, n) tokens from `state`; returns the top

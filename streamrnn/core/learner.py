@@ -10,7 +10,7 @@ No sockets, no files: the daemon and library users share this class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -18,23 +18,34 @@ import torch
 from ..config import Config, ConfigError, config_from_dict
 from .engine import Engine, nats_to_bits
 from .model import RecurrentLM
-from .streams import StreamId, StreamTable
+from .streams import Plan, StreamId, StreamTable
 
 FORMAT = "streamrnn.learner/1"
 
 
 @dataclass(frozen=True)
 class LearnResult:
-    """What one call trained."""
+    """What some updates did."""
     streams: int = 0    # distinct streams that got at least one update
-    updates: int = 0    # optimizer steps taken
-    targets: int = 0    # tokens predicted and then trained on
+    updates: int = 0    # updates run (windows consumed), skipped ones included
+    targets: int = 0    # tokens predicted and then trained on (not in skipped updates)
     bits: float = 0.0   # prequential bits over those targets (measured before each step)
     batch_streams: tuple[int, ...] = ()  # streams in each update, in order
+    skipped: int = 0    # updates whose loss or gradient was not finite: no step taken
+    skipped_targets: int = 0  # the targets of those, predicted but never trained on
 
     @property
     def bits_per_target(self) -> float:
         return self.bits / self.targets if self.targets else float("nan")
+
+
+@dataclass(frozen=True)
+class _Ran:
+    """An update whose outcome is still on the device (see Learner.settle)."""
+    nats: torch.Tensor     # summed cross-entropy of its targets
+    skipped: torch.Tensor  # 1.0 if its step was skipped
+    num_targets: int
+    rows: np.ndarray
 
 
 class Learner:
@@ -57,12 +68,14 @@ class Learner:
                              self.device)
         # batch width; recovery replays each logged update with the width it ran with
         self.max_batch_streams = train.max_batch_streams
-        # lifetime totals, part of the learned state; counted update by update, so a
-        # checkpoint taken between two updates of one call sees them consistent
-        self.updates = 0
-        self.tokens_trained = 0
+        # lifetime totals, part of the learned state, added update by update in order
+        # (settle), so they come out the same however updates were grouped (recovery)
+        self.updates = 0          # updates run
+        self._tokens_trained = 0  # targets of the updates whose step was taken
         self._bits = 0.0
-        self._unsettled: list[torch.Tensor] = []  # device scalars (nats) not yet in _bits
+        self._skipped_updates = 0
+        self._unsettled: list[_Ran] = []  # ran, outcome not fetched from the device yet
+        self._fetched: list[tuple[_Ran, float, bool]] = []  # fetched, not reported yet
 
     # ---- learning --------------------------------------------------------------------
     def learn(self, stream_id: StreamId, tokens: Any) -> LearnResult:
@@ -85,12 +98,58 @@ class Learner:
         """Append tokens to a stream without training (see `train`)."""
         self.streams.append(stream_id, self.check_tokens(tokens))
 
-    def train(self, max_updates: int | None = None,
-              between: Callable[[], bool] | None = None) -> LearnResult:
-        """Run ready updates, at most `max_updates` (None: until none is ready).
-        `between` is called after each update (the daemon reads its socket there, so
-        replies wait for one update, not for a whole turn); returning False stops."""
-        return self._train((None,), max_updates, between)
+    def train(self, max_updates: int | None = None) -> LearnResult:
+        """Run ready updates, at most `max_updates` (None: until none is ready)."""
+        self._run(None, max_updates)
+        return self.settle()
+
+    def next_update(self, flush_rows: np.ndarray | None = None) -> Plan | None:
+        """The update that would run next (see StreamTable.ready), without running it:
+        a pure function of what the streams hold, so it can be logged first."""
+        return self.streams.ready(self.max_batch_streams, flush_rows)
+
+    def step(self, plan: Plan) -> None:
+        """Run one planned update. No host sync: its loss stays on the device until
+        `settle` (once per call, or per turn of the daemon's loop)."""
+        batch = self.streams.batch(plan)
+        nats, skipped = self.engine.step(batch, self.streams.states.tensors)
+        self.streams.commit(plan)  # after the step: one that raised changed nothing here
+        self.updates += 1
+        self._unsettled.append(_Ran(nats, skipped, plan.num_targets, plan.rows))
+
+    def settle(self) -> LearnResult:
+        """What the updates run since the last settle did (their outcomes fetched from
+        the device and added to the lifetime totals). Note: a CPU-GPU sync, once per
+        call of learn/train/flush, or per turn of the daemon's loop."""
+        self._fetch()
+        done, self._fetched = self._fetched, []
+        if not done:
+            return LearnResult()
+        kept = [(r, nats) for r, nats, skipped in done if not skipped]
+        dropped = [r for r, _, skipped in done if skipped]
+        return LearnResult(
+            streams=len(np.unique(np.concatenate([r.rows for r, _, _ in done]))),
+            updates=len(done), targets=sum(r.num_targets for r, _ in kept),
+            bits=sum(nats_to_bits(nats) for _, nats in kept),
+            batch_streams=tuple(len(r.rows) for r, _, _ in done),
+            skipped=len(dropped), skipped_targets=sum(r.num_targets for r in dropped))
+
+    def _fetch(self) -> None:
+        """Move the device outcomes of run updates into the totals, update by update in
+        order (so they come out the same however updates were grouped: recovery), and
+        keep them for `settle` to report."""
+        ran, self._unsettled = self._unsettled, []
+        if not ran:
+            return
+        outcomes = torch.stack([torch.stack([r.nats.double(), r.skipped.double()])
+                                for r in ran]).tolist()
+        for r, (nats, skipped) in zip(ran, outcomes):
+            if skipped:
+                self._skipped_updates += 1
+            else:
+                self._bits += nats_to_bits(nats)
+                self._tokens_trained += r.num_targets
+            self._fetched.append((r, nats, bool(skipped)))
 
     def end(self, stream_id: StreamId) -> bool:
         """The stream gets no more tokens: the next flush that trains its last targets
@@ -101,75 +160,52 @@ class Learner:
         self.streams.ended.add(stream_id)
         return True
 
-    def flush(self, stream_id: StreamId | Iterable[StreamId] | None = None) -> LearnResult:
-        """Train the last r < k1 targets of a stream, of several, or of all (None) in a
-        shorter update, so nothing received stays untrained. Streams continue afterwards,
-        except ended ones (see `end`), which are forgotten once nothing is left to train."""
-        if stream_id is None:
-            ids = self.streams.ids
-        elif isinstance(stream_id, (list, tuple, set, frozenset)):
-            ids = stream_id
-        else:
-            ids = [stream_id]
-        rows = np.array([self.streams.row_of[s] for s in ids if s in self.streams.row_of],
-                        np.int64)
+    def flush(self, stream_id: StreamId | None = None) -> LearnResult:
+        """Train the last r < k1 targets of one stream (None: of every stream) in a
+        shorter update, so nothing received stays untrained. Streams continue
+        afterwards, except ended ones (see `end`), forgotten once nothing is left to
+        train. Any hashable is one stream id, a tuple too: several go to flush_many."""
+        return self.flush_many(self.streams.ids if stream_id is None else [stream_id])
+
+    def flush_many(self, stream_ids: Iterable[StreamId]) -> LearnResult:
+        """`flush` for each of these streams, in shared updates."""
+        rows = np.array([self.streams.row_of[s] for s in stream_ids
+                         if s in self.streams.row_of], np.int64)
         if len(rows) == 0:
             return LearnResult()
-        result = self._train((None, rows))  # full windows first, then the remainders
+        self._run(None)  # full windows first, then the remainders
+        self._run(rows)
+        result = self.settle()
         if self.streams.ended:
             self.streams.forget_ended()
         return result
 
-    def _train(self, phases: tuple, max_updates: int | None = None,
-               between: Callable[[], bool] | None = None) -> LearnResult:
-        """Run updates until none is ready (or max_updates, or `between` says stop); a
-        phase is None (full windows) or the rows to flush."""
-        update_ce: list[torch.Tensor] = []  # device scalars: no sync until the end
-        targets = 0
-        trained: list[np.ndarray] = []  # rows of each update (streams may be added)
-        widths: list[int] = []
-        go_on = True
-        for flush_rows in phases:
-            while go_on and (max_updates is None or len(update_ce) < max_updates):
-                batch = self.streams.next_batch(self.max_batch_streams, flush_rows)
-                if batch is None:
-                    break
-                nats = self.engine.step(batch, self.streams.states.tensors)
-                update_ce.append(nats)
-                self._unsettled.append(nats)
-                self.updates += 1
-                self.tokens_trained += batch.num_targets
-                targets += batch.num_targets
-                trained.append(batch.rows)
-                widths.append(batch.num_streams)
-                if between is not None:
-                    go_on = between() is not False
-        if not update_ce:
-            return LearnResult()
-        # note: a CPU-GPU sync, once per call
-        call_bits = [nats_to_bits(n) for n in torch.stack(update_ce).double().tolist()]
-        # what is still unsettled is this call's tail (a checkpoint between two updates
-        # settled the rest): add it from the values just fetched, not fetched again
-        for update_bits in call_bits[len(call_bits) - len(self._unsettled):]:
-            self._bits += update_bits
-        self._unsettled.clear()
-        bits = sum(call_bits)
-        streams = len(np.unique(np.concatenate(trained)))
-        return LearnResult(streams, len(update_ce), targets, bits, tuple(widths))
+    def _run(self, flush_rows: np.ndarray | None, max_updates: int | None = None) -> None:
+        done = 0
+        while max_updates is None or done < max_updates:
+            plan = self.next_update(flush_rows)
+            if plan is None:
+                return
+            self.step(plan)
+            done += 1
+
+    @property
+    def tokens_trained(self) -> int:
+        """Lifetime targets trained (their update's step was taken)."""
+        self._fetch()
+        return self._tokens_trained
 
     @property
     def bits(self) -> float:
         """Lifetime prequential bits over all trained targets."""
-        self._settle()
+        self._fetch()
         return self._bits
 
-    def _settle(self) -> None:
-        """Add the pending updates' losses to the lifetime total, update by update, so
-        it comes out the same however updates were grouped into calls (recovery)."""
-        if self._unsettled:
-            for nats in torch.stack(self._unsettled).double().tolist():
-                self._bits += nats_to_bits(nats)
-            self._unsettled.clear()
+    @property
+    def skipped_updates(self) -> int:
+        """Lifetime updates skipped for a non-finite loss or gradient."""
+        self._fetch()
+        return self._skipped_updates
 
     @property
     def untrained_tokens(self) -> int:
@@ -247,7 +283,7 @@ class Learner:
             "optimizer": self.optimizer.state_dict(),
             "streams": self.streams.state_dict(),
             "totals": {"updates": self.updates, "tokens_trained": self.tokens_trained,
-                       "bits": self.bits},
+                       "bits": self.bits, "skipped_updates": self.skipped_updates},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -263,9 +299,11 @@ class Learner:
         self.streams.load_state_dict(state["streams"])
         totals = state["totals"]
         self.updates = int(totals["updates"])
-        self.tokens_trained = int(totals["tokens_trained"])
+        self._tokens_trained = int(totals["tokens_trained"])
         self._bits = float(totals["bits"])
+        self._skipped_updates = int(totals.get("skipped_updates", 0))  # older checkpoints
         self._unsettled.clear()
+        self._fetched.clear()
 
 
 def incompatible_keys(ours: Config, saved: Config) -> list[str]:
@@ -294,7 +332,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(model: torch.nn.Module, kind: str, lr: float) -> torch.optim.Optimizer:
+    """The fused implementations: one kernel per step, and they take `found_inf`, so the
+    engine can skip a step on the device (engine.py)."""
     if kind == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr)
-    return torch.optim.SGD(model.parameters(), lr=lr)
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    return torch.optim.SGD(model.parameters(), lr=lr, fused=True)
 

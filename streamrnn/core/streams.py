@@ -14,7 +14,7 @@ The window-start states live in a StatePool (pool.py): device tensors indexed by
 for the streams in use, host memory for idle ones beyond train.max_resident_streams.
 Forming a batch is a gather by slot, committing it a scatter (engine.py).
 
-`next_batch` plans one update of exact TBPTT(k1, k2) (README, "The exact semantics"): for each
+`ready` plans one update of exact TBPTT(k1, k2) (README, "The exact semantics"): for each
 chosen stream a window of inputs [s, e) with e = trained_end + n (n = k1, or r < k1 on a
 flush), loss on the newest n targets, and the next start state taken at
 p = max(0, e + k1 - k2). The window is split at p into segment A = [s, p) and segment
@@ -25,92 +25,27 @@ vectorized over streams, and one upload per step moves it all to the device.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Hashable
 
 import numpy as np
 import torch
 
+from .geometry import Batch, Geometry, plan_geometry
 from .pool import StatePool
 
 StreamId = Hashable
 
 
-@dataclass
-class Geometry:
-    """The shape of a batch of windows: everything that depends only on each stream's
-    (segment A length, segment B length, targets), not on where the streams stand.
-    In steady state every update has the same geometry, so it is computed once and
-    its device copies are reused (engine.py). B streams, shapes in comments."""
-    shape_a: tuple[int, int]  # (Ta, nA): inputs of segment A = [s, p), left-aligned
-    lengths_a: np.ndarray     # (nA,) p - s of the streams that have one (> 0)
-    rows_a: np.ndarray        # (nA,) which of the B streams they are
-    shape_b: tuple[int, int]  # (Tb, nB): inputs of segment B = [p, e)
-    lengths_b: np.ndarray     # (nB,) e - p (> 0)
-    rows_b: np.ndarray        # (nB,)
-    loss_rows: np.ndarray     # (targets,) row of cat(yA.flatten(0,1), yB.flatten(0,1))
-                              #   whose output predicts each target
-    loss_span: tuple[int, int] | None  # loss_rows as a range, when they are one
-    num_targets: int          # the loss is the mean over these
-    window_length: int        # L: the longest window's inputs and targets, e - s + 1
-    token_index: np.ndarray   # (Ta*nA + Tb*nB + targets,) segment A inputs, B inputs and
-                              #   targets as flat indices into the (B, L) window block
-    device: dict = field(default_factory=dict)  # engine's cache of device copies
-
-
-@dataclass
-class Batch:
-    """One update: B streams, their tokens, and the geometry that lays them out."""
-    rows: np.ndarray     # (B,) the streams' rows in the table
-    slots: np.ndarray    # (B,) their slots in the device state pool
-    windows: np.ndarray  # (B, L) int32: each stream's tokens x_s .. x_{s+L-1}; past a
-                         #   shorter window's end, stale ring entries no index points to
-    geometry: Geometry
-
-    @property
-    def num_streams(self) -> int:
-        return len(self.slots)
+@dataclass(frozen=True)
+class Plan:
+    """One update to run: which streams, and how many targets each trains."""
+    rows: np.ndarray  # (B,) rows in the table, ascending
+    n: np.ndarray     # (B,) k1, or the r < k1 left on a flush
 
     @property
     def num_targets(self) -> int:
-        return self.geometry.num_targets
-
-
-def plan_geometry(a: np.ndarray, b: np.ndarray, n: np.ndarray) -> Geometry:
-    """Lay out windows with segment lengths a (A), b (B) and n newest targets each."""
-    num = len(a)
-    w = a + b
-    rows_a, rows_b = np.flatnonzero(a > 0), np.flatnonzero(b > 0)
-    ta, tb = int(a.max()), int(b.max())
-    # segment A inputs: window positions 0 .. a-1 (padding repeats the last one)
-    off_a = np.minimum(np.arange(ta)[:, None], a[rows_a][None, :] - 1)
-    # segment B inputs: window positions a .. a+b-1
-    off_b = a[rows_b][None, :] + np.minimum(np.arange(tb)[:, None], b[rows_b][None, :] - 1)
-    # targets: window positions i + 1 for the inputs i in [w - n, w), time-major (the
-    # k-th newest target of every stream, then the next), so that in steady state they
-    # are the last rows of segment B's output: a slice, not a gather
-    stream = np.repeat(np.arange(num), n)
-    first = np.cumsum(n) - n
-    k = np.arange(n.sum()) - np.repeat(first, n)
-    order = np.lexsort((stream, k))
-    stream, k = stream[order], k[order]
-    i = np.repeat(w - n, n)[order] + k
-    index_a = np.full(num, -1)
-    index_a[rows_a] = np.arange(len(rows_a))
-    index_b = np.full(num, -1)
-    index_b[rows_b] = np.arange(len(rows_b))
-    loss_rows = np.where(i < a[stream], i * len(rows_a) + index_a[stream],
-                         ta * len(rows_a) + (i - a[stream]) * len(rows_b) + index_b[stream])
-    gather_stream = np.concatenate([np.broadcast_to(rows_a, off_a.shape).ravel(),
-                                    np.broadcast_to(rows_b, off_b.shape).ravel(), stream])
-    gather_offset = np.concatenate([off_a.ravel(), off_b.ravel(), i + 1])
-    length = int(w.max()) + 1
-    span = None
-    if len(loss_rows) and np.array_equal(loss_rows, loss_rows[0] + np.arange(len(loss_rows))):
-        span = (int(loss_rows[0]), int(loss_rows[0]) + len(loss_rows))
-    return Geometry((ta, len(rows_a)), a[rows_a], rows_a, (tb, len(rows_b)), b[rows_b],
-                    rows_b, loss_rows, span, int(n.sum()), length,
-                    gather_stream * length + gather_offset)
+        return int(self.n.sum())
 
 
 class StreamTable:
@@ -208,12 +143,13 @@ class StreamTable:
         self.num_tokens[row] = end + take
         return tokens[take:]
 
-    def _refill(self) -> None:
-        """Move waiting tokens into the rings of the streams that have fewer than k1
+    def _refill(self, rows: np.ndarray) -> None:
+        """Move waiting tokens into the rings of those rows that have fewer than k1
         untrained targets left there, filling each ring to the brim."""
-        if not self.overflow:
+        waiting = [row for row in rows.tolist() if row in self.overflow]
+        if not waiting:
             return
-        waiting = np.fromiter(self.overflow, np.int64, len(self.overflow))
+        waiting = np.array(waiting, np.int64)
         short = waiting[self.num_tokens[waiting] - 1 - self.trained_end[waiting] < self.k1]
         for row in short.tolist():
             queue, before = self.overflow[row], self.num_tokens[row]
@@ -227,18 +163,20 @@ class StreamTable:
             if not queue:
                 del self.overflow[row], self.waiting[row]
 
-    # ---- planning ------------------------------------------------------------------
-    def next_batch(self, max_streams: int, flush_rows: np.ndarray | None = None
-                   ) -> Batch | None:
-        """Plan the next update and mark its targets trained, or None if nothing is ready.
+    # ---- planning: ready (pure) -> batch (layout) -> the engine's step -> commit ------
+    def ready(self, max_streams: int, flush_rows: np.ndarray | None = None) -> Plan | None:
+        """The next update, or None if nothing is ready. Changes nothing: the same table
+        gives the same plan, so the daemon can log it before it runs.
 
         Normally every stream with k1 untrained targets is ready; with `flush_rows`,
-        those streams' remaining 1 <= r < k1 targets are (call it once no full window
-        is left). Each stream contributes its oldest ready window; when more than
+        those streams' remaining 1 <= r < k1 targets are (ask once no full window is
+        left). Each stream contributes its oldest ready window; when more than
         `max_streams` are ready, those served least recently go first."""
-        self._refill()
         used = len(self.ids)
         untrained = self.num_tokens[:used] - 1 - self.trained_end[:used]
+        if self.waiting:
+            rows = np.fromiter(self.waiting, np.int64, len(self.waiting))
+            untrained[rows] += np.fromiter(self.waiting.values(), np.int64, len(rows))
         if flush_rows is None:
             candidates = np.flatnonzero(untrained >= self.k1)
         else:
@@ -249,15 +187,13 @@ class StreamTable:
         if len(candidates) > max_streams:
             order = np.lexsort((candidates, self.last_served[candidates]))
             candidates = np.sort(candidates[order[:max_streams]])
-        rows = candidates
-        n = np.minimum(untrained[rows], self.k1)
-        batch = self._plan(rows, n)
-        self.turn += 1
-        self.last_served[rows] = self.turn
-        self.states.touch(rows)
-        return batch
+        return Plan(candidates, np.minimum(untrained[candidates], self.k1))
 
-    def _plan(self, rows: np.ndarray, n: np.ndarray) -> Batch:
+    def batch(self, plan: Plan) -> Batch:
+        """The plan's windows and start-state slots. Moves waiting tokens into the rings
+        and states onto the device as needed: where things live, not where streams stand."""
+        rows, n = plan.rows, plan.n
+        self._refill(rows)
         s = self.start_pos[rows]
         e = self.trained_end[rows] + n
         p = np.maximum(0, e + self.k1 - self.k2)
@@ -271,10 +207,20 @@ class StreamTable:
         lines = np.lib.stride_tricks.sliding_window_view(self.ring, geometry.window_length,
                                                          axis=1)
         windows = lines[rows, s % self.ring_width]
-        self.trained_end[rows] = e
-        self.start_pos[rows] = p
-        self.untrained_total -= int(n.sum())
+        self.states.touch(rows)
         return Batch(rows, self.states.slots(rows), windows, geometry)
+
+    def commit(self, plan: Plan) -> None:
+        """The plan's update ran: its targets are trained, its streams' start states are
+        at p = max(0, e + k1 - k2). Called after the step, so a step that raises leaves
+        the table where the model is."""
+        rows, n = plan.rows, plan.n
+        e = self.trained_end[rows] + n
+        self.trained_end[rows] = e
+        self.start_pos[rows] = np.maximum(0, e + self.k1 - self.k2)
+        self.untrained_total -= int(n.sum())
+        self.turn += 1
+        self.last_served[rows] = self.turn
 
     # ---- streams that end --------------------------------------------------------------
     def forget_ended(self) -> list[StreamId]:

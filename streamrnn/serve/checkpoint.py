@@ -1,8 +1,12 @@
 """Checkpoints: the whole learned state in one file, written so a crash never leaves half.
 
 A checkpoint holds the learner's state (weights, optimizer, per-stream start states,
-token rings and offsets, lifetime totals, config), the RNG state, and `wal_seq`: the
-last write-ahead-log record it includes. Writing: a temp file in the same folder,
+token rings and offsets, lifetime totals, config) and `wal_seq`: the last
+write-ahead-log record it includes. Nothing else: no RNG state or anything a recovered
+daemon could not reproduce, so a crashed and an uninterrupted run write equal files.
+Files are named `checkpoint-<wal_seq, 16 digits>-<number, 6 digits>.pt`: the number
+counts up with each one, so they stay apart without a log (wal.mode = off), where
+wal_seq does not move (older files, named by wal_seq alone, count as number 0). Writing: a temp file in the same folder,
 fsync, os.replace, fsync of the folder. Reading: torch.load(weights_only=True), never
 arbitrary pickles. The newest `keep` are kept; a corrupt newest one is skipped for the
 one before it (the log still holds everything after that one).
@@ -46,13 +50,16 @@ class Checkpoints:
 
     def paths(self) -> list[Path]:
         """Complete checkpoints, newest first."""
-        return sorted(self.dir.glob("checkpoint-*.pt"), reverse=True)
+        ours = [path for path in self.dir.glob("checkpoint-*.pt") if _order(path) >= (0, 0)]
+        return sorted(ours, key=_order, reverse=True)
 
     # ---- writing ---------------------------------------------------------------------------
     def save(self, state: dict, wal_seq: int) -> Saved:
         """Write a checkpoint now (the caller waits)."""
         started = time.monotonic()
-        path = self.dir / f"checkpoint-{wal_seq:016d}.pt"
+        paths = self.paths()
+        number = _order(paths[0])[1] + 1 if paths else 1
+        path = self.dir / f"checkpoint-{wal_seq:016d}-{number:06d}.pt"
         tmp = path.with_suffix(".pt.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -88,14 +95,18 @@ class Checkpoints:
     def busy(self) -> bool:
         return self._writer is not None and self._writer.is_alive()
 
-    def wait(self) -> None:
+    def wait(self, ping=lambda: None) -> None:
+        """Until the write in progress is done; `ping` every second meanwhile (the
+        watchdog: a big model's checkpoint takes longer than WatchdogSec)."""
         if self._writer is not None:
-            self._writer.join()
+            while self._writer.is_alive():
+                ping()
+                self._writer.join(timeout=1.0)
             self._writer = None
 
     def oldest_kept_seq(self) -> int | None:
         paths = self.paths()
-        return _seq(paths[-1]) if paths else None
+        return _order(paths[-1])[0] if paths else None
 
     # ---- reading ---------------------------------------------------------------------------
     def load_newest(self, on_error) -> tuple[dict, Path] | None:
@@ -135,5 +146,10 @@ def summary(state: dict) -> dict:
             "config": config}
 
 
-def _seq(path: Path) -> int:
-    return int(path.stem.split("-")[1])
+def _order(path: Path) -> tuple[int, int]:
+    """(wal_seq, number) from the name; names of older versions have no number."""
+    parts = path.stem.split("-")
+    try:
+        return int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+    except (IndexError, ValueError):
+        return -1, -1  # not a name of ours: left alone

@@ -1,11 +1,11 @@
-"""The daemon's memory across crashes: write-ahead log, checkpoints, and recovery.
+"""The daemon's memory across crashes: write-ahead log and checkpoints (recovery.py reads
+them back at start).
 
-    every change      logged (tokens appended, an update run, streams flushed) before it
-                      is applied; acks go out after the group's fsync (wal.mode = fsync)
+    every change      logged (tokens appended, an update about to run, streams flushed,
+                      a stream ended) before it is applied; acks go out after the
+                      group's fsync (wal.mode = fsync)
     every few minutes a checkpoint of the whole state, written on a thread from a
                       snapshot; log segments it makes unneeded are deleted
-    at start          newest checkpoint that loads, then the log after it, record by
-                      record: the recovered daemon is the one that never crashed
 
 The state folder is locked (flock) while a daemon uses it: a second `streamrnn serve`
 on the same folder would replay and append to the same log.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,164 +21,56 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import __version__
+from ..config import Config, StartupError
+from ..core.learner import Learner
+from . import recovery
 from .checkpoint import CheckpointError, Checkpoints, Saved
-from ..config import Config, StartupError, config_from_dict
-from ..core.learner import Learner, incompatible_keys
-from .wal import WalDamaged, WalFull, WriteAheadLog
+from .wal import WalFull, WriteAheadLog
 
 FLUSH_RECORD_STREAMS = 4096  # streams per flush record: keeps records far below MAX_RECORD
-REPLAY_STATUS_SECONDS = 5.0
+RETRY_FIRST_SECONDS = 5.0    # a failed checkpoint is tried again after 5, 10, 20 ... s
+PROBE_SECONDS = 1.0          # a full log is probed for room this often
 
 
 class LogFull(Exception):
-    """The log cannot take a record: training pauses, input is answered busy."""
-
-
-class IncompatibleState(Exception):
-    """The saved state cannot be continued as it is (learned with another model, or a
-    damaged or incomplete log): a person must choose, so the daemon refuses to start."""
+    """The log cannot take a record (no space, no inode for its next file): training
+    pauses, input is answered busy, until a probe finds room."""
 
 
 class Durability:
-    def __init__(self, config: Config, learner: Learner, metrics, log):
+    def __init__(self, config: Config, learner: Learner, metrics, log,
+                 clock: Callable[[], float] = time.monotonic):
         self.config, self.learner, self.metrics, self.log = config, learner, metrics, log
+        self.clock = clock
         self.root = Path(config.checkpoint.resolved_dir())
         self.lock_file = None
         self._lock()  # before anything in the folder is touched
         self.checkpoints = Checkpoints(self.root / "checkpoints", config.checkpoint.keep)
         self.wal: WriteAheadLog | None = None
         self.wal_seq = 0                     # the newest record applied
+        self.num_changes = 0                 # changes logged (counted with wal.mode = off too)
         self.last_checkpoint: Saved | None = None
-        self.last_fsync = time.monotonic()
-        self.next_due = time.monotonic() + (config.checkpoint.interval_seconds or float("inf"))
+        self.changes_at_checkpoint = -1      # none written by this process yet
+        self.last_fsync = clock()
+        self.interval = config.checkpoint.interval_seconds or float("inf")
+        self.next_due = clock() + self.interval
         self.updates_at_checkpoint = 0
+        self.num_failed_in_row = 0           # checkpoint writes failed since the last good one
         self.full_since: float | None = None  # the log's disk is full since then
         self.last_probe = 0.0
+        # checkpoint requests: write n is ticket n; `results` holds the latest outcomes
+        self.num_started = 0
+        self.num_finished = 0
+        self.results: dict[int, Saved | None] = {}
+        self.wanted = False                  # a request came while a write was busy
 
-    # ---- start -----------------------------------------------------------------------------
     def recover(self, fresh: bool = False, should_stop: Callable[[], bool] = lambda: False,
                 progress: Callable[[str], None] = lambda line: None) -> None:
-        """Load the newest good checkpoint and replay the log after it. `should_stop` is
-        asked between records (a stop request during a long replay); `progress` gets a
-        status line every few seconds of replay."""
-        if fresh:
-            self._set_aside()
-        loaded = self.checkpoints.load_newest(self._unreadable)
-        if loaded is not None:
-            state, path = loaded
-            differing = incompatible_keys(self.config, config_from_dict(
-                state["learner"]["config"]))
-            if differing:
-                raise IncompatibleState(
-                    f"the state in {self.root} was learned with a different config: "
-                    f"{', '.join(differing)}. Use that config, or start afresh with "
-                    "`streamrnn serve --fresh` (the old state is moved aside, not deleted)")
-            self.learner.load_state_dict(state["learner"])
-            # the batch width of the updates logged after it (see _apply's "config")
-            self.learner.max_batch_streams = int(state.get(
-                "batch_streams", self.config.train.max_batch_streams))
-            torch.set_rng_state(state["rng"])
-            self.wal_seq = int(state["wal_seq"])
-            self.last_checkpoint = Saved(path, self.wal_seq, 0.0)
-            self.metrics.checkpoint_last_success.set(state["created"])
-            self.updates_at_checkpoint = self.learner.updates
-            self.log.info("checkpoint loaded", path=str(path), updates=self.learner.updates,
-                          streams=len(self.learner.streams.ids), wal_seq=self.wal_seq)
-        log_dir = self.root / "wal"
-        if self.config.wal.mode == "off" and not any(log_dir.glob("wal-*.log")):
-            return
-        try:
-            self.wal = WriteAheadLog(log_dir, self.config.wal.segment_bytes,
-                                     fsync=True, start_after=self.wal_seq)
-        except WalDamaged as e:
-            raise IncompatibleState(str(e)) from e
-        if self.wal.torn_bytes:
-            self.log.warning("cut a torn record off the log's tail (a crash mid-write; it "
-                             "was never acknowledged)", bytes=self.wal.torn_bytes)
-        replayed = self._replay(should_stop, progress, loaded is not None)
-        if should_stop():
-            return  # the rest of the log stays for the next start
-        # replayed to the end: from here on, updates run as this config says
-        self.learner.max_batch_streams = self.config.train.max_batch_streams
-        if self.config.wal.mode == "off":
-            self._retire_log()
-        else:
-            self._append({"t": "config", "c": self.config.to_dict()})  # see _apply
-
-    def _replay(self, should_stop, progress, from_checkpoint: bool) -> int:
-        replayed_tokens = replayed = 0
-        started = next_status = time.monotonic()
-        for record in self.wal.records_after(self.wal_seq):
-            if record["q"] != self.wal_seq + 1:
-                where = (f"the checkpoint covers records up to {self.wal_seq}"
-                         if from_checkpoint else "no checkpoint could be loaded")
-                raise IncompatibleState(
-                    f"the log in {self.root / 'wal'} continues at record {record['q']} "
-                    f"but {where}: acknowledged input in between would be lost. "
-                    "Restore the missing checkpoint or log files, or start afresh "
-                    "with `streamrnn serve --fresh`")
-            replayed_tokens += self._apply(record)
-            replayed += 1
-            self.wal_seq = record["q"]
-            if time.monotonic() >= next_status:
-                next_status = time.monotonic() + REPLAY_STATUS_SECONDS
-                progress(f"replaying the log: record {self.wal_seq}, "
-                         f"{self.learner.updates:,} updates")
-                if should_stop():
-                    self.log.warning("stop requested during replay; the rest of the "
-                                     "log stays for the next start", at=self.wal_seq)
-                    break
-        self.metrics.recovery_replayed_tokens.inc(replayed_tokens)
-        seconds = time.monotonic() - started
-        if replayed:
-            self.log.info("replayed the log", records=replayed, tokens=replayed_tokens,
-                          seconds=round(seconds, 3), updates=self.learner.updates)
-        if seconds > 60:  # a crash now would replay all of it again: checkpoint soon
-            self.next_due = time.monotonic()
-        return replayed
-
-    def _apply(self, record: dict) -> int:
-        kind = record["t"]
-        if kind == "tokens":
-            tokens = np.frombuffer(record["k"], "<u4").astype(np.int32)
-            self.learner.streams.append(record["s"], tokens)
-            return len(tokens)
-        if kind == "train":
-            if self.learner.train(1).updates != 1:
-                raise IncompatibleState(
-                    f"log record {record['q']} says an update ran there, but replaying "
-                    "the log before it leaves none ready: the log does not belong to the "
-                    f"state it follows in {self.root}")
-        elif kind == "flush":
-            self.learner.flush(record["s"])
-        elif kind == "end":
-            self.learner.end(record["s"])
-        elif kind == "config":
-            # the config the following records were made with: same model, and their
-            # updates replayed with the batch width they ran with
-            logged = config_from_dict(record["c"])
-            differing = incompatible_keys(self.config, logged)
-            if differing:
-                raise IncompatibleState(
-                    f"the log in {self.root / 'wal'} was written with a different config: "
-                    f"{', '.join(differing)}. Use that config, or start afresh with "
-                    "`streamrnn serve --fresh` (the old state is moved aside, not deleted)")
-            self.learner.max_batch_streams = logged.train.max_batch_streams
-        return 0  # "noop": a probe written while the disk was full
-
-    def _retire_log(self) -> None:
-        """wal.mode = off with a log from an earlier run: the log was replayed above;
-        a checkpoint now holds it, then it goes (stale records must never replay onto
-        a newer state later)."""
-        if self.checkpoint(wait=True) is None:
-            raise StartupError("wal.mode = off, and the log left by an earlier run could "
-                               "not be folded into a checkpoint (see the error above)")
-        self.wal.close()
-        for path in (self.root / "wal").glob("wal-*.log"):
-            path.unlink()
-        self.wal = None
-        self.log.info("wal.mode = off: the earlier log was replayed, checkpointed and "
-                      "removed")
+        recovery.recover(self, fresh, should_stop, progress)
+        self.updates_at_checkpoint = self.learner.updates
+        if self.last_checkpoint is not None and self.wal_seq == self.last_checkpoint.wal_seq:
+            self.changes_at_checkpoint = self.num_changes  # the loaded one holds it all
 
     def _lock(self) -> None:
         """One daemon per state folder (released by the kernel when the process ends)."""
@@ -201,79 +92,65 @@ class Durability:
         self.lock_file.write(f"streamrnn serve, pid {os.getpid()}\n")
         self.lock_file.flush()
 
-    def _unreadable(self, path: Path, error: CheckpointError) -> None:
+    def unreadable(self, path: Path, error: CheckpointError) -> None:
         self.metrics.checkpoint_load_failures.inc()
         self.log.error("checkpoint unreadable, using the one before it and more of the log",
                        path=str(path), error=str(error))
 
-    def _set_aside(self) -> None:
-        """--fresh: move checkpoints and log into a dated folder inside the state folder
-        (the folder itself may be a mount point, as systemd's StateDirectory is)."""
-        parts = [self.root / name for name in ("checkpoints", "wal")
-                 if (self.root / name).is_dir() and any((self.root / name).iterdir())]
-        if not parts:
-            return
-        aside = Path(tempfile.mkdtemp(prefix=f"previous-{time.strftime('%Y%m%d-%H%M%S')}-",
-                                      dir=self.root))
-        for part in parts:
-            part.rename(aside / part.name)
-        self.checkpoints = Checkpoints(self.root / "checkpoints", self.config.checkpoint.keep)
-        self.log.warning("fresh start: the previous state was moved aside", to=str(aside))
-
-    # ---- logging changes ---------------------------------------------------------------------
-    def log_tokens(self, stream: str, tokens: np.ndarray) -> bool:
-        """Log appended tokens; False if the log cannot take them (disk full)."""
-        if not self.healthy:
-            return False
-        return self._append({"t": "tokens", "s": stream,
-                             "k": tokens.astype("<u4").tobytes()})
+    # ---- logging changes ---------------------------------------------------------------
+    def log_tokens(self, stream: str, tokens: np.ndarray) -> None:
+        self._log({"t": "tokens", "s": stream, "k": tokens.astype("<u4").tobytes()})
 
     def log_train(self) -> None:
-        if not self._append({"t": "train"}):
-            raise LogFull()
+        """Before the update runs: it is a pure function of what the log holds before."""
+        self._log({"t": "train"})
 
-    def log_end(self, stream: str) -> bool:
-        """Log that a stream ended; False if the log cannot take it (disk full)."""
-        return self.healthy and self._append({"t": "end", "s": stream})
+    def log_end(self, stream: str) -> None:
+        self._log({"t": "end", "s": stream})
 
     def log_flush(self, streams: list[str]) -> None:
         """(At most FLUSH_RECORD_STREAMS streams: the daemon flushes in groups.)"""
-        if not self._append({"t": "flush", "s": streams}):
+        self._log({"t": "flush", "s": streams})
+
+    def _log(self, record: dict) -> None:
+        if not self.has_room() or not self.append(record):
             raise LogFull()
 
-    @property
-    def healthy(self) -> bool:
+    def has_room(self) -> bool:
         """False while the log's disk is full. Probes for room once a second with a
         record that replays as nothing."""
         if self.full_since is None:
             return True
-        if time.monotonic() - self.last_probe >= 1.0:
-            self.last_probe = time.monotonic()
-            if self._append({"t": "noop"}):
+        if self.clock() - self.last_probe >= PROBE_SECONDS:
+            self.last_probe = self.clock()
+            if self.append({"t": "noop"}):
                 self.log.info("write-ahead log has room again: training and intake resume",
-                              paused_seconds=round(time.monotonic() - self.full_since, 1))
+                              paused_seconds=round(self.clock() - self.full_since, 1))
                 self.full_since = None
         return self.full_since is None
 
-    def _append(self, record: dict) -> bool:
+    def append(self, record: dict) -> bool:
+        """Write a record (not durable until commit); False if the log cannot take it."""
         if self.wal is None:
+            self.num_changes += 1
             return True
         try:
             self.wal_seq = self.wal.append(record)
-            return True
         except WalFull as e:
             self.metrics.wal_failures.inc()
             if self.full_since is None:
-                self.full_since = self.last_probe = time.monotonic()
+                self.full_since = self.last_probe = self.clock()
                 self.log.error("write-ahead log full: training paused, input answered busy "
                                "until it has room", error=str(e))
             return False
+        self.num_changes += 1
+        return True
 
     def commit(self) -> None:
         """Before replies go out: make the logged group durable (per wal.mode)."""
         if self.wal is None:
             return
-        now = time.monotonic()
+        now = self.clock()
         if self.config.wal.mode == "fsync" or now - self.last_fsync >= \
                 self.config.wal.sync_ms / 1000:
             self.wal.sync()  # an fsync error here ends the process: nothing is acked
@@ -285,45 +162,78 @@ class Durability:
         if self.wal is not None and self.wal.dirty:
             self.commit()
 
-    # ---- checkpoints --------------------------------------------------------------------------
-    def maybe_checkpoint(self, now: float) -> None:
-        """Called from housekeeping: report a finished write, start one when due."""
+    # ---- checkpoints --------------------------------------------------------------------
+    def poll(self) -> None:
+        """Every turn: account for a finished write; start a requested or due one."""
         self._collect()
+        if self.checkpoints.busy:
+            return
         every = self.config.checkpoint.interval_updates
-        due = now >= self.next_due or (
+        due = self.clock() >= self.next_due or (
             every and self.learner.updates - self.updates_at_checkpoint >= every)
-        if due and not self.checkpoints.busy:
-            self.checkpoint(wait=False)
+        if self.wanted or (due and self.num_changes != self.changes_at_checkpoint):
+            self.wanted = False
+            self._start()
+        elif due:
+            self.next_due = self.clock() + self.interval  # nothing new to write
 
-    def checkpoint(self, wait: bool = True) -> Saved | None:
-        self.checkpoints.wait()
-        self._collect()  # a finished write's outcome must be counted before the next
+    def request_checkpoint(self) -> int | None:
+        """A checkpoint of the state as it is now: the ticket of the write that will hold
+        it (its outcome is results[ticket] once num_finished reaches it), or None when
+        the last checkpoint already holds everything."""
+        if self.last_checkpoint is not None and self.num_changes == self.changes_at_checkpoint:
+            return None
+        if self.checkpoints.busy:  # that one holds an older state: one more after it
+            self.wanted = True
+            return self.num_started + 1
+        self._start()
+        return self.num_started
+
+    def checkpoint_now(self, ping: Callable[[], None] = lambda: None) -> Saved | None:
+        """Write a checkpoint and wait for it (at the end, or at start); `ping` is called
+        while waiting (the watchdog). None if it failed."""
+        self.checkpoints.wait(ping)
+        self._collect()
+        ticket = self.request_checkpoint()
+        if ticket is None:
+            return self.last_checkpoint
+        self.checkpoints.wait(ping)
+        self._collect()
+        return self.results.get(ticket)
+
+    def _start(self) -> None:
+        """Snapshot the state and write it on a thread (the loop goes on meanwhile)."""
+        self.num_started += 1
+        self.next_due = self.clock() + self.interval
         self.commit()
         if self.wal is not None:
             self.wal.sync()
-        state = {"learner": _snapshot(self.learner.state_dict()),
-                 "rng": torch.get_rng_state(), "version": _version(),
+        model = self.learner.model
+        # note: a device sync, once per checkpoint
+        if not bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
+            self._failed("the model's weights are not finite: nothing is written from them "
+                         "(the older checkpoints and the log stay)")
+            return
+        state = {"learner": _snapshot(self.learner.state_dict()), "version": __version__,
                  "batch_streams": self.learner.max_batch_streams}
-        self.next_due = time.monotonic() + (
-            self.config.checkpoint.interval_seconds or float("inf"))
-        self.updates_at_checkpoint = self.learner.updates
+        self.pending_changes = self.num_changes
+        self.pending_updates = self.learner.updates
         self.checkpoints.save_in_background(state, self.wal_seq)
-        if wait:
-            self.checkpoints.wait()
-            return self._collect()
-        return None
 
-    def _collect(self) -> Saved | None:
+    def _collect(self) -> None:
         """Account for the background write that finished, if any."""
         if self.checkpoints.busy or self.checkpoints.result is None:
-            return None
+            return
         result, self.checkpoints.result = self.checkpoints.result, None
         if isinstance(result, Exception):
-            self.metrics.checkpoint_failures.inc()
-            self.log.error("checkpoint failed; the previous one stays, the log keeps "
-                           "everything since", error=str(result))
-            return None
+            self._failed(f"checkpoint failed; the previous one stays, the log keeps "
+                         f"everything since: {result}")
+            return
+        self.num_failed_in_row = 0
         self.last_checkpoint = result
+        self.changes_at_checkpoint = self.pending_changes
+        self.updates_at_checkpoint = self.pending_updates
+        self._finish(result)
         self.metrics.checkpoint_seconds.observe(result.seconds)
         self.metrics.checkpoint_last_success.set(time.time())
         removed = 0
@@ -332,7 +242,22 @@ class Durability:
             removed = self.wal.remove_covered(oldest)
         self.log.info("checkpoint saved", path=str(result.path), wal_seq=result.wal_seq,
                       seconds=round(result.seconds, 3), log_segments_removed=removed)
-        return result
+
+    def _failed(self, message: str) -> None:
+        """A write that failed: counted, logged, and tried again soon, sooner than the
+        interval (5, 10, 20 ... s, at most the interval)."""
+        self.metrics.checkpoint_failures.inc()
+        self.num_failed_in_row += 1
+        retry = min(self.interval, RETRY_FIRST_SECONDS * 2 ** (self.num_failed_in_row - 1))
+        self.next_due = self.clock() + retry
+        self.log.error(message, retry_in_seconds=retry if retry < float("inf") else None)
+        self._finish(None)
+
+    def _finish(self, saved: Saved | None) -> None:
+        self.num_finished = self.num_started
+        self.results[self.num_finished] = saved
+        for old in [t for t in self.results if t < self.num_finished - 16]:
+            del self.results[old]
 
     def close(self) -> None:
         self.checkpoints.wait()
@@ -356,9 +281,3 @@ def _snapshot(tree):
     if isinstance(tree, tuple):
         return tuple(_snapshot(v) for v in tree)
     return tree
-
-
-def _version() -> str:
-    from .. import __version__
-    return __version__
-

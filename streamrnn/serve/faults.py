@@ -4,9 +4,12 @@
                                         the point (an instant a random kill rarely hits)
     STREAMRNN_FAIL_AT=checkpoint_write:1  raise ENOSPC from the 1st time on (disk full)
     STREAMRNN_HANG_AT=turn:50           the main loop stops forever on its 50th turn
+    STREAMRNN_NAN_AT=update:3           the 3rd update's loss is NaN (its head outputs
+                                        are), as an overflowing model's would be
 
-Points: wal_write, wal_rotate, wal_fsync (crash or fail), checkpoint_write, turn, request_<type>. Unset (always, outside tests), each check
-is one dictionary lookup.
+Points: wal_write, wal_rotate, wal_fsync (crash or fail), checkpoint_write, turn,
+request_<type>, update (NaN). Unset (always, outside tests), each check is one dictionary
+lookup.
 """
 from __future__ import annotations
 
@@ -48,3 +51,18 @@ def maybe_hang(point: str) -> None:
     if _reached("STREAMRNN_HANG_AT", point):
         while True:
             time.sleep(3600)
+
+
+def poison(learner) -> None:
+    """STREAMRNN_NAN_AT=update:N: the Nth training forward pass of the head (counted from
+    this process's start, replays included) gives NaN logits."""
+    if _cue("STREAMRNN_NAN_AT") is None:
+        return
+    import torch
+
+    def hook(module, inputs, output):
+        if torch.is_grad_enabled() and _reached("STREAMRNN_NAN_AT", "update") and \
+                _hits["STREAMRNN_NAN_ATupdate"] == _cue("STREAMRNN_NAN_AT")[1]:
+            return output * float("nan")
+        return output
+    learner.model.head.register_forward_hook(hook)

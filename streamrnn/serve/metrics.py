@@ -32,14 +32,15 @@ class Metrics:
             "accepted, acknowledged and not trained twice.", registry=r)
         self.tokens_trained = Counter(
             "streamrnn_tokens_trained", "Targets trained (a stream of N tokens gives N-1 "
-            "once flushed); turns with a non-finite loss are counted apart.", registry=r)
+            "once flushed); those of skipped updates (non-finite loss) are not.", registry=r)
         self.bits = Counter(
             "streamrnn_prequential_bits", "Prequential bits over the trained targets, each "
             "measured before the update that trains it.", registry=r)
-        self.updates = Counter("streamrnn_updates", "Optimizer steps taken.", registry=r)
+        self.updates = Counter("streamrnn_updates", "Updates run (each trains one window "
+                               "of up to train.max_batch_streams streams).", registry=r)
         self.nonfinite_updates = Counter(
-            "streamrnn_nonfinite_loss_updates", "Training turns whose loss was NaN or "
-            "infinite.", registry=r)
+            "streamrnn_nonfinite_loss_updates", "Updates whose loss or gradient was NaN or "
+            "infinite: their step was skipped, weights and optimizer unchanged.", registry=r)
         self.messages = Counter("streamrnn_messages", "Messages received, by request "
                                 "type.", ["type"], registry=r)
         self.rejected = Counter("streamrnn_messages_rejected", "Messages refused (nack), by "
@@ -60,8 +61,8 @@ class Metrics:
             "streamrnn_streams_forgotten", "Ended streams (end request) forgotten once "
             "their last targets were trained: their ids are free again.", registry=r)
         self.update_seconds = Histogram(
-            "streamrnn_update_duration_seconds", "Wall time per update (a training turn's "
-            "time over its updates; the turn ends with a device sync).",
+            "streamrnn_update_duration_seconds", "Wall time of each update on the host (on a "
+            "GPU, once the loop runs ahead, the device's time per update).",
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
         self.updates_per_turn = Histogram(
             "streamrnn_turn_updates", "Updates run in one turn of the main loop.",
@@ -82,8 +83,8 @@ class Metrics:
                                  "max_queued_tokens: beyond it producers get busy.", registry=r)
         self.learning_rate = Gauge("streamrnn_learning_rate", "Current learning rate.",
                                    registry=r)
-        self.grad_norm = Gauge("streamrnn_grad_norm", "Gradient norm before clipping, at "
-                               "the latest turn (NaN when clipping is off).", registry=r)
+        self.grad_norm = Gauge("streamrnn_grad_norm", "Gradient norm before clipping, of "
+                               "the latest update (read twice a second).", registry=r)
         self.start_time = Gauge("streamrnn_start_time_seconds", "When this process started "
                                 "(Unix time).", registry=r)
         self.build = Info("streamrnn_build", "Version, torch and device.", registry=r)

@@ -61,6 +61,9 @@ class WriteAheadLog:
         self.fsync_enabled = fsync
         self.torn_bytes = 0  # cut from the tail on opening (a crash mid-write)
         scanned = self._scan()
+        # kept up to date here, not read from the disk: a scrape on the metrics thread
+        # reads it while the loop deletes segments
+        self.num_bytes = sum(p.stat().st_size for p in self._segments())
         self.last_seq = max(scanned, start_after)
         self.file = None
         self.dirty = False
@@ -89,6 +92,7 @@ class WriteAheadLog:
             os.ftruncate(self.file.fileno(), self.size)  # no partial record stays behind
             raise WalFull(e.errno, f"write-ahead log {self.path}: {e.strerror or e}") from e
         self.size += len(frame)
+        self.num_bytes += len(frame)
         self.last_seq = seq
         self.dirty = True
         return seq
@@ -126,7 +130,9 @@ class WriteAheadLog:
         removed = 0
         for path, following in zip(segments, segments[1:]):
             if _first_seq(following) - 1 <= seq and path != self.path:
+                size = path.stat().st_size
                 path.unlink()
+                self.num_bytes -= size
                 removed += 1
         if removed:
             fsync_dir(self.dir)
@@ -134,7 +140,8 @@ class WriteAheadLog:
 
     @property
     def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self._segments())
+        """The log's size on disk (no disk access: safe from any thread)."""
+        return self.num_bytes
 
     # ---- internals -------------------------------------------------------------------------
     def _segments(self) -> list[Path]:

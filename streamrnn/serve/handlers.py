@@ -1,0 +1,245 @@
+"""What the daemon answers to each request: a reply dict, computed in process, no sockets.
+
+The daemon's loop (daemon.py) decodes a message, calls `Handlers.handle`, and sends the
+reply once the log holds what it acknowledges. A `checkpoint` request is answered later,
+when the checkpoint is durable (`handle` returns a Deferred for it): the loop never
+waits for a write.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import __version__, wire
+from ..config import Config
+from ..core.learner import LearnResult, Learner
+from .durability import Durability, LogFull
+
+MAX_PREDICT_BACKLOG = 16384  # predict/generate run the model over a stream's backlog
+RECENT_SECONDS = 60.0
+MAX_RETRY_MS = 5000
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """No reply yet: the checkpoint with this ticket answers it (Durability.results)."""
+    ticket: int
+
+
+class Activity:
+    """When each stream last sent tokens, oldest first: for idle flushes (train.
+    flush_after_seconds) and for forgetting silent streams (train.forget_after_seconds)."""
+
+    def __init__(self):
+        self.unflushed: OrderedDict[str, float] = OrderedDict()  # streams with fresh input
+        self.live: OrderedDict[str, float] = OrderedDict()       # streams not ended
+
+    def input(self, stream: str, now: float) -> None:
+        for table in (self.unflushed, self.live):
+            table[stream] = now
+            table.move_to_end(stream)
+
+    def flush_soon(self, stream: str) -> None:
+        """First in line for the next flush (as if idle since forever)."""
+        self.unflushed[stream] = -math.inf
+        self.unflushed.move_to_end(stream, last=False)
+
+    def idle(self, table: OrderedDict[str, float], now: float, seconds: float) -> list[str]:
+        """The streams of `table` quiet for `seconds`, taken out of it, oldest first."""
+        out = []
+        while table and now - next(iter(table.values())) >= seconds:
+            out.append(table.popitem(last=False)[0])
+        return out
+
+
+class Rate:
+    """Targets trained recently, over the seconds spent training them: an idle daemon
+    does not look slow (that would make its busy hints too long)."""
+
+    def __init__(self):
+        self.recent: deque[tuple[float, int, float, float]] = deque()  # (when, targets,
+        #   bits, seconds training)
+
+    def add(self, now: float, result: LearnResult, seconds: float) -> None:
+        self.recent.append((now, result.targets, result.bits, seconds))
+        while self.recent and self.recent[0][0] < now - RECENT_SECONDS:
+            self.recent.popleft()
+
+    def totals(self) -> tuple[int, float, float]:
+        """(targets, bits, seconds training) over the last RECENT_SECONDS."""
+        return (sum(r[1] for r in self.recent), sum(r[2] for r in self.recent),
+                sum(r[3] for r in self.recent))
+
+
+class Handlers:
+    def __init__(self, config: Config, learner: Learner, durability: Durability, metrics,
+                 clock: Callable[[], float]):
+        self.config, self.learner, self.durability = config, learner, durability
+        self.metrics, self.clock = metrics, clock
+        self.started = clock()
+        self.activity = Activity()
+        self.rate = Rate()
+
+    def handle(self, request: wire.Request) -> dict | Deferred:
+        reply = getattr(self, f"_on_{request.type}")(request)
+        if isinstance(reply, dict) and request.request_id is not None:
+            reply["id"] = request.request_id
+        return reply
+
+    # ---- tokens ----------------------------------------------------------------------
+    def _on_tokens(self, r: wire.Request) -> dict:
+        streams = self.learner.streams
+        expected = streams.next_offset(r.stream)
+        if r.offset > expected:
+            return nack("gap", f"offset {r.offset} is past the stream's end: the next "
+                        f"expected offset is {expected}", stream=r.stream,
+                        next_offset=expected)
+        new = r.tokens[expected - r.offset:]
+        if len(new) and r.stream in streams.ended:
+            return nack("ended", f"stream {r.stream!r} has ended (an end request); its id "
+                        "is free again once its last tokens are trained and it is "
+                        "forgotten: then position reports 0", stream=r.stream)
+        if len(new):
+            if r.stream not in streams.row_of and \
+                    len(streams.ids) >= self.config.ingest.max_streams:
+                return nack("too_many_streams", f"{len(streams.ids)} streams already "
+                            "(ingest.max_streams)", stream=r.stream)
+            if self.learner.untrained_tokens + len(new) > self.config.ingest.max_queued_tokens:
+                return self.busy(r.stream, self.retry_after_ms())
+            try:
+                self.durability.log_tokens(r.stream, new)
+            except LogFull:
+                return self.busy(r.stream, 1000)
+            self.learner.add(r.stream, new)
+            self.activity.input(r.stream, self.clock())
+        self.metrics.tokens_received.inc(len(new))
+        self.metrics.tokens_duplicate.inc(len(r.tokens) - len(new))
+        return {"type": "ack", "stream": r.stream, "next_offset": expected + len(new),
+                "accepted": len(new), "duplicates": len(r.tokens) - len(new)}
+
+    def busy(self, stream: str, retry_after_ms: int) -> dict:
+        self.metrics.busy.inc()
+        return {"type": "busy", "stream": stream, "retry_after_ms": retry_after_ms}
+
+    def retry_after_ms(self) -> int:
+        """How long until the queue is down to 3/4 of its limit at the recent training
+        rate (at least ingest.busy_retry_ms, at most 5 s; 1 s when nothing trained
+        recently): producers that wait that long find room, instead of resending into a
+        full queue."""
+        limit = self.config.ingest.max_queued_tokens
+        excess = self.learner.untrained_tokens - 0.75 * limit
+        targets, _, seconds = self.rate.totals()
+        wait_ms = 1000 * excess * seconds / targets if targets else 1000
+        return int(min(MAX_RETRY_MS, max(self.config.ingest.busy_retry_ms, wait_ms)))
+
+    def _on_position(self, r: wire.Request) -> dict:
+        return {"type": "position", "stream": r.stream,
+                "next_offset": self.learner.streams.next_offset(r.stream)}
+
+    # ---- the model -------------------------------------------------------------------
+    def _backlogged(self, r: wire.Request) -> dict | None:
+        backlog = self.learner.streams.untrained(r.stream)
+        if backlog <= MAX_PREDICT_BACKLOG:
+            return None
+        return nack("backlogged", f"stream has {backlog:,} tokens not trained yet; "
+                    f"{r.type} answers once fewer than {MAX_PREDICT_BACKLOG:,} are "
+                    "(it runs the model over them)", stream=r.stream)
+
+    def _on_predict(self, r: wire.Request) -> dict:
+        if refusal := self._backlogged(r):
+            return refusal
+        probs = self.learner.predict(r.stream).exp()
+        values, tokens = torch.topk(probs, r.top_k)
+        return {"type": "prediction", "stream": r.stream,
+                "next_offset": self.learner.streams.next_offset(r.stream),
+                "top": [[int(t), float(v)] for t, v in zip(tokens, values)]}
+
+    def _on_generate(self, r: wire.Request) -> dict:
+        if refusal := self._backlogged(r):
+            return refusal
+        tokens = self.learner.generate(r.stream, r.num_tokens, r.temperature, r.seed)
+        return {"type": "generated", "stream": r.stream, "tokens": tokens}
+
+    # ---- streams ---------------------------------------------------------------------
+    def _on_flush(self, r: wire.Request) -> dict:
+        # scheduled, not done here: training the queue first could hold intake for long
+        streams = self.learner.streams
+        candidates = streams.ids if r.stream is None else [r.stream]
+        scheduled = [sid for sid in candidates if streams.untrained(sid) > 0]
+        for stream in scheduled:
+            self.activity.flush_soon(stream)
+        return {"type": "flush", "stream": r.stream, "scheduled": len(scheduled)}
+
+    def _on_end(self, r: wire.Request) -> dict:
+        streams = self.learner.streams
+        known = r.stream in streams.row_of
+        if known and not self.end(r.stream):
+            return self.busy(r.stream, 1000)
+        return {"type": "ended", "stream": r.stream, "known": known,
+                "next_offset": streams.next_offset(r.stream)}
+
+    def end(self, stream: str) -> bool:
+        """End a known stream (logged first; False if the log cannot take it). It is
+        flushed, and so forgotten, at the next housekeeping with no backlog."""
+        if stream not in self.learner.streams.ended:
+            try:
+                self.durability.log_end(stream)
+            except LogFull:
+                return False
+            self.learner.end(stream)
+        self.activity.live.pop(stream, None)
+        self.activity.flush_soon(stream)
+        return True
+
+    # ---- the daemon ------------------------------------------------------------------
+    def _on_checkpoint(self, r: wire.Request) -> dict | Deferred:
+        ticket = self.durability.request_checkpoint()
+        if ticket is None:  # nothing new since the last one
+            return checkpoint_reply(self.durability.last_checkpoint)
+        return Deferred(ticket)
+
+    def _on_status(self, r: wire.Request) -> dict:
+        return {"type": "status", **self.status()}
+
+    def status(self) -> dict:
+        learner, c = self.learner, self.config
+        targets, bits, _ = self.rate.totals()
+        uptime = self.clock() - self.started
+        return {
+            "version": __version__, "uptime_seconds": uptime,
+            "device": str(learner.device),
+            "model": f"{c.model.kind} {c.model.num_layers}x{c.model.hidden_size}",
+            "tbptt": [c.train.k1, c.train.k2],
+            "updates": learner.updates, "tokens_trained": learner.tokens_trained,
+            "bits": learner.bits, "tokens_received": learner.streams.total_tokens,
+            "streams": len(learner.streams.ids), "queued_tokens": learner.untrained_tokens,
+            "recent_bits_per_token": bits / targets if targets else None,
+            "recent_tokens_per_second": targets / max(1e-9, min(RECENT_SECONDS, uptime)),
+            "last_checkpoint": saved_fields(self.durability.last_checkpoint),
+        }
+
+
+def checkpoint_reply(saved) -> dict:
+    if saved is None:
+        return {"type": "checkpoint", "ok": False,
+                "error": "the write failed; see the daemon's log"}
+    return {"type": "checkpoint", "ok": True, **saved_fields(saved)}
+
+
+def saved_fields(saved) -> dict | None:
+    if saved is None:
+        return None
+    try:
+        created = saved.path.stat().st_mtime
+    except OSError:  # removed meanwhile (keep), or unreadable
+        created = None
+    return {"path": str(saved.path.absolute()), "wal_seq": saved.wal_seq,
+            "seconds": round(saved.seconds, 3), "created": created}
+
+
+def nack(reason: str, message: str, **extra) -> dict:
+    return {"type": "nack", "reason": reason, "message": message, **extra}
