@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 
 import msgpack
 import numpy as np
@@ -167,7 +168,9 @@ def test_stream_cap_and_busy(tmp_path):
             assert c.ask(tokens("a", 0, range(30)))["type"] == "ack"
             busy = c.ask(tokens("b", 0, range(30)))
             assert busy["type"] == "busy" and busy["stream"] == "b"
-            assert 250 <= busy["retry_after_ms"] <= 5000  # at least ingest.busy_retry_ms
+            # nothing trained yet, so no rate to go by: a second (test_loop.py has the
+            # formula); never less than ingest.busy_retry_ms
+            assert busy["retry_after_ms"] == 1000
             assert c.ask(tokens("b", 0, range(20)))["type"] == "ack"  # 29 + 19 <= 50
             cap = c.ask(tokens("c", 0, range(2)))
             assert cap["reason"] == "too_many_streams"
@@ -179,17 +182,29 @@ def test_stream_cap_and_busy(tmp_path):
         assert d.stop() == 0
 
 
-def test_trains_and_predicts_while_learning(daemon, client):
+def test_trains_and_predicts_while_learning(tmp_path):
+    d = DaemonProcess(tmp_path, LIMITS).start()  # its own: the counters are this stream's
     text = (b"the quick brown fox jumps over the lazy dog. " * 40)
-    with Producer(daemon.endpoint, max_tokens_per_message=90) as producer:
+    with Producer(d.endpoint, max_tokens_per_message=90) as producer:
         producer.send("fox", text)  # the queue holds 200 tokens: busy, retried, all taken
         producer.flush(timeout=60)
-    done = wait_for(lambda: status(client)["tokens_trained"] >= (len(text) - 1) // 4 * 4 - 100,
-                    what="training")
-    assert done
+    try:
+        with RawClient(d.endpoint) as client:
+            full_windows = (len(text) - 1) // 4 * 4  # k1 = 4; the rest waits for a flush
+            wait_for(lambda: status(client)["tokens_trained"] == full_windows,
+                     what="training")
+            _predicts(client, len(text))
+            client.ask({"type": "flush", "stream": "fox"})
+            wait_for(lambda: status(client)["tokens_trained"] == len(text) - 1,
+                     what="the flush")
+    finally:
+        assert d.stop() == 0
+
+
+def _predicts(client, length):
     prediction = client.ask({"type": "predict", "stream": "fox", "top_k": 5, "id": 3})
     assert prediction["type"] == "prediction" and prediction["id"] == 3
-    assert prediction["next_offset"] == len(text)
+    assert prediction["next_offset"] == length
     probs = [p for _, p in prediction["top"]]
     assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
     assert all(0 <= t < 256 for t, _ in prediction["top"])
@@ -198,24 +213,7 @@ def test_trains_and_predicts_while_learning(daemon, client):
     generated = client.ask({"type": "generate", "stream": "fox", "num_tokens": 20,
                             "temperature": 0.5})
     assert len(generated["tokens"]) == 20 and all(0 <= t < 256 for t in generated["tokens"])
-    assert client.ask({"type": "position", "stream": "fox"})["next_offset"] == len(text)
-
-
-def test_flush_on_request_and_on_idle(tmp_path):
-    d = DaemonProcess(tmp_path, ["train.flush_after_seconds=1"]).start()
-    try:
-        with RawClient(d.endpoint) as c:
-            c.ask(tokens("idle", 0, range(10)))        # 9 targets: 8 trained, 1 waits
-            c.ask(tokens("asked", 0, range(7)))        # 6 targets: 4 trained, 2 wait
-            wait_for(lambda: status(c)["tokens_trained"] == 12, what="full windows")
-            flush = c.ask({"type": "flush", "stream": "asked"})
-            assert flush["type"] == "flush" and flush["scheduled"] == 1
-            wait_for(lambda: status(c)["tokens_trained"] == 15, timeout=10,
-                     what="idle flush")
-            assert status(c)["queued_tokens"] == 0
-        assert metric(scrape(d), "streamrnn_stream_flushes_total") >= 2
-    finally:
-        assert d.stop() == 0
+    assert client.ask({"type": "position", "stream": "fox"})["next_offset"] == length
 
 
 METRIC_NAMES = [
@@ -256,8 +254,19 @@ def test_metrics_endpoint(daemon, client):
 def test_logs_are_json_lines_without_per_update_noise(daemon):
     lines = [line for line in daemon.log().splitlines() if line.strip()]
     events = [json.loads(line) for line in lines]
-    assert {"starting", "listening"} <= {e["event"] for e in events}
-    assert len(events) < 60  # lifecycle and refusal summaries, not one per message
+    kinds = Counter(e["event"] for e in events)
+    assert {"starting", "listening"} <= set(kinds)
+    # lifecycle events once; refusals summed up in one line per 10 s burst, not one per
+    # message (this daemon has refused dozens by now)
+    assert set(kinds) <= {"starting", "listening", "refused input"}, kinds
+    assert kinds["starting"] == kinds["listening"] == 1
+    elapsed = (_when(events[-1]) - _when(events[0]))
+    assert kinds["refused input"] <= 1 + elapsed / 10
+
+
+def _when(event: dict) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
 def test_sigterm_stops_cleanly(tmp_path):
@@ -308,7 +317,7 @@ def test_status_and_feed_commands(tmp_path, small_daemon):
     as_json = subprocess.run([*cli, "status", "--endpoint", daemon.endpoint, "--json"],
                              capture_output=True, text=True, timeout=60)
     info = json.loads(as_json.stdout)
-    assert info["tokens_received"] >= 16011 and info["streams"] >= 2
+    assert info["tokens_received"] == 8000 + 8011 and info["streams"] == 2
 
 
 def test_commands_fail_clearly_without_a_daemon(tmp_path):

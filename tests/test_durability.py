@@ -519,20 +519,3 @@ def test_a_failed_fsync_acknowledges_nothing_and_ends_the_daemon(tmp_path):
                   timeout=5)
     assert d.proc.wait(timeout=30) == 1
     assert "fsync of the write-ahead log" in d.log()
-
-
-def test_silent_streams_are_forgotten_when_asked_to(tmp_path):
-    d = DaemonProcess(tmp_path, ["checkpoint.interval_seconds=0",
-                                 "train.flush_after_seconds=0.5",
-                                 "train.forget_after_seconds=2"]).start()
-    with RawClient(d.endpoint) as c:
-        for stream in ("quiet", "chatty"):
-            c.ask({"type": "tokens", "stream": stream, "offset": 0, "tokens": list(range(9))})
-        for i in range(8):  # chatty keeps talking, quiet does not
-            time.sleep(0.5)
-            c.ask({"type": "tokens", "stream": "chatty", "offset": 9 + i, "tokens": [i]})
-        assert c.ask({"type": "position", "stream": "quiet"})["next_offset"] == 0
-        assert c.ask({"type": "position", "stream": "chatty"})["next_offset"] == 17
-    status = ask(d, {"type": "status"})
-    assert status["streams"] == 1 and status["tokens_trained"] >= 8  # quiet's 8 targets
-    assert d.stop() == 0

@@ -1,0 +1,233 @@
+"""The daemon's loop in this process, on a clock the test moves: real sockets and files,
+exact timing (idle flushes, forgetting, checkpoint retries) without sleeping."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import prometheus_client
+import pytest
+import torch
+
+from harness import TINY, RawClient, free_port
+from streamrnn import load_config
+from streamrnn.serve import faults
+from streamrnn.serve.checkpoint import Checkpoints
+from streamrnn.serve.daemon import Daemon
+from streamrnn.serve.handlers import MAX_RETRY_MS
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def make_daemon(tmp_path, monkeypatch):
+    monkeypatch.setattr(faults, "_hits", {})  # fault cues count per test
+    made = []
+
+    def make(*overrides, env=None):
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        config = load_config(overrides=[
+            *TINY, f"ingest.endpoint=tcp://127.0.0.1:{free_port()}", "metrics.port=0",
+            f"checkpoint.dir={tmp_path / 'state'}", "train.flush_after_seconds=30",
+            *overrides])
+        clock = Clock()
+        daemon = Daemon(config, clock=clock)
+        daemon.start()
+        made.append(daemon)
+        return daemon, clock, RawClient(daemon.source.endpoint)
+    yield make
+    for daemon in made:
+        daemon.shutdown()
+
+
+def ask(daemon, client, message, turns=3):
+    client.send(message)
+    for _ in range(turns):
+        daemon.turn()
+    return client.receive(timeout=5)
+
+
+def ask_until_answered(daemon, client, message, seconds=20):
+    """A request answered later (a checkpoint): turn the loop until the reply comes."""
+    client.send(message)
+    deadline = time.monotonic() + seconds
+    while not client.socket.poll(20):
+        daemon.turn()
+        assert time.monotonic() < deadline, "no reply"
+    return client.receive()
+
+
+def tokens(stream, offset, values):
+    return {"type": "tokens", "stream": stream, "offset": offset, "tokens": list(values)}
+
+
+def test_idle_streams_are_flushed_after_exactly_flush_after_seconds(make_daemon):
+    d, clock, c = make_daemon()
+    ask(d, c, tokens("idle", 0, range(10)))   # 9 targets: 8 trained, 1 waits
+    assert d.learner.tokens_trained == 8
+    clock.now += 29.9
+    d.housekeeping(clock.now)
+    assert d.learner.tokens_trained == 8
+    clock.now += 0.1
+    d.housekeeping(clock.now)
+    assert d.learner.tokens_trained == 9 and d.learner.untrained_tokens == 0
+    flush = ask(d, c, {"type": "flush", "stream": "idle"})
+    assert flush["scheduled"] == 0  # nothing left
+
+
+def test_a_flush_request_trains_at_the_next_housekeeping(make_daemon):
+    d, clock, c = make_daemon()
+    ask(d, c, tokens("asked", 0, range(7)))   # 6 targets: 4 trained, 2 wait
+    assert ask(d, c, {"type": "flush", "stream": "asked"})["scheduled"] == 1
+    d.housekeeping(clock.now)  # no time passed: asked streams go first
+    assert d.learner.tokens_trained == 6
+
+
+def test_silent_streams_are_forgotten_after_exactly_forget_after_seconds(make_daemon):
+    d, clock, c = make_daemon("train.flush_after_seconds=1", "train.forget_after_seconds=5")
+    ask(d, c, tokens("quiet", 0, range(9)))
+    ask(d, c, tokens("chatty", 0, range(9)))
+    for i in range(6):  # chatty keeps talking once a second, quiet does not
+        clock.now += 1.0
+        ask(d, c, tokens("chatty", 9 + i, [i]))
+        d.housekeeping(clock.now)
+        d.housekeeping(clock.now)  # the end's flush, which forgets
+        quiet = ask(d, c, {"type": "position", "stream": "quiet"})["next_offset"]
+        assert quiet == (9 if i < 4 else 0), i  # silent for 5 s after the 5th second
+    assert ask(d, c, {"type": "position", "stream": "chatty"})["next_offset"] == 15
+    assert d.learner.tokens_trained == 8 + 12  # quiet's 8; chatty's 3 windows of 4 (2 wait)
+
+
+def test_busy_hint_follows_the_training_rate(make_daemon):
+    d, clock, c = make_daemon("ingest.max_queued_tokens=100",
+                              "ingest.max_tokens_per_message=100",
+                              "train.k1=100", "train.k2=100",  # nothing trains
+                              "ingest.busy_retry_ms=20")
+    handlers = d.handlers
+    # nothing trained yet: no rate to go by, a second
+    assert ask(d, c, tokens("a", 0, range(30)))["type"] == "ack"   # 29 targets wait
+    busy = ask(d, c, tokens("b", 0, range(80)))
+    assert busy == {"type": "busy", "stream": "b", "retry_after_ms": 1000}
+    # 1,000 targets trained in 0.5 s of training (over any wall time): 2,000/s
+    from streamrnn.core.learner import LearnResult
+    handlers.rate.add(clock.now, LearnResult(targets=1000), 0.5)
+    ask(d, c, tokens("a", 30, range(60)))  # 89 queued; 3/4 of the limit is 75
+    expected = int(1000 * (89 - 75) / 2000)  # 7 ms, below busy_retry_ms
+    assert handlers.retry_after_ms() == max(20, expected) == 20
+    handlers.rate.add(clock.now, LearnResult(targets=10), 10.0)  # now 1,010 in 10.5 s
+    assert handlers.retry_after_ms() == int(1000 * 14 * 10.5 / 1010)
+    handlers.rate.add(clock.now, LearnResult(targets=1), 1000.0)
+    assert handlers.retry_after_ms() == MAX_RETRY_MS
+
+
+def test_an_update_the_log_cannot_take_does_not_run(make_daemon):
+    # records: config (1), tokens (2), train (3): the first update's record fails
+    d, clock, c = make_daemon(env={"STREAMRNN_FAIL_AT": "wal_write:3"})
+    reply = ask(d, c, tokens("s", 0, range(9)))
+    assert reply["type"] == "ack"
+    assert d.learner.updates == 0 and d.learner.untrained_tokens == 8
+    assert ask(d, c, tokens("s", 9, [1]))["type"] == "busy"  # and input waits
+
+
+def test_a_checkpoint_request_does_not_stop_the_loop(make_daemon, monkeypatch):
+    d, clock, c = make_daemon()
+    ask(d, c, tokens("s", 0, range(9)))
+    release = threading.Event()
+    save = Checkpoints.save
+
+    def slow_save(self, state, wal_seq):
+        release.wait(timeout=20)  # a big model's checkpoint, on the writer thread
+        return save(self, state, wal_seq)
+    monkeypatch.setattr(Checkpoints, "save", slow_save)
+    c.send({"type": "checkpoint", "id": 1})
+    started = time.monotonic()
+    for _ in range(3):
+        d.turn()
+    status = ask(d, c, {"type": "status", "id": 2})
+    assert status["id"] == 2 and time.monotonic() - started < 10  # answered meanwhile
+    assert d.durability.checkpoints.busy
+    release.set()
+    deadline = time.monotonic() + 20
+    while not c.socket.poll(20):
+        d.turn()
+        assert time.monotonic() < deadline
+    reply = c.receive()
+    assert reply["id"] == 1 and reply["ok"] and reply["path"].endswith(".pt")
+    assert ask(d, c, {"type": "checkpoint", "id": 3})["path"] == reply["path"]  # no news
+
+
+def test_a_failed_checkpoint_is_retried_soon_then_less_often(make_daemon):
+    d, clock, c = make_daemon("checkpoint.interval_seconds=300",
+                              env={"STREAMRNN_FAIL_AT": "checkpoint_write:1"})
+    ask(d, c, tokens("s", 0, range(9)))
+    tries = []
+    for wait in (300, 5, 10, 20, 40, 80, 160, 300, 300):
+        clock.now += wait - 0.01
+        d.turn()
+        d.durability.checkpoints.wait()
+        assert d.durability.num_started == len(tries), wait  # not yet
+        clock.now += 0.01
+        d.turn()
+        d.durability.checkpoints.wait()
+        d.turn()  # collects the failure
+        tries.append(d.durability.num_started)
+    assert tries == list(range(1, 10))
+    failures = prometheus_client.generate_latest(d.metrics.registry).decode()
+    assert "streamrnn_checkpoint_failures_total 9.0" in failures
+
+
+def test_non_finite_updates_are_skipped_counted_and_never_checkpointed(make_daemon):
+    d, clock, c = make_daemon(env={"STREAMRNN_NAN_AT": "update:2"})
+    before = {}
+
+    def remember():
+        before.update({k: v.clone() for k, v in d.learner.model.state_dict().items()})
+    ask(d, c, tokens("s", 0, range(5)))  # one update
+    remember()
+    ask(d, c, tokens("s", 5, range(4)))  # the second: NaN
+    assert all(torch.equal(before[k], v) for k, v in d.learner.model.state_dict().items())
+    ask(d, c, tokens("s", 9, range(4)))  # the third trains again
+    assert d.learner.skipped_updates == 1 and d.learner.tokens_trained == 8
+    text = prometheus_client.generate_latest(d.metrics.registry).decode()
+    assert "streamrnn_nonfinite_loss_updates_total 1.0" in text
+    assert "streamrnn_tokens_trained_total 8.0" in text
+    saved = ask_until_answered(d, c, {"type": "checkpoint"})
+    assert saved["ok"]
+    with torch.no_grad():
+        d.learner.model.head.bias[0] = float("nan")  # however it came to be
+    ask(d, c, tokens("s", 13, [1]))
+    refused = ask_until_answered(d, c, {"type": "checkpoint"})
+    assert refused == {"type": "checkpoint", "ok": False,
+                       "error": "the write failed; see the daemon's log"}
+    assert len(d.durability.checkpoints.paths()) == 1
+
+
+def test_a_scrape_never_touches_the_disk(make_daemon, monkeypatch, tmp_path):
+    d, clock, c = make_daemon()
+    ask(d, c, tokens("s", 0, range(50)))
+    import pathlib
+
+    def gone(self, *args, **kwargs):  # the loop deleted it between a glob and a stat
+        raise FileNotFoundError(str(self))
+    monkeypatch.setattr(pathlib.Path, "stat", gone)
+    text = prometheus_client.generate_latest(d.metrics.registry).decode()
+    assert "streamrnn_wal_bytes" in text and "streamrnn_ingest_queue_tokens" in text
+
+
+def test_checkpoints_stay_apart_without_a_log(tmp_path):
+    checkpoints = Checkpoints(tmp_path, keep=3)
+    for _ in range(5):
+        checkpoints.save({"learner": {}}, wal_seq=0)  # wal.mode = off: wal_seq stays 0
+    names = [p.name for p in checkpoints.paths()]
+    assert names == [f"checkpoint-{0:016d}-{n:06d}.pt" for n in (5, 4, 3)]
+    old = tmp_path / f"checkpoint-{7:016d}.pt"  # a name of the version before
+    old.write_bytes(b"")
+    assert checkpoints.paths()[0] == old and checkpoints.oldest_kept_seq() == 0
