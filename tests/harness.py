@@ -43,10 +43,11 @@ class DaemonProcess:
         command = [sys.executable, "-m", "streamrnn", "serve", *args]
         for item in self.overrides:
             command += ["--set", item]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.workdir, env={**os.environ,
+                                                                "PYTHONUNBUFFERED": "1",
+                                                                **(env or {})})
         STARTED.append(self.proc)
         if wait:
             self.wait_ready()

@@ -41,10 +41,12 @@ def make_daemon(tmp_path, monkeypatch):
         clock = Clock()
         daemon = Daemon(config, clock=clock)
         daemon.start()
-        made.append(daemon)
-        return daemon, clock, RawClient(daemon.source.endpoint)
+        client = RawClient(daemon.source.endpoint)
+        made.append((daemon, client))
+        return daemon, clock, client
     yield make
-    for daemon in made:
+    for daemon, client in made:
+        client.__exit__()
         daemon.shutdown()
 
 

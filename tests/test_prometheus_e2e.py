@@ -155,12 +155,12 @@ class PrometheusServer:
 
     def start(self, binary: str) -> "PrometheusServer":
         config = self.write_config()
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}",
-             f"--storage.tsdb.path={self.workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [binary, f"--config.file={config}",
+                 f"--storage.tsdb.path={self.workdir / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"prometheus exited:\n{self.log()}"

@@ -264,6 +264,7 @@ class Durability:
         self._collect()
         if self.wal is not None:
             self.wal.close()
+        self.lock_file.close()  # releases the folder's lock
 
     @property
     def wal_bytes(self) -> int:
