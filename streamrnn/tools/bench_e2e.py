@@ -1,4 +1,4 @@
-"""`streamrnn bench --e2e`: the daemon end to end against the engine alone, in one run.
+"""`streamrnn bench e2e`: the daemon end to end against the engine alone, in one run.
 
 1. engine: streamrnn.Learner in this process trains the streams' text (the upper bound).
 2. daemon: `streamrnn serve` in a subprocess, fed over tcp loopback by producer
@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import time
-from dataclasses import replace
-
-import numpy as np
-
 from ..config import Config
+from .feeding import latency_summary, round_robin, widened
 from .local import running
 from .textdata import text_streams
 
@@ -24,9 +21,7 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
         json_path: str | None, echo=print, wal_modes: tuple[str, ...] = ("fsync",)) -> dict:
     from .bench_engine import _engine, machine_info
     from ..core.learner import resolve_device
-    config = replace(base, train=replace(
-        base.train, max_batch_streams=max(base.train.max_batch_streams, num_streams),
-        max_resident_streams=max(base.train.max_resident_streams, num_streams)))
+    config = widened(base, num_streams)
     device = resolve_device(config.train.device)
     data = text_streams(num_streams, int(max(200_000, 40_000 * seconds)))
     echo(f"# streamrnn bench --e2e on {machine_info(device)['device']}: {num_streams} "
@@ -78,26 +73,21 @@ def _measure_daemon(config: Config, data: list[bytes], num_producers: int, secon
         reports = [results.get(timeout=seconds + 120) for _ in workers]
         for w in workers:
             w.join(timeout=30)
-    latencies = np.concatenate([np.asarray(r["latencies"]) for r in reports] or [np.zeros(1)])
+    latencies = [x for r in reports for x in r["latencies"]]
     return {"tokens_per_s": (last["tokens_trained"] - first["tokens_trained"]) / (t1 - t0),
             "tokens_acked": sum(r["acked"] for r in reports),
             "busy_replies": sum(r["busy"] for r in reports),
-            "ack_latency_s": {"p50": float(np.percentile(latencies, 50)),
-                              "p99": float(np.percentile(latencies, 99)),
-                              "max": float(latencies.max()), "count": int(latencies.size)}}
+            "ack_latency_s": latency_summary(latencies)}
 
 
 def _produce(endpoint: str, streams: dict[str, bytes], seconds: float, results) -> None:
-    """One producer process: send its streams round-robin for `seconds`, then report."""
+    """One producer process: send its streams round-robin for `seconds` (wrapping around
+    their text, so none runs dry), then report."""
     from ..client import Producer
-    chunk = 1024
     stop = time.monotonic() + seconds
     with Producer(endpoint, retry_seconds=120, keep_latencies=True) as producer:
-        offset = 0
-        while time.monotonic() < stop and offset < min(len(d) for d in streams.values()):
-            for name, data in streams.items():
-                producer.send(name, np.frombuffer(data[offset:offset + chunk], np.uint8))
-            offset += chunk
+        round_robin(producer, streams, 1024, go_on=lambda: time.monotonic() < stop,
+                    wrap=True)
         producer.flush(timeout=300)
         results.put({"acked": producer.stats.tokens_acked, "busy": producer.stats.busy,
                      "latencies": producer.stats.ack_latencies})

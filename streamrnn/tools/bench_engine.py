@@ -31,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import Config, load_config
+from ..config import Config
 from ..core.learner import Learner, resolve_device
+from .feeding import widened
 from .textdata import text_streams
 
 
@@ -299,10 +300,7 @@ def _bits(losses: list[torch.Tensor]) -> float:
 def _config_for(base: Config, preset: Preset) -> Config:
     model = replace(base.model, hidden_size=preset.hidden, num_layers=preset.layers,
                     embed_dim=preset.embed, kind="lstm")
-    train = replace(base.train, max_batch_streams=max(base.train.max_batch_streams,
-                                                      preset.streams),
-                    max_resident_streams=max(base.train.max_resident_streams, preset.streams))
-    return replace(base, model=model, train=train)
+    return widened(replace(base, model=model), preset.streams)
 
 
 def _bytes_needed(config: Config, preset: Preset, seconds: float) -> int:
@@ -311,11 +309,6 @@ def _bytes_needed(config: Config, preset: Preset, seconds: float) -> int:
     rate = min(20_000, 10_000_000 / preset.streams)
     budget = 400_000_000 // preset.streams
     return int(min(budget, 16 * config.train.k2 + rate * seconds))
-
-
-def default_base(overrides=()) -> Config:
-    """The benchmark's own defaults: SGD at lr 0.05, as the ANCHORS were measured."""
-    return load_config(overrides=["train.optimizer=sgd", "train.lr=0.05", *overrides])
 
 
 def machine_info(device: torch.device) -> dict:

@@ -13,21 +13,17 @@ from __future__ import annotations
 import json
 import multiprocessing
 import time
-from dataclasses import replace
-
-import numpy as np
 
 from ..config import Config
+from .feeding import latency_summary, round_robin, wait_trained, widened
 from .local import running
 from .textdata import text_streams
 
 
 def run(base: Config, num_streams: int, num_producers: int, seconds: float,
         json_path: str | None, echo=print) -> dict:
-    config = replace(base, train=replace(
-        base.train, max_batch_streams=max(base.train.max_batch_streams, num_streams),
-        max_resident_streams=max(base.train.max_resident_streams, num_streams)))
-    echo(f"# streamrnn bench --soak: {num_streams} streams, {num_producers} producer "
+    config = widened(base, num_streams)
+    echo(f"# streamrnn bench soak: {num_streams} streams, {num_producers} producer "
          f"processes, {seconds:g} s, wal {config.wal.mode}")
     with running("streamrnn-soak-", ["metrics.port=0"], config) as (daemon, control):
         endpoint = daemon.endpoint
@@ -45,16 +41,14 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
         for w in workers:
             w.join(timeout=60)
         books = _check_books(control, reports)
-    latencies = np.concatenate([np.asarray(r["latencies"]) for r in reports] or [np.zeros(1)])
+    latencies = [x for r in reports for x in r["latencies"]]
     rss = [s["rss_bytes"] for s in samples]
     half = rss[len(rss) // 2:] or rss
     result = {
         "streams": num_streams, "producers": num_producers, "seconds": seconds,
         "tokens_sent": books["sent"], "tokens_trained": books["trained"],
         "trained_tokens_per_s": books["trained_during_run"] / seconds,
-        "ack_latency_s": {"p50": float(np.percentile(latencies, 50)),
-                          "p99": float(np.percentile(latencies, 99)),
-                          "max": float(latencies.max()), "count": int(latencies.size)},
+        "ack_latency_s": latency_summary(latencies),
         "lost_tokens": books["lost"], "duplicated_tokens": books["duplicated"],
         "mismatched_streams": books["mismatched_streams"],
         "rss_bytes_first_half_max": max(rss[:len(rss) // 2] or rss),
@@ -97,9 +91,7 @@ def _check_books(control, reports: list[dict]) -> dict:
     sent = {name: n for r in reports for name, n in r["sent"].items()}
     trained_during_run = control.status()["tokens_trained"]
     control.request({"type": "flush"})
-    deadline = time.monotonic() + 600
-    while (status := control.status())["queued_tokens"] > 0 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    status = wait_trained(control, poll=0.5)
     mismatched = lost = 0
     for name, count in sent.items():
         have = control.position(name)
@@ -116,16 +108,10 @@ def _check_books(control, reports: list[dict]) -> dict:
 def _produce(endpoint: str, names: list[str], seconds: float, seed: int, results) -> None:
     from ..client import Producer
     texts = text_streams(len(names) + seed, 50_000)[seed:]
-    chunk = 512
-    sent = {name: 0 for name in names}
     stop = time.monotonic() + seconds
     with Producer(endpoint, retry_seconds=300, keep_latencies=True) as producer:
-        while time.monotonic() < stop:
-            for name, text in zip(names, texts):
-                start = sent[name] % (len(text) - chunk)
-                producer.send(name, np.frombuffer(text[start:start + chunk], np.uint8),
-                              offset=sent[name])
-                sent[name] += chunk
+        sent = round_robin(producer, dict(zip(names, texts)), 512,
+                           go_on=lambda: time.monotonic() < stop, wrap=True)
         producer.flush(timeout=600)
         latencies = producer.stats.ack_latencies
         if len(latencies) > 20_000:  # keep the report small; an even sample is enough

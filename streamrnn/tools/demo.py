@@ -18,9 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 from ..client import Producer, ProducerError
+from .feeding import round_robin, wait_trained
 from .local import LocalDaemon, free_port
 from .textdata import stdlib_files
 
@@ -49,7 +49,7 @@ def run(overrides: list[str], seconds: float, num_streams: int, chunk: int,
                 feeder.stop()
                 for f in files:
                     control.request({"type": "flush", "stream": f.name})
-                final = _drain(control)
+                final = wait_trained(control, timeout=120)
                 _summary(control, feeder, final, say)
                 say(f"(while it ran, Prometheus metrics were at "
                     f"http://127.0.0.1:{metrics_port}/metrics; `streamrnn serve` runs one "
@@ -77,13 +77,8 @@ class _Feeder(threading.Thread):
     def run(self) -> None:
         try:
             with Producer(self.endpoint, retry_seconds=120) as producer:
-                while not self.stopping.is_set() and any(
-                        self.sent[n] < len(d) for n, d in self.data.items()):
-                    for name, data in self.data.items():
-                        piece = data[self.sent[name]:self.sent[name] + self.chunk]
-                        if piece and not self.stopping.is_set():
-                            producer.send(name, np.frombuffer(piece, np.uint8))
-                            self.sent[name] += len(piece)
+                self.sent = round_robin(producer, self.data, self.chunk,
+                                        go_on=lambda: not self.stopping.is_set())
                 producer.flush()
         except Exception as e:  # reported by the main thread
             self.error = e
@@ -124,16 +119,6 @@ def _watch(control: Producer, feeder: _Feeder, seconds: float, out) -> None:
               file=out, flush=True)
     if interactive:
         print(file=out)
-
-
-def _drain(control: Producer, timeout: float = 120) -> dict:
-    """Wait until everything fed, flushed streams included, has been trained."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = control.status()
-        if s["queued_tokens"] == 0 or time.monotonic() > deadline:
-            return s
-        time.sleep(0.2)
 
 
 def _summary(control: Producer, feeder: _Feeder, s: dict, say) -> None:
