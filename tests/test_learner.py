@@ -266,7 +266,7 @@ def test_a_step_that_raises_leaves_the_table_where_the_model_is():
         lambda *_: (_ for _ in ()).throw(RuntimeError("device lost")))
     with pytest.raises(RuntimeError, match="device lost"):
         learner.train()
-    assert learner.untrained_tokens == 8 and learner.updates == 0
+    assert learner.num_untrained == 8 and learner.updates == 0
     handle.remove()
     twin = make()
     twin.add("s", np.arange(9) % 13)
@@ -321,13 +321,13 @@ def test_an_ended_stream_is_forgotten_at_the_flush_and_nothing_else_changes():
     for s in "acdef":
         assert ending.streams.next_offset(s) == twin.streams.next_offset(s)
         assert torch.equal(ending.predict(s), twin.predict(s))
-    assert ending.untrained_tokens == twin.untrained_tokens == 0
+    assert ending.num_untrained == twin.num_untrained == 0
     ending.learn("b", [1, 2, 3])  # the id starts again, from scratch
-    assert ending.streams.next_offset("b") == 3 and ending.untrained_tokens == 2
+    assert ending.streams.next_offset("b") == 3 and ending.num_untrained == 2
     restored = make("train.max_resident_streams=2", "train.max_batch_streams=2")
     restored.load_state_dict(ending.state_dict())
-    assert restored.untrained_tokens == 2 and restored.streams.total_tokens == \
-        ending.streams.total_tokens
+    assert restored.num_untrained == 2 and restored.streams.num_received == \
+        ending.streams.num_received
 
 
 def test_ended_streams_are_kept_across_save_and_load():

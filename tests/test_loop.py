@@ -79,7 +79,7 @@ def test_idle_streams_are_flushed_after_exactly_flush_after_seconds(make_daemon)
     assert d.learner.tokens_trained == 8
     clock.now += 0.1
     d.housekeeping(clock.now)
-    assert d.learner.tokens_trained == 9 and d.learner.untrained_tokens == 0
+    assert d.learner.tokens_trained == 9 and d.learner.num_untrained == 0
     flush = ask(d, c, {"type": "flush", "stream": "idle"})
     assert flush["scheduled"] == 0  # nothing left
 
@@ -134,7 +134,7 @@ def test_an_update_the_log_cannot_take_does_not_run(make_daemon):
     d, clock, c = make_daemon(env={"STREAMRNN_FAIL_AT": "wal_write:3"})
     reply = ask(d, c, tokens("s", 0, range(9)))
     assert reply["type"] == "ack"
-    assert d.learner.updates == 0 and d.learner.untrained_tokens == 8
+    assert d.learner.updates == 0 and d.learner.num_untrained == 8
     assert ask(d, c, tokens("s", 9, [1]))["type"] == "busy"  # and input waits
 
 

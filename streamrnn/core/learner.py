@@ -208,9 +208,9 @@ class Learner:
         return self._skipped_updates
 
     @property
-    def untrained_tokens(self) -> int:
+    def num_untrained(self) -> int:
         """Targets received but not trained yet, over all streams."""
-        return self.streams.untrained_total
+        return self.streams.num_untrained
 
     # ---- prediction --------------------------------------------------------------------
     @torch.no_grad()

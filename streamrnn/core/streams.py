@@ -73,8 +73,8 @@ class StreamTable:
         self.waiting: dict[int, int] = {}  # tokens in each row's overflow queue
         self.turn = 0  # batches planned so far; orders streams fairly
         self._geometries: dict[tuple, Geometry] = {}
-        self.total_tokens = 0      # tokens received, over the table's life
-        self.untrained_total = 0   # targets received but not trained, all streams
+        self.num_received = 0      # tokens received, over the table's life
+        self.num_untrained = 0   # targets received but not trained, all streams
         self.ended: set[StreamId] = set()  # streams that get no more tokens (see forget)
         self._grow(capacity)
 
@@ -98,8 +98,8 @@ class StreamTable:
             raise ValueError(f"stream {stream_id!r} has ended: it takes no more tokens")
         row = self.row(stream_id)
         first = self.next_offset(stream_id) == 0  # the first token is no target
-        self.total_tokens += len(tokens)
-        self.untrained_total += len(tokens) - first
+        self.num_received += len(tokens)
+        self.num_untrained += len(tokens) - first
         self.states.touch(row)
         if row in self.overflow:
             self.overflow[row].append(tokens)
@@ -218,7 +218,7 @@ class StreamTable:
         e = self.trained_end[rows] + n
         self.trained_end[rows] = e
         self.start_pos[rows] = np.maximum(0, e + self.k1 - self.k2)
-        self.untrained_total -= int(n.sum())
+        self.num_untrained -= int(n.sum())
         self.turn += 1
         self.last_served[rows] = self.turn
 
@@ -280,7 +280,7 @@ class StreamTable:
             "states": self.states.state_dict(len(self.num_tokens)),
             "turn": self.turn,
             "ended": sorted(self.ended, key=self.row_of.__getitem__),
-            "total_tokens": self.total_tokens,
+            "total_tokens": self.num_received,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -302,6 +302,6 @@ class StreamTable:
         self.states.load_state_dict(state["states"], len(self.num_tokens))
         self.turn = int(state["turn"])
         self.ended = set(state.get("ended", ()))
-        self.total_tokens = int(state.get("total_tokens",
+        self.num_received = int(state.get("total_tokens",
                                           sum(self.next_offset(sid) for sid in self.ids)))
-        self.untrained_total = sum(self.untrained(sid) for sid in self.ids)
+        self.num_untrained = sum(self.untrained(sid) for sid in self.ids)

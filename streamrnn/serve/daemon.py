@@ -325,7 +325,7 @@ class Daemon:
         reads numbers, so nothing it does can fail or race the loop."""
         m, learner = self.metrics, self.learner
         m.active_streams.set(len(learner.streams.ids))
-        m.queue_tokens.set(learner.untrained_tokens)
+        m.queue_tokens.set(learner.num_untrained)
         m.resident_streams.set(learner.streams.states.num_resident)
         m.spilled_streams.set(learner.streams.states.num_spilled)
         m.wal_bytes.set(self.durability.wal_bytes)

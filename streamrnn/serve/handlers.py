@@ -108,7 +108,7 @@ class Handlers:
                     len(streams.ids) >= self.config.ingest.max_streams:
                 return nack("too_many_streams", f"{len(streams.ids)} streams already "
                             "(ingest.max_streams)", stream=r.stream)
-            if self.learner.untrained_tokens + len(new) > self.config.ingest.max_queued_tokens:
+            if self.learner.num_untrained + len(new) > self.config.ingest.max_queued_tokens:
                 return self.busy(r.stream, self.retry_after_ms())
             try:
                 self.durability.log_tokens(r.stream, new)
@@ -131,7 +131,7 @@ class Handlers:
         recently): producers that wait that long find room, instead of resending into a
         full queue."""
         limit = self.config.ingest.max_queued_tokens
-        excess = self.learner.untrained_tokens - 0.75 * limit
+        excess = self.learner.num_untrained - 0.75 * limit
         targets, _, seconds = self.rate.totals()
         wait_ms = 1000 * excess * seconds / targets if targets else 1000
         return int(min(MAX_RETRY_MS, max(self.config.ingest.busy_retry_ms, wait_ms)))
@@ -215,8 +215,8 @@ class Handlers:
             "model": f"{c.model.kind} {c.model.num_layers}x{c.model.hidden_size}",
             "tbptt": [c.train.k1, c.train.k2],
             "updates": learner.updates, "tokens_trained": learner.tokens_trained,
-            "bits": learner.bits, "tokens_received": learner.streams.total_tokens,
-            "streams": len(learner.streams.ids), "queued_tokens": learner.untrained_tokens,
+            "bits": learner.bits, "tokens_received": learner.streams.num_received,
+            "streams": len(learner.streams.ids), "queued_tokens": learner.num_untrained,
             "recent_bits_per_token": bits / targets if targets else None,
             "recent_tokens_per_second": targets / max(1e-9, min(RECENT_SECONDS, uptime)),
             "last_checkpoint": saved_fields(self.durability.last_checkpoint),
