@@ -335,3 +335,15 @@ def test_commands_fail_clearly_without_a_daemon(tmp_path):
     missing = subprocess.run([*cli, "feed", "--endpoint", endpoint, str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "cannot read" in missing.stderr
+
+
+def test_a_second_signal_ends_a_daemon_that_does_not_stop(tmp_path):
+    d = DaemonProcess(tmp_path, [])
+    d.start(wait=False, env={"STREAMRNN_HANG_AT": "turn:20"})  # stuck in its loop
+    wait_for(lambda: '"event": "listening"' in d.log(), what="listening")
+    time.sleep(2.0)  # 20 idle turns of 50 ms: it hangs from here on
+    d.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        d.proc.wait(timeout=1.0)  # the first asks; a hung loop never gets to it
+    d.proc.send_signal(signal.SIGINT)
+    assert d.proc.wait(timeout=10) == 128 + signal.SIGINT
