@@ -126,7 +126,7 @@ def measure(strategy: str, config: Config, data: list[bytes], device: torch.devi
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     try:
-        tokens, elapsed, bits = fn(config, data, device, seconds)
+        tokens, elapsed, bits, *_ = fn(config, data, device, seconds)
         error = ""
     except Exception as e:  # record it and carry on with the other strategies
         tokens, elapsed, bits, error = 0, 1.0, float("nan"), f"{type(e).__name__}: {e}"
@@ -141,7 +141,7 @@ def _engine(config: Config, data: list[bytes], device, seconds: float):
     streams = np.stack([np.frombuffer(d, np.uint8) for d in data])
     chunk = 8 * config.train.k1  # 8 updates per call: one host sync per 8 steps
     warm = config.train.k2 // chunk + 2  # windows at full length, then one more call
-    position, started, tokens = 0, None, 0
+    position, started, cpu_started, tokens = 0, None, 0.0, 0
     recent: deque = deque(maxlen=3)  # (targets, bits) of the last calls: ~20 updates
     while started is None or time.perf_counter() - started < seconds:
         if position + chunk > streams.shape[1]:
@@ -151,11 +151,13 @@ def _engine(config: Config, data: list[bytes], device, seconds: float):
         position += chunk
         if position // chunk == warm:
             started = time.perf_counter()  # learn_many synced: the device is idle here
+            cpu_started = time.process_time()
         elif started is not None:
             tokens += result.targets
             recent.append((result.targets, result.bits))
     bits = sum(b for _, b in recent) / max(1, sum(t for t, _ in recent))
-    return tokens, time.perf_counter() - started, bits
+    # the CPU seconds of this process (all its threads) over the timed part, too
+    return tokens, time.perf_counter() - started, bits, time.process_time() - cpu_started
 
 
 class _ByteLM(nn.Module):
