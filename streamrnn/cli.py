@@ -12,11 +12,12 @@ from .wire import REQUEST_TYPES
 DEFAULT_ENDPOINT = IngestConfig().endpoint
 # the folder the systemd unit's StateDirectory= gives, for messages that suggest one
 SERVICE_CHECKPOINTS = "/var/lib/streamrnn/checkpoints"
+BENCH_MODES = ("engine", "e2e", "soak")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(with_bench_mode(sys.argv[1:] if argv is None else argv))
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -29,12 +30,34 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def with_bench_mode(argv: list[str]) -> list[str]:
+    """`streamrnn bench [options]` is `streamrnn bench engine [options]`: argparse has no
+    default subcommand, so the mode is put in when none is named (nor --help asked)."""
+    argv = list(argv)
+    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in (*BENCH_MODES, "-h",
+                                                                   "--help")):
+        argv.insert(1, "engine")
+    return argv
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamrnn",
         description="Learn recurrent language models online from live token streams.")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in (_add_serve, _add_checkpoint, _add_feed, _add_status, _add_keys, _add_demo,
+                _add_bench, _add_config):
+        add(sub)
+    return parser
 
+
+def _subcommands(p: argparse.ArgumentParser, what: str):
+    """The subcommands of `p`, one of which must be named."""
+    return p.add_subparsers(title=f"{what}s", metavar=what.upper(), dest=what,
+                            required=True)
+
+
+def _add_serve(sub) -> None:
     answered = [t for t in REQUEST_TYPES if t != "tokens"]
     p = sub.add_parser("serve", help="run the daemon (until SIGTERM/SIGINT)",
                        description="Bind the ZeroMQ ingest endpoint and the metrics endpoint, "
@@ -46,21 +69,43 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint.dir holds state (it is moved aside, not deleted)")
     p.set_defaults(run=_serve)
 
+
+def _add_checkpoint(sub) -> None:
     p = sub.add_parser("checkpoint", help="save, list or inspect checkpoints",
                        description="save: ask a running daemon to write a checkpoint now. "
-                       "list: the checkpoints in a folder. inspect PATH: one checkpoint.")
-    p.add_argument("action", choices=("save", "list", "inspect"))
-    p.add_argument("path", nargs="?", help="inspect: the checkpoint file; list: the folder "
-                   "(default: checkpoint.dir of --config, else $STATE_DIRECTORY, else "
+                       "list: the checkpoints in a folder. inspect PATH: one checkpoint. "
+                       "Each has its own --help.")
+    actions = _subcommands(p, "action")
+    p = actions.add_parser("save", help="ask a running daemon to write a checkpoint now",
+                           description="Ask a running daemon to write a checkpoint now; "
+                           "answered once the file is durable.")
+    _endpoint_option(p)
+    _json_flag(p)
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the "
+                   "daemon to write it (300)")
+    p.set_defaults(run=_checkpoint_save)
+    p = actions.add_parser("list", help="the checkpoints in a folder",
+                           description="The checkpoints in a folder, newest first.")
+    p.add_argument("path", nargs="?", metavar="PATH", help="the folder (default: "
+                   "checkpoint.dir of --config, else $STATE_DIRECTORY, else "
                    f"./streamrnn-state, plus /checkpoints; the service's is "
                    f"{SERVICE_CHECKPOINTS})")
-    _endpoint_option(p)
-    p.add_argument("--config", metavar="FILE", help="list: take checkpoint.dir from here")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=300, help="save: seconds to wait for "
-                   "the daemon to write it (300)")
-    p.set_defaults(run=_checkpoint)
+    p.add_argument("--config", metavar="FILE", help="take checkpoint.dir from here")
+    _json_flag(p)
+    p.set_defaults(run=_checkpoint_list)
+    p = actions.add_parser("inspect", help="one checkpoint file",
+                           description="One checkpoint: time, log position, updates, "
+                           "streams, bits/token, model and training settings, version.")
+    p.add_argument("path", metavar="PATH", help="the checkpoint file")
+    _json_flag(p)
+    p.set_defaults(run=_checkpoint_inspect)
 
+
+def _json_flag(p: argparse.ArgumentParser, what: str = "machine-readable output") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+def _add_feed(sub) -> None:
     p = sub.add_parser("feed", help="send files or stdin to the daemon as byte streams",
                        description="Send each FILE as a stream of byte tokens (named by its "
                        "path, or all to --stream), appended at the stream's end, with "
@@ -78,28 +123,36 @@ def build_parser() -> argparse.ArgumentParser:
                    "daemon to train the streams' last bytes right away at the end")
     p.set_defaults(run=_feed)
 
+
+def _add_status(sub) -> None:
     p = sub.add_parser("status", help="ask a running daemon how it is doing",
                        description="Updates, streams, tokens received and trained, recent "
                        "bits/token and throughput, uptime.")
     _endpoint_option(p)
-    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    _json_flag(p, "print the raw status as JSON")
     p.add_argument("--timeout", type=float, default=5, help="seconds to wait for an "
                    "answer (5)")
     p.set_defaults(run=_status)
 
+
+def _add_keys(sub) -> None:
     p = sub.add_parser("keys", help="generate CURVE key pairs for the daemon and producers",
-                       description="keys generate DIR --name NAME writes DIR/NAME.key (public: "
-                       "give it to the other side) and DIR/NAME.key_secret (secret, mode 0600: "
-                       "it stays here). The daemon's public key goes to its producers; each "
-                       "producer's public key goes into the daemon's ingest.curve_allowed_keys "
-                       "folder.")
-    p.add_argument("action", choices=("generate",))
-    p.add_argument("directory", help="where to write the two files")
+                       description="keys generate DIR --name NAME: a CURVE key pair (see "
+                       "streamrnn keys generate --help).")
+    p = _subcommands(p, "action").add_parser(
+        "generate", help="write one key pair",
+        description="Write DIR/NAME.key (public: give it to the other side) and "
+        "DIR/NAME.key_secret (secret, mode 0600: it stays here). The daemon's public key "
+        "goes to its producers; each producer's public key goes into the daemon's "
+        "ingest.curve_allowed_keys folder.")
+    p.add_argument("directory", metavar="DIR", help="where to write the two files")
     p.add_argument("--name", required=True, help="file name stem, e.g. server or producer-1")
     p.add_argument("--force", action="store_true", help="replace an existing NAME.key and "
                    "NAME.key_secret (whoever holds the old public key is locked out)")
     p.set_defaults(run=_keys)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole system live: daemon, producers, learning",
                        description="Start `streamrnn serve` on its defaults in a temporary "
                        "folder, feed Python standard library sources to it as parallel byte "
@@ -114,42 +167,91 @@ def build_parser() -> argparse.ArgumentParser:
                    "turn (256)")
     p.set_defaults(run=_demo)
 
-    p = sub.add_parser("bench", help="time the engine against the baselines, JSON out",
-                       description="Tokens trained per second of the engine (through the "
-                       "public API) next to a plain recompute baseline and the seed "
-                       "question's LSTMCell loops, measured in the same run. Defaults: "
-                       "optimizer sgd, lr 0.05, the settings of the reference figures for "
-                       "H100 and H200 cards (ANCHORS in streamrnn/bench.py) that a GPU run "
-                       "prints alongside.")
-    _config_options(p)
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time the engine, the daemon end to end, or a soak",
+                       description="Three modes, each with its own --help; plain `streamrnn "
+                       "bench [options]` is `streamrnn bench engine [options]`. All train "
+                       "with optimizer sgd at lr 0.05 unless --set says otherwise.")
+    modes = _subcommands(p, "mode")
+    for add in (_add_bench_engine, _add_bench_e2e, _add_bench_soak):
+        add(modes)
+
+
+def _add_bench_engine(modes) -> None:
+    p = modes.add_parser("engine", help="the engine against the baselines, JSON out "
+                         "(the default)",
+                         description="Tokens trained per second of the engine (through the "
+                         "public API) next to a plain recompute baseline and the seed "
+                         "question's LSTMCell loops, measured in the same run. Defaults: "
+                         "optimizer sgd, lr 0.05, the settings of the reference figures for "
+                         "H100 and H200 cards (ANCHORS in streamrnn/bench.py) that a GPU run "
+                         "prints alongside.")
+    _bench_options(p, 12, "time per strategy and config (12)")
     p.add_argument("--configs", help="comma-separated presets (default: small,small_b64 on "
                    "CPU; small,small_b256,small_b1024,large,large_b4096 on a GPU); all: "
                    "small, small_b64, small_b256, small_b1024, large, large_b4096")
     p.add_argument("--strategies", help="comma-separated: engine, engine_bf16, recompute, "
                    "seed_chunk_cell, seed_sliding_cell (default: all, bf16 on GPU only)")
-    p.add_argument("--seconds", type=float, default=None, help="time per strategy and "
-                   "config (12); --e2e: feeding time (12); --soak: length of the run (600)")
     p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds, the "
                    "median counts (3)")
+    p.set_defaults(run=_bench_engine)
+
+
+def _add_bench_e2e(modes) -> None:
+    p = modes.add_parser("e2e", help="the daemon fed over tcp loopback, next to the engine",
+                         description="Start a daemon (once per --wal-modes value), feed it "
+                         "from producer processes over tcp loopback, and report its trained "
+                         "tokens/s next to the engine alone on the same config and text, "
+                         "plus ack latency p50/p99/max.")
+    _bench_options(p, 12, "feeding time (12)")
+    _load_options(p)
+    p.add_argument("--wal-modes", default="fsync", help="comma-separated wal.mode values "
+                   "to measure in turn, e.g. fsync,async,off (fsync)")
+    p.set_defaults(run=_bench_e2e)
+
+
+def _add_bench_soak(modes) -> None:
+    p = modes.add_parser("soak", help="many producers and streams for a long time, "
+                         "nothing lost", description="Many producers and streams for "
+                         "--seconds, then check the books (every stream's offset, tokens "
+                         "received and trained: nothing lost or duplicated) and that the "
+                         "daemon's memory levels off; reports throughput and ack latency.")
+    _bench_options(p, 600, "length of the run (600): memory takes minutes to level off")
+    _load_options(p)
+    p.set_defaults(run=_bench_soak)
+
+
+def _bench_options(p: argparse.ArgumentParser, seconds: float, seconds_help: str) -> None:
+    """What every bench mode takes: the config, --seconds (its own default) and --json;
+    and a clear refusal of the old spellings of the modes."""
+    _config_options(p)
+    p.add_argument("--seconds", type=float, default=seconds, help=seconds_help)
     p.add_argument("--json", default="streamrnn-bench.json", help="where to write results "
                    "(streamrnn-bench.json)")
-    p.add_argument("--e2e", action="store_true", help="instead: the daemon fed by producer "
-                   "processes over tcp loopback, next to the engine alone, plus ack latency")
-    p.add_argument("--streams", type=int, default=64, help="--e2e: streams (64)")
-    p.add_argument("--producers", type=int, default=4, help="--e2e: producer processes (4)")
-    p.add_argument("--soak", action="store_true", help="instead: many producers and streams "
-                   "for --seconds (600 if not given: memory takes minutes to level off), "
-                   "checking that nothing is lost or duplicated and that memory levels off")
-    p.add_argument("--wal-modes", default="fsync", help="--e2e: comma-separated wal.mode "
-                   "values to measure in turn, e.g. fsync,async,off (fsync)")
-    p.set_defaults(run=_bench)
+    for mode in BENCH_MODES[1:]:  # the old spellings, `bench --e2e` and `bench --soak`
+        p.add_argument(f"--{mode}", nargs=0, action=_NowAMode, help=argparse.SUPPRESS)
 
+
+def _load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--streams", type=int, default=64, help="streams (64)")
+    p.add_argument("--producers", type=int, default=4, help="producer processes (4)")
+
+
+class _NowAMode(argparse.Action):
+    """Refuses `bench --e2e` and `bench --soak`, naming the new spelling."""
+    def __call__(self, parser, namespace, values, option_string=None):
+        mode = option_string.lstrip("-")
+        parser.exit(2, f"streamrnn bench: {option_string} is now a mode of its own: "
+                    f"streamrnn bench {mode} ... (see streamrnn bench {mode} --help)\n")
+
+
+def _add_config(sub) -> None:
     p = sub.add_parser("config", help="check a config and print it resolved",
                        description="Load defaults, the file and overrides, validate, and "
                        "print the result as TOML with every key documented.")
     _config_options(p, print_flag=False)
     p.set_defaults(run=_config)
-    return parser
 
 
 def _config_options(p: argparse.ArgumentParser, print_flag: bool = True) -> None:
@@ -232,53 +334,58 @@ def _serve(args) -> int:
     return 0 if config is None else daemon.serve(config, fresh=args.fresh)
 
 
-def _checkpoint(args) -> int:
-    from .serve import checkpoint
-    if args.action == "save":
-        from .client import ProducerError
-        try:
-            # a daemon that is not there is reported within 10 s; one that is there gets
-            # --timeout to write (a big model's checkpoint takes minutes)
-            with _producer(args, retry_seconds=min(10.0, args.timeout),
-                           reply_timeout=args.timeout) as producer:
-                reply = producer.request({"type": "checkpoint"})
-        except ProducerError as e:
-            print(f"streamrnn checkpoint: {e}", file=sys.stderr)
-            return 1
-        if not reply.get("ok"):
-            print(f"streamrnn checkpoint: {reply.get('error')}", file=sys.stderr)
-            return 1
-        print(json.dumps(reply) if args.json else f"saved {reply['path']} "
-              f"(log position {reply['wal_seq']}, {reply['seconds']} s)")
-        return 0
-    if args.action == "inspect":
-        if not args.path:
-            print("streamrnn checkpoint inspect: which file? (PATH)", file=sys.stderr)
-            return 2
-        paths = [args.path]
+def _checkpoint_save(args) -> int:
+    from .client import ProducerError
+    try:
+        # a daemon that is not there is reported within 10 s; one that is there gets
+        # --timeout to write (a big model's checkpoint takes minutes)
+        with _producer(args, retry_seconds=min(10.0, args.timeout),
+                       reply_timeout=args.timeout) as producer:
+            reply = producer.request({"type": "checkpoint"})
+    except ProducerError as e:
+        print(f"streamrnn checkpoint: {e}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"streamrnn checkpoint: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply) if args.json else f"saved {reply['path']} "
+          f"(log position {reply['wal_seq']}, {reply['seconds']} s)")
+    return 0
+
+
+def _checkpoint_list(args) -> int:
+    folder, origin = _checkpoint_folder(args)
+    if not folder.is_dir():
+        print(f"streamrnn checkpoint list: {folder.absolute()} does not exist" + (
+              f"{origin}. Name the folder, e.g. `streamrnn checkpoint list "
+              f"{SERVICE_CHECKPOINTS}` for the systemd service" if origin else ""),
+              file=sys.stderr)
+        return 1
+    rows = _checkpoint_rows(sorted(folder.glob("checkpoint-*.pt"), reverse=True))
+    if args.json:
+        print(json.dumps(rows, indent=1))
     else:
-        folder, origin = _checkpoint_folder(args)
-        if not folder.is_dir():
-            print(f"streamrnn checkpoint list: {folder.absolute()} does not exist" + (
-                  f"{origin}. Name the folder, e.g. `streamrnn checkpoint list "
-                  f"{SERVICE_CHECKPOINTS}` for the systemd service" if origin else ""),
-                  file=sys.stderr)
-            return 1
-        paths = sorted(folder.glob("checkpoint-*.pt"), reverse=True)
-        if not paths and not args.json:
-            print(f"no checkpoints in {folder}")
+        print("\n".join(format_checkpoint(row, full=False) for row in rows) if rows
+              else f"no checkpoints in {folder}")
+    return 1 if any("error" in row for row in rows) else 0
+
+
+def _checkpoint_inspect(args) -> int:
+    row = _checkpoint_rows([args.path])[0]
+    print(json.dumps(row, indent=1) if args.json else format_checkpoint(row, full=True))
+    return 1 if "error" in row else 0
+
+
+def _checkpoint_rows(paths) -> list[dict]:
+    """Each checkpoint's summary, or why it cannot be read."""
+    from .serve import checkpoint
     rows = []
     for path in paths:
         try:
             rows.append({"path": str(path), **checkpoint.summary(checkpoint.load(path))})
         except checkpoint.CheckpointError as e:
             rows.append({"path": str(path), "error": str(e)})
-    if args.json:
-        print(json.dumps(rows[0] if args.action == "inspect" else rows, indent=1))
-    else:
-        for row in rows:
-            print(format_checkpoint(row, full=args.action == "inspect"))
-    return 1 if any("error" in r for r in rows) else 0
+    return rows
 
 
 def _checkpoint_folder(args):
@@ -391,28 +498,33 @@ def _demo(args) -> int:
     return demo.run(args.overrides, args.seconds, args.streams, args.chunk)
 
 
-def _bench(args) -> int:
-    from .tools import bench_engine as bench
-    config = _load(args, defaults=("train.optimizer=sgd", "train.lr=0.05"))
-    if config is None:
-        return 0
-    seconds = bench_seconds(args)
-    if args.soak:
-        from .tools import bench_soak
-        bench_soak.run(config, args.streams, args.producers, seconds, args.json)
-    elif args.e2e:
-        from .tools import bench_e2e
-        bench_e2e.run(config, args.streams, args.producers, seconds, args.json,
-                      wal_modes=tuple(args.wal_modes.split(",")))
-    else:
-        bench.run(args.configs, args.strategies, seconds, config, args.json,
-                  rounds=args.rounds)
+def _bench_config(args):
+    """The config of a bench run (sgd at lr 0.05 unless --set says otherwise), or None
+    when --print-config printed it."""
+    return _load(args, defaults=("train.optimizer=sgd", "train.lr=0.05"))
+
+
+def _bench_engine(args) -> int:
+    from .tools import bench_engine
+    config = _bench_config(args)
+    if config is not None:
+        bench_engine.run(args.configs, args.strategies, args.seconds, config, args.json,
+                         rounds=args.rounds)
     return 0
 
 
-def bench_seconds(args) -> float:
-    """--seconds, else the default of the kind of run: a soak is about memory levelling
-    off and rare losses (minutes), not the 12 s that time one strategy well enough."""
-    if args.seconds is not None:
-        return args.seconds
-    return 600.0 if args.soak else 12.0
+def _bench_e2e(args) -> int:
+    from .tools import bench_e2e
+    config = _bench_config(args)
+    if config is not None:
+        bench_e2e.run(config, args.streams, args.producers, args.seconds, args.json,
+                      wal_modes=tuple(args.wal_modes.split(",")))
+    return 0
+
+
+def _bench_soak(args) -> int:
+    from .tools import bench_soak
+    config = _bench_config(args)
+    if config is not None:
+        bench_soak.run(config, args.streams, args.producers, args.seconds, args.json)
+    return 0

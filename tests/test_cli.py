@@ -77,19 +77,24 @@ def test_bench_writes_json_with_ratios(tmp_path):
 @pytest.mark.slow
 def test_bench_e2e_reports_daemon_next_to_engine(tmp_path):
     path = tmp_path / "e2e.json"
-    out = streamrnn("bench", "--e2e", "--seconds", "2", "--streams", "4", "--producers", "2",
+    out = streamrnn("bench", "e2e", "--seconds", "2", "--streams", "4", "--producers", "2",
                     "--set", "model.hidden_size=32", "--json", str(path), timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(path.read_text())
     assert result["engine_tokens_per_s"] > 0 and result["daemon"]["tokens_per_s"] > 0
-    assert result["daemon"]["ack_latency_s"]["count"] > 0
-    assert "x the engine" in out.stdout and "wal fsync" in out.stdout
+    daemon = result["daemon"]
+    assert daemon["ack_latency_s"]["count"] > 0
+    assert result["engine_cpu_seconds_per_token"] > 0 and daemon["cpu_seconds_per_token"] > 0
+    assert daemon["cpu_vs_engine"] == pytest.approx(
+        result["engine_cpu_seconds_per_token"] / daemon["cpu_seconds_per_token"])
+    assert 0 < daemon["update_share"] <= 1.01  # of the wall time
+    assert "CPU us/token" in out.stdout and "wal fsync" in out.stdout
 
 
 @pytest.mark.slow
 def test_bench_soak_checks_the_books(tmp_path):
     path = tmp_path / "soak.json"
-    out = streamrnn("bench", "--soak", "--seconds", "4", "--streams", "4", "--producers", "2",
+    out = streamrnn("bench", "soak", "--seconds", "4", "--streams", "4", "--producers", "2",
                     "--set", "model.hidden_size=16", "--set", "ingest.max_queued_tokens=20000",
                     "--set", "ingest.max_tokens_per_message=1024",
                     "--json", str(path), timeout=600)
@@ -182,7 +187,9 @@ def test_feed_sends_what_a_pipe_has_without_waiting_for_more(tmp_path):
     finally:
         if feed.poll() is None:
             feed.kill()
-            feed.wait()
+        for pipe in (feed.stdin, feed.stdout, feed.stderr):
+            pipe.close()  # else a ResourceWarning, which the suite makes an error
+        feed.wait()
         assert d.stop() == 0
 
 
@@ -213,23 +220,77 @@ def test_bad_arguments_are_one_clear_error(args, message):
 def test_help_shows_defaults_and_what_serve_answers():
     from streamrnn.wire import REQUEST_TYPES
     assert "seconds to wait for an answer (5)" in streamrnn("status", "--help").stdout
-    bench = " ".join(streamrnn("bench", "--help").stdout.split())
-    for default in ("time per strategy and config (12)", "--soak: length of the run (600)",
-                    "the median counts (3)", "where to write results (streamrnn-bench.json)"):
+    bench = " ".join(streamrnn("bench", "engine", "--help").stdout.split())
+    for default in ("time per strategy and config (12)", "the median counts (3)",
+                    "where to write results (streamrnn-bench.json)"):
         assert default in bench
     assert "DESIGN.md" not in bench  # not in this repository
+    assert "feeding time (12)" in " ".join(streamrnn("bench", "e2e", "--help").stdout.split())
+    assert "length of the run (600)" in " ".join(
+        streamrnn("bench", "soak", "--help").stdout.split())
     assert "wait for the daemon to write it (300)" in " ".join(
-        streamrnn("checkpoint", "--help").stdout.split())
+        streamrnn("checkpoint", "save", "--help").stdout.split())
     serve = streamrnn("serve", "--help").stdout
     assert all(kind in serve for kind in REQUEST_TYPES)
 
 
-@pytest.mark.parametrize("argv,seconds", [(["bench"], 12), (["bench", "--e2e"], 12),
-                                          (["bench", "--soak"], 600),
-                                          (["bench", "--soak", "--seconds", "5"], 5)])
-def test_bench_seconds_default_by_kind_of_run(argv, seconds):
-    from streamrnn.cli import bench_seconds, build_parser
-    assert bench_seconds(build_parser().parse_args(argv)) == seconds
+@pytest.mark.parametrize("argv,mode,seconds", [
+    (["bench"], "engine", 12), (["bench", "--seconds", "5"], "engine", 5),
+    (["bench", "engine"], "engine", 12), (["bench", "e2e"], "e2e", 12),
+    (["bench", "soak"], "soak", 600), (["bench", "soak", "--seconds", "5"], "soak", 5)])
+def test_bench_seconds_default_by_mode(argv, mode, seconds):
+    from streamrnn.cli import build_parser, with_bench_mode
+    args = build_parser().parse_args(with_bench_mode(argv))
+    assert (args.mode, args.seconds) == (mode, seconds)
+
+
+# each subcommand's own options, and none of its siblings'
+HELP_OPTIONS = {
+    ("checkpoint", "save"): ({"--endpoint", "--server-key", "--client-key", "--json",
+                              "--timeout"}, {"--config", "PATH"}),
+    ("checkpoint", "list"): ({"PATH", "--config", "--json"}, {"--endpoint", "--timeout"}),
+    ("checkpoint", "inspect"): ({"PATH", "--json"}, {"--endpoint", "--timeout", "--config"}),
+    ("bench", "engine"): ({"--configs", "--strategies", "--seconds", "--rounds", "--json",
+                           "--config", "--set", "--print-config"},
+                          {"--streams", "--producers", "--wal-modes", "--e2e", "--soak"}),
+    ("bench", "e2e"): ({"--streams", "--producers", "--seconds", "--wal-modes", "--json",
+                        "--config", "--set"}, {"--configs", "--rounds", "--e2e", "--soak"}),
+    ("bench", "soak"): ({"--streams", "--producers", "--seconds", "--json", "--config",
+                         "--set"}, {"--configs", "--rounds", "--wal-modes", "--e2e",
+                                    "--soak"}),
+    ("keys", "generate"): ({"DIR", "--name", "--force"}, {"--json", "--endpoint"}),
+}
+
+
+@pytest.mark.parametrize("command", list(HELP_OPTIONS), ids=" ".join)
+def test_each_subcommand_has_its_own_help(command):
+    out = streamrnn(*command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: streamrnn {' '.join(command)} ")
+    words = set(re.findall(r"--[a-z][-a-z0-9]*|\b[A-Z]{3,}\b", out.stdout))
+    own, others = HELP_OPTIONS[command]
+    assert own <= words and not others & words, (own - words, others & words)
+
+
+@pytest.mark.parametrize("command,modes", [("bench", ("engine", "e2e", "soak")),
+                                           ("checkpoint", ("save", "list", "inspect")),
+                                           ("keys", ("generate",))])
+def test_help_lists_the_modes(command, modes):
+    out = streamrnn(command, "--help")
+    assert out.returncode == 0, out.stderr
+    listed = re.findall(r"^    (\w+) ", out.stdout, flags=re.M)
+    assert tuple(listed) == modes, out.stdout
+
+
+@pytest.mark.parametrize("argv,mode", [(["bench", "--e2e"], "e2e"),
+                                       (["bench", "--seconds", "2", "--soak"], "soak"),
+                                       (["bench", "e2e", "--soak"], "soak")])
+def test_old_bench_spellings_are_refused_with_the_new_one(argv, mode):
+    out = streamrnn(*argv)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"streamrnn bench: --{mode} is now a mode of its own: streamrnn bench {mode} ... "
+        f"(see streamrnn bench {mode} --help)"]
 
 
 def test_readme_cites_no_missing_design_document():
@@ -260,6 +321,50 @@ def test_checkpoint_list_says_which_folder_is_missing_and_why(tmp_path):
     assert (out.returncode, out.stdout.strip()) == (0, f"no checkpoints in {tmp_path}/empty")
 
 
+@pytest.fixture
+def checkpoints(tmp_path):
+    """A folder with two real checkpoints of a small untrained learner."""
+    from streamrnn import load_config
+    from streamrnn.core.learner import Learner
+    from streamrnn.serve.checkpoint import Checkpoints
+    learner = Learner(load_config(overrides=["model.hidden_size=8"]))
+    saved = Checkpoints(tmp_path / "checkpoints", keep=2)
+    for seq in (1, 2):
+        saved.save({"learner": learner.state_dict(), "version": "0.1.0"}, wal_seq=seq)
+    return saved
+
+
+@pytest.mark.parametrize("order", ["json first", "json last"])
+def test_checkpoint_inspect_takes_options_in_any_order(checkpoints, order):
+    path = str(checkpoints.paths()[0])
+    out = streamrnn("checkpoint", "inspect", *(
+        ["--json", path] if order == "json first" else [path, "--json"]))
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert (row["path"], row["wal_seq"], row["updates"], row["version"]) == (path, 2, 0,
+                                                                              "0.1.0")
+    assert row["config"]["model"]["hidden_size"] == 8 and "error" not in row
+    out = streamrnn("checkpoint", "inspect", path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{path}: ") and "log position 2" in out.stdout
+    assert re.search(r"^  model: lstm \d+x8, vocab 256", out.stdout, flags=re.M), out.stdout
+    assert out.stdout.splitlines()[-1] == "  version 0.1.0"
+
+
+@pytest.mark.parametrize("order", ["json first", "json last"])
+def test_checkpoint_list_takes_options_in_any_order(checkpoints, order):
+    folder = str(checkpoints.dir)
+    out = streamrnn("checkpoint", "list", *(
+        ["--json", folder] if order == "json first" else [folder, "--json"]))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [row["path"] for row in rows] == [str(p) for p in checkpoints.paths()]
+    assert [row["wal_seq"] for row in rows] == [2, 1]
+    out = streamrnn("checkpoint", "list", folder)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 2 and "model:" not in out.stdout
+
+
 def test_status_shows_the_last_checkpoint_readably(tmp_path):
     d = DaemonProcess(tmp_path, []).start()
     try:
@@ -273,8 +378,8 @@ def test_status_shows_the_last_checkpoint_readably(tmp_path):
                               d.endpoint], cwd=tmp_path, capture_output=True, text=True,
                              timeout=120)
         line = next(l for l in out.stdout.splitlines() if l.startswith("last checkpoint"))
-        assert re.fullmatch(r"last checkpoint \S+/checkpoint-\d+\.pt \(log position [\d,]+, "
-                            r"written \d+ s ago\)", line), line
+        assert re.fullmatch(r"last checkpoint \S+/checkpoint-\d+-\d+\.pt \(log position "
+                            r"[\d,]+, written \d+ s ago\)", line), line
     finally:
         assert d.stop() == 0
 

@@ -1,4 +1,4 @@
-"""`streamrnn bench --soak`: many producers, many streams, a long time, nothing lost.
+"""`streamrnn bench soak`: many producers, many streams, a long time, nothing lost.
 
 A daemon (durable defaults: write-ahead log with fsync) is fed over tcp loopback by
 producer processes, each pushing its share of the streams as fast as backpressure lets
