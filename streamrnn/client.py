@@ -114,7 +114,10 @@ class Producer:
         self.paused_until = 0.0                 # after a busy reply, new data waits
         self.ids = itertools.count(1)
         self.last_progress = time.monotonic()
-        self.error: ProducerError | None = None
+        self.error: ProducerError | None = None  # the first one wins; raised once
+        # streams whose message the daemon refused, with the transmissions dropped with it:
+        # their late replies (gaps past the daemon's end, acks) are ignored
+        self.refused: dict[str, set[int]] = {}
         self.stats = _Stats()
         self.keep_latencies = keep_latencies
 
@@ -135,6 +138,10 @@ class Producer:
         nothing of that call is sent."""
         tokens = token_array(tokens if not isinstance(tokens, (bytes, bytearray))
                              else np.frombuffer(tokens, np.uint8))
+        self._raise_error()
+        if self.refused.pop(stream, None) is not None:
+            # its refusal was raised: start over where the daemon's end of it is
+            self.next_offset.pop(stream, None)
         if offset is None:
             offset = self.next_offset.get(stream)
             if offset is None:
@@ -242,6 +249,9 @@ class Producer:
             return
         kind, reply_id = reply.get("type"), reply.get("id")
         entry = self.pending.get(reply_id)
+        if entry is None and isinstance(reply_id, int) and any(
+                reply_id in dropped for dropped in self.refused.values()):
+            return  # a message dropped with its stream's refusal: nothing to act on
         if kind == "ack" and isinstance(reply.get("next_offset"), int):
             if isinstance(reply_id, int):
                 self.latest_ack[reply["stream"]] = max(reply_id,
@@ -261,13 +271,26 @@ class Producer:
                 fresh = reply_id > self.latest_ack.get(entry.stream, 0)
                 self._rewind(entry.stream, reply["next_offset"] if fresh else None, 0.0)
             else:
-                self.error = Refused(reply.get("reason", "?"), reply.get("message", ""),
-                                     entry.stream)
-                del self.pending[reply_id]
+                self._refuse(entry.stream, Refused(reply.get("reason", "?"),
+                                                   reply.get("message", ""), entry.stream))
         elif reply_id is not None and entry is None:
             self.answers[reply_id] = reply
         if len(self.answers) > 1000:  # answers nobody waits for any more
             self.answers.clear()
+
+    def _fail(self, error: ProducerError) -> None:
+        if self.error is None:  # the first real error wins: later ones are its echoes
+            self.error = error
+
+    def _refuse(self, stream: str, error: Refused) -> None:
+        """The daemon refused one of the stream's messages: the ones after it are past the
+        daemon's end of the stream and can only come back as gaps, so drop them all."""
+        dropped = self.refused.setdefault(stream, set())
+        for tid in [t for t, e in self.pending.items() if e.stream == stream]:
+            del self.pending[tid]
+            dropped.add(tid)
+        self.next_offset.pop(stream, None)
+        self._fail(error)
 
     def _acked(self, stream: str, next_offset: int) -> None:
         now = time.monotonic()
@@ -285,10 +308,10 @@ class Producer:
         entries = sorted((e for e in self.pending.values() if e.stream == stream),
                          key=lambda e: e.offset)
         if entries and expected is not None and entries[0].offset > expected:
-            self.error = ProducerError(
+            self._fail(ProducerError(
                 f"the daemon expects stream {stream!r} at offset {expected}, but this "
                 f"producer's oldest unacknowledged data starts at {entries[0].offset}: "
-                "acknowledged data was lost on the daemon's side")
+                "acknowledged data was lost on the daemon's side"))
             return
         due = time.monotonic() + delay
         for entry in entries:  # a later gap nack must not cut a busy wait short
@@ -299,9 +322,9 @@ class Producer:
         if self.pending and now - self.last_progress > self.retry_seconds:
             why = ("it kept answering busy (overloaded)" if self.stats.busy else
                    self._no_answer_hint())
-            self.error = Unreachable(
+            self._fail(Unreachable(
                 f"no progress from {self.endpoint} for {self.retry_seconds:g} s with "
-                f"{len(self.pending)} messages unacknowledged: {why}")
+                f"{len(self.pending)} messages unacknowledged: {why}"))
             return
         oldest = next(iter(self.pending.values()), None)
         if oldest is not None and oldest.resend_at is None and \

@@ -34,6 +34,35 @@ def curve_daemon(tmp_path, keys) -> DaemonProcess:
         f"ingest.curve_allowed_keys={keys / 'allowed'}"])
 
 
+def handshake_failures(d: DaemonProcess) -> dict[str, float]:
+    """streamrnn_handshake_failures_total by kind, after checking what its help says."""
+    with urllib.request.urlopen(d.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    # the help says where a client without CURVE is counted: other (or protocol)
+    help_line = next(line for line in text.splitlines()
+                     if line.startswith("# HELP streamrnn_handshake_failures_total"))
+    assert re.search(r"protocol \([^)]*without CURVE\)", help_line), help_line
+    assert re.search(r"other \([^)]*without CURVE\)", help_line), help_line
+    failed = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("streamrnn_handshake_failures_total{")}
+    assert set(failed) == {"auth", "protocol", "other"}, failed
+    return failed
+
+
+def settled_failures(d: DaemonProcess, ready, timeout: float = 30) -> dict[str, float]:
+    """The handshake failure counts once `ready(counts)` holds and they have stopped
+    changing (housekeeping reads the monitor twice a second: 1 s apart is two reads)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        failed = handshake_failures(d)
+        if ready(failed) and failed == last:
+            return failed
+        assert time.monotonic() < deadline, failed
+        last = failed
+        time.sleep(1.0)
+
+
 def test_only_listed_producers_get_in(tmp_path, keys):
     d = curve_daemon(tmp_path, keys)
     d.start(wait=False)
@@ -48,25 +77,17 @@ def test_only_listed_producers_get_in(tmp_path, keys):
                       client_key=str(keys / "other/stranger.key_secret")) as stranger:
             with pytest.raises(Unreachable):
                 stranger.position("s")
+        # the stranger fails auth; once its counts stop growing, only the plain client
+        # can add to them
+        after_stranger = settled_failures(d, lambda failed: failed["auth"] >= 1)
         with Producer(d.endpoint, retry_seconds=2) as plain:  # no CURVE at all
             with pytest.raises(Unreachable):
                 plain.position("s")
-        deadline = time.monotonic() + 30  # housekeeping reads the monitor twice a second
-        while True:
-            with urllib.request.urlopen(d.metrics_url, timeout=10) as r:
-                text = r.read().decode()
-            # the help says where a client without CURVE is counted: other (or protocol)
-            help_line = next(line for line in text.splitlines()
-                             if line.startswith("# HELP streamrnn_handshake_failures_total"))
-            assert re.search(r"protocol \([^)]*without CURVE\)", help_line), help_line
-            assert re.search(r"other \([^)]*without CURVE\)", help_line), help_line
-            failed = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
-                      if line.startswith("streamrnn_handshake_failures_total{")}
-            # the stranger fails auth; the plain client fails as protocol or other
-            if failed["auth"] >= 1 and sum(failed.values()) >= 2:
-                break
-            assert time.monotonic() < deadline, failed
-            time.sleep(0.5)
+        # the plain client fails as protocol or other (the help says so), never as auth
+        before = after_stranger["protocol"] + after_stranger["other"]
+        after_plain = settled_failures(
+            d, lambda failed: failed["protocol"] + failed["other"] > before)
+        assert after_plain["auth"] == after_stranger["auth"], (after_stranger, after_plain)
         with Producer(d.endpoint, server_key=server, retry_seconds=30,
                       client_key=str(keys / "allowed/good.key_secret")) as good:
             assert good.position("s") == 23  # the strangers changed nothing

@@ -10,7 +10,7 @@ import pytest
 
 from harness import DaemonProcess, free_port
 from streamrnn.keys import generate
-from streamrnn.client import Producer, ProducerError, Unreachable
+from streamrnn.client import Producer, ProducerError, Refused, Unreachable
 from streamrnn.wire import encode_tokens
 
 
@@ -19,10 +19,19 @@ def test_producer_waits_for_a_daemon_that_starts_late(tmp_path):
     d = DaemonProcess(tmp_path, [], port=port)
     done = threading.Event()
     errors = []
+    attempts: list[bool] = []  # each send the producer tried, and whether it went out
 
     def produce():
         try:
             with Producer(d.endpoint, retry_seconds=60) as producer:
+                real_send = producer._send
+
+                def counting_send(message):
+                    sent = real_send(message)
+                    attempts.append(sent)
+                    return sent
+
+                producer._send = counting_send
                 producer.send("late", np.arange(500) % 256)
                 producer.flush(timeout=60)
         except Exception as e:
@@ -32,11 +41,15 @@ def test_producer_waits_for_a_daemon_that_starts_late(tmp_path):
     thread = threading.Thread(target=produce)
     thread.start()
     time.sleep(1.5)
-    assert not done.is_set()  # still trying: nobody listens yet
+    # still trying: it asked again and again, and nothing went out (nobody listens yet)
+    assert thread.is_alive() and not done.is_set() and not errors, errors
+    tried = list(attempts)
+    assert len(tried) >= 3 and not any(tried), tried
     d.start()
     try:
         thread.join(timeout=90)
         assert done.is_set() and not errors, errors
+        assert any(attempts[len(tried):])  # once the daemon is up, its sends go out
         with Producer(d.endpoint) as p:
             assert p.position("late") == 500
     finally:
@@ -84,6 +97,27 @@ def test_refusals_surface_as_errors(tmp_path):
             with pytest.raises(ProducerError, match="token_out_of_range"):
                 producer.flush(timeout=30)
             assert producer.position("ok") == 3 and producer.position("bad") == 0
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_refusal_is_not_hidden_by_the_gaps_that_follow_it(tmp_path):
+    # the first of three messages to "bad" is refused: the daemon's end of the stream
+    # stays at 0, so the next two come back as gaps; the refusal must still be the error
+    d = DaemonProcess(tmp_path, ["model.vocab_size=10"]).start()
+    try:
+        with Producer(d.endpoint, max_tokens_per_message=2) as producer:
+            producer.send("ok", [1, 2, 3])
+            producer.send("bad", [1, 20, 3, 4, 5, 6])  # [1, 20] [3, 4] [5, 6]
+            with pytest.raises(Refused) as info:
+                producer.flush(timeout=30)
+            assert info.value.reason == "token_out_of_range" and info.value.stream == "bad"
+            assert producer.unacked == 0  # nothing of the refused stream lingers
+            producer.flush(timeout=30)    # and no second error is waiting
+            assert producer.position("ok") == 3 and producer.position("bad") == 0
+            producer.send("bad", [7, 8, 9])  # the stream starts over at the daemon's end
+            producer.flush(timeout=30)
+            assert producer.position("bad") == 3
     finally:
         assert d.stop() == 0
 
