@@ -113,6 +113,10 @@ class IngestConfig:
     max_streams: int = _opt(100_000, "streams at most (an end request frees one); tokens for more are refused")
     max_queued_tokens: int = _opt(4_000_000, "received but untrained tokens at most; "
                                   "beyond it producers are told busy")
+    max_queued_seconds: float = _opt(10.0, "and no more than this many seconds of training "
+                                     "at the measured rate (never less than one message), "
+                                     "so an ack means trained soon and predict is not "
+                                     "backlogged for long (0 = no time bound)")
     busy_retry_ms: int = _opt(100, "retry hint sent with busy")
     max_messages_per_turn: int = _opt(1000, "messages handled between two training turns")
     curve_secret_key: str = _opt("", "CURVE on: the daemon's secret key file "
@@ -136,6 +140,9 @@ class IngestConfig:
                               "allowed producer keys), or neither for no authentication")
         _positive(self, "max_message_bytes", "max_tokens_per_message", "max_stream_id_bytes",
                   "max_streams", "max_queued_tokens", "busy_retry_ms", "max_messages_per_turn")
+        if not self.max_queued_seconds >= 0:
+            raise ConfigError(f"ingest.max_queued_seconds = {self.max_queued_seconds} must "
+                              "be >= 0 (0 = no time bound)")
         if self.max_queued_tokens < self.max_tokens_per_message:
             raise ConfigError(f"ingest.max_queued_tokens = {self.max_queued_tokens} must be "
                               f">= ingest.max_tokens_per_message = "

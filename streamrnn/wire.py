@@ -20,6 +20,8 @@ REASONS = ("malformed", "too_large", "unknown_type", "bad_field", "bad_stream_id
 REQUEST_TYPES = ("tokens", "position", "status", "predict", "generate", "flush",
                  "checkpoint", "end")
 MAX_GENERATE = 4096
+MAX_OFFSET = 2**62
+WIDTHS = {1: "<u1", 2: "<u2", 4: "<u4"}  # bin tokens: bytes per token -> numpy dtype
 MAX_ID_BYTES = 256  # every reply echoes the id: a longer one would multiply what a reply costs
 
 
@@ -51,6 +53,9 @@ class Request:
     seed: int = 0              # generate
 
 
+MAX_KEYS = 16  # keys in a request map (and in any map inside one)
+
+
 def decode(payload: bytes, limits: Limits) -> Request | Refusal:
     """One message from the network -> a checked Request, or the reason it is refused."""
     if len(payload) > limits.max_message_bytes:
@@ -58,35 +63,117 @@ def decode(payload: bytes, limits: Limits) -> Request | Refusal:
                        f"{limits.max_message_bytes} (ingest.max_message_bytes)",
                        _request_id(payload))
     try:
-        # every max_*_len follows from len(payload), so a forged length cannot allocate
-        # more than the message itself; hostile nesting raises StackError, caught here
-        # invalid UTF-8 survives as surrogates, so a bad stream id is refused by name
-        message = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_map_len=16,
-                                  unicode_errors="surrogateescape")
+        message = _unpack(payload)
     except Exception as e:  # msgpack raises several types; all mean "not a message"
-        return Refusal("malformed", f"not a msgpack message: {type(e).__name__}: {e}"[:300])
+        if "exceeds max_map_len" in str(e):
+            return _too_many_keys(payload)
+        return Refusal("malformed", f"not a msgpack message ({_unpack_problem(payload, e)})")
     if not isinstance(message, dict):
-        return Refusal("malformed", f"expected a msgpack map, got {type(message).__name__}")
+        return Refusal("malformed", f"a request must be a msgpack map; this is "
+                       f"{_kind(message)}")
     request_id = message.get("id")
     if request_id is not None and not _valid_id(request_id):
-        return Refusal("bad_field", "id must be an integer or a UTF-8 string of at most "
-                       f"{MAX_ID_BYTES} bytes")
+        return Refusal("bad_field", "id must be an integer (64 bits) or a UTF-8 string "
+                       f"of at most {MAX_ID_BYTES} bytes; this one is {_described(request_id)}")
     try:
         return _decode_fields(message, request_id, limits)
     except _Refused as e:
         return Refusal(e.reason, e.message, request_id)
 
 
+def _unpack(payload: bytes) -> Any:
+    # every other max_*_len follows from len(payload), so a forged length cannot
+    # allocate more than the message itself; hostile nesting raises StackError, caught
+    # by the caller; invalid UTF-8 survives as surrogates, so a bad stream id is
+    # refused by name
+    return msgpack.unpackb(payload, raw=False, strict_map_key=True, max_map_len=MAX_KEYS,
+                           unicode_errors="surrogateescape")
+
+
+def _unpack_problem(payload: bytes, error: Exception) -> str:
+    """Why msgpack could not read a payload, in a few words for the producer."""
+    text = str(error)
+    if not payload:
+        return "an empty frame"
+    if isinstance(error, msgpack.StackError):
+        return "nested too deeply"
+    if isinstance(error, msgpack.ExtraData):
+        return "bytes left over after the first value: one message per frame"
+    if isinstance(error, msgpack.FormatError):
+        return "a byte that starts no msgpack value, such as 0xc1"
+    if "incomplete input" in text:
+        return "it ends in the middle of a value: truncated?"
+    if "is not allowed for map key" in text:
+        return "map keys must be strings"
+    if "exceeds max_" in text:
+        return "a length header larger than the message"
+    return "unreadable"
+
+
+def _too_many_keys(payload: bytes) -> Refusal:
+    """A map of more than MAX_KEYS keys. Read pair by pair (each value still bounded), to
+    count the keys and find the id; a length the payload cannot hold is malformed."""
+    unpacker = msgpack.Unpacker(raw=False, max_map_len=MAX_KEYS, max_buffer_size=len(payload),
+                                unicode_errors="surrogateescape")
+    unpacker.feed(payload)
+    request_id = None
+    try:
+        num_keys = unpacker.read_map_header()
+    except Exception:
+        return Refusal("malformed", "not a msgpack message (a request must be a map)")
+    if num_keys <= MAX_KEYS:  # the request is fine; a map inside it is not
+        message = f"a map inside a request has at most {MAX_KEYS} keys"
+    elif 2 * num_keys > len(payload):
+        return Refusal("malformed", f"not a msgpack message (a map of {num_keys} keys "
+                       f"in {len(payload)} bytes: a length header larger than the message)")
+    else:
+        message = f"a request has at most {MAX_KEYS} keys; this one has {num_keys}"
+    try:
+        for _ in range(num_keys):
+            key, value = unpacker.unpack(), unpacker.unpack()
+            if key == "id" and request_id is None and _valid_id(value):
+                request_id = value
+    except Exception as e:
+        if "exceeds max_map_len" not in str(e):
+            return Refusal("malformed", f"not a msgpack message "
+                           f"({_unpack_problem(payload, e)})")
+    return Refusal("bad_field", message, request_id)
+
+
 def _request_id(payload: bytes) -> Any:
     """The id of a message refused for its size, so the producer knows which one it was
     (the socket's MAXMSGSIZE keeps this read bounded to twice the limit)."""
     try:
-        message = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_map_len=16,
-                                  unicode_errors="surrogateescape")
-        request_id = message.get("id") if isinstance(message, dict) else None
-        return request_id if _valid_id(request_id) else None
-    except Exception:
-        return None
+        message = _unpack(payload)
+    except Exception as e:
+        return _too_many_keys(payload).request_id if "exceeds max_map_len" in str(e) \
+            else None
+    request_id = message.get("id") if isinstance(message, dict) else None
+    return request_id if _valid_id(request_id) else None
+
+
+def _kind(value: Any) -> str:
+    """A value's msgpack type, for messages: "an int", "nil", "bin", ..."""
+    if value is None:
+        return "nil"
+    for python, name in ((bool, "a bool"), (int, "an int"), (float, "a float"),
+                         (str, "a str"), (bytes, "bin"), (list, "an array"),
+                         (dict, "a map"), (msgpack.ExtType, "an ext")):
+        if isinstance(value, python):
+            return name
+    return "a value of another kind"
+
+
+def _described(value: Any) -> str:
+    """What a refused value is, for messages: "a str of 300 bytes", "an int out of range"."""
+    if isinstance(value, str):
+        try:
+            return f"a str of {len(value.encode('utf-8'))} bytes"
+        except UnicodeEncodeError:
+            return "a str that is not valid UTF-8"
+    if type(value) is int:
+        return f"the int {value}"
+    return _kind(value)
 
 
 def _valid_id(value: Any) -> bool:
@@ -110,34 +197,53 @@ class _Refused(Exception):
 def _decode_fields(m: dict, request_id: Any, limits: Limits) -> Request:
     kind = m.get("type")
     if kind not in REQUEST_TYPES:
-        raise _Refused("unknown_type", f"type {kind!r} is not one of "
-                       f"{', '.join(REQUEST_TYPES)}")
+        raise _Refused("unknown_type", _type_problem(m))
     if kind in ("status", "checkpoint"):
         return Request(kind, request_id)
     if kind == "flush" and m.get("stream") is None:
         return Request("flush", request_id)
-    stream = _stream_id(m.get("stream"), limits)
+    if "stream" not in m:
+        raise _Refused("bad_field", f"stream is missing: a {kind} request names its stream")
+    stream = _stream_id(m["stream"], limits)
     if kind in ("position", "flush", "end"):
         return Request(kind, request_id, stream)
     if kind == "predict":
-        top_k = _int(m, "top_k", 10, 1, limits.vocab_size)
+        top_k = _int(m, "top_k", 10, 1, limits.vocab_size, "model.vocab_size")
         return Request("predict", request_id, stream, top_k=top_k)
     if kind == "generate":
         temperature = m.get("temperature", 1.0)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
-                or not 0.01 <= temperature <= 100:
-            raise _Refused("bad_field", "temperature must be a number in 0.01 .. 100")
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+            raise _Refused("bad_field", "temperature must be a number in 0.01 .. 100; "
+                           f"this one is {_kind(temperature)}")
+        if not 0.01 <= temperature <= 100:
+            raise _Refused("bad_field", f"temperature = {temperature} is outside 0.01 .. 100")
         return Request("generate", request_id, stream,
                        num_tokens=_int(m, "num_tokens", 200, 1, MAX_GENERATE),
                        temperature=float(temperature), seed=_int(m, "seed", 0, 0, 2**63 - 1))
-    offset = _int(m, "offset", None, 0, 2**62)
+    offset = _int(m, "offset", None, 0, MAX_OFFSET)
     return Request("tokens", request_id, stream, offset=offset,
                    tokens=_tokens(m, limits))
 
 
+def _type_problem(m: dict) -> str:
+    kinds = ", ".join(REQUEST_TYPES)
+    if "type" not in m:
+        return f"type is missing: every request has one, one of: {kinds}"
+    kind = m["type"]
+    if not isinstance(kind, str):
+        return f"type must be a string, one of: {kinds}; this one is {_kind(kind)}"
+    try:
+        kind.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"type is not valid UTF-8; it is one of: {kinds}"
+    shown = kind if len(kind) <= 40 else kind[:40] + "..."
+    return f"type {shown!r} is not one of: {kinds}"
+
+
 def _stream_id(value: Any, limits: Limits) -> str:
     if not isinstance(value, str):
-        raise _Refused("bad_stream_id", "stream must be a string (UTF-8 on the wire)")
+        raise _Refused("bad_stream_id", "stream must be a string (msgpack str, UTF-8); "
+                       f"this one is {_kind(value)}")
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
@@ -150,12 +256,17 @@ def _stream_id(value: Any, limits: Limits) -> str:
     return value
 
 
-def _int(m: dict, key: str, default: int | None, low: int, high: int) -> int:
-    value = m.get(key, default)
-    if value is None:
+def _int(m: dict, key: str, default: int | None, low: int, high: int,
+         setting: str = "") -> int:
+    if key not in m and default is None:
         raise _Refused("bad_field", f"{key} is missing")
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise _Refused("bad_field", f"{key} must be an integer in {low} .. {high}")
+    value = m.get(key, default)  # nil is a value, and not an integer
+    bounds = f"{low} .. {high}" + (f" ({setting})" if setting else "")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Refused("bad_field", f"{key} must be an integer in {bounds}; this one is "
+                       f"{_kind(value)}")
+    if not low <= value <= high:
+        raise _Refused("bad_field", f"{key} = {value} is outside {bounds}")
     return value
 
 
@@ -163,24 +274,30 @@ def _tokens(m: dict, limits: Limits) -> np.ndarray:
     raw = m.get("tokens")
     if isinstance(raw, bytes):
         width = m.get("width")
-        if type(width) is not int or width not in (2, 4):
-            raise _Refused("bad_field", "width must be 2 (uint16) or 4 (uint32) when tokens "
-                           "is bin")
+        if type(width) is not int or width not in WIDTHS:
+            problem = "missing" if "width" not in m else (
+                f"{width}" if type(width) is int else _kind(width))
+            raise _Refused("bad_field", "width must be 1 (uint8), 2 (uint16) or 4 (uint32) "
+                           f"when tokens is bin; it is {problem}")
         if len(raw) % width:
             raise _Refused("bad_field", f"tokens has {len(raw)} bytes, not a multiple of "
                            f"width {width}")
         _count(len(raw) // width, limits)
-        tokens = np.frombuffer(raw, "<u2" if width == 2 else "<u4").astype(np.int64)
+        tokens = np.frombuffer(raw, WIDTHS[width]).astype(np.int64)
     elif isinstance(raw, list):
         _count(len(raw), limits)
         if not all(type(t) is int for t in raw):  # bool is not a token
-            raise _Refused("bad_field", "tokens as an array must hold integers only")
+            bad = next(t for t in raw if type(t) is not int)
+            raise _Refused("bad_field", "tokens as an array must hold integers only; it "
+                           f"holds {_kind(bad)}")
         if raw and (min(raw) < -2**63 or max(raw) >= 2**63):
             raise _Refused("token_out_of_range", "token ids must fit in 64 bits")
         tokens = np.array(raw, np.int64)
     else:
-        raise _Refused("bad_field", "tokens must be bin (little-endian uint16/uint32) or an "
-                       "array of integers")
+        raise _Refused("bad_field", "tokens must be bin (little-endian unsigned integers of "
+                       "width bytes each) or an array of integers; "
+                       + ("it is missing" if "tokens" not in m else
+                          f"this one is {_kind(raw)}"))
     if len(tokens) and (tokens.min() < 0 or tokens.max() >= limits.vocab_size):
         bad = tokens.min() if tokens.min() < 0 else tokens.max()
         raise _Refused("token_out_of_range", f"token {bad} is outside 0 .. "
@@ -226,18 +343,20 @@ def token_array(tokens: Any) -> np.ndarray:
 
 def encode_tokens(stream: str, offset: int, tokens: Any, request_id: Any = None,
                   width: int | None = None) -> bytes:
-    """A tokens message; tokens travel as little-endian uint16 when they fit, else uint32.
-    Tokens that are not integers in 0 .. 2**32 - 1 (or 2**16 - 1 for width 2) raise
+    """A tokens message; tokens travel as little-endian unsigned integers of the
+    narrowest width they fit: 1 byte (all < 256), 2 (< 2**16), else 4. Tokens that are
+    not integers in 0 .. 2**32 - 1 (or 2**(8 * width) - 1 for a given width) raise
     ValueError."""
     tokens = token_array(tokens)
     high = int(tokens.max()) if len(tokens) else 0
     if width is None:
-        width = 2 if high < 2**16 else 4
-    elif width not in (2, 4):
-        raise ValueError(f"width must be 2 or 4, got {width!r}")
-    elif width == 2 and high >= 2**16:
-        raise ValueError(f"token {high} does not fit width 2 (at most {2**16 - 1})")
-    data = tokens.astype("<u2" if width == 2 else "<u4").tobytes()
+        width = 1 if high < 2**8 else 2 if high < 2**16 else 4
+    elif type(width) is not int or width not in WIDTHS:
+        raise ValueError(f"width must be 1, 2 or 4, got {width!r}")
+    elif high >= 2**(8 * width):
+        raise ValueError(f"token {high} does not fit width {width} "
+                         f"(at most {2**(8 * width) - 1})")
+    data = tokens.astype(WIDTHS[width]).tobytes()
     message = {"type": "tokens", "stream": stream, "offset": int(offset), "tokens": data,
                "width": width}
     if request_id is not None:

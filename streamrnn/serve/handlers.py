@@ -69,10 +69,18 @@ class Rate:
         while self.recent and self.recent[0][0] < now - RECENT_SECONDS:
             self.recent.popleft()
 
-    def totals(self) -> tuple[int, float, float]:
-        """(targets, bits, seconds training) over the last RECENT_SECONDS."""
-        return (sum(r[1] for r in self.recent), sum(r[2] for r in self.recent),
-                sum(r[3] for r in self.recent))
+    def totals(self, since: float = -math.inf) -> tuple[int, float, float]:
+        """(targets, bits, seconds training) over the last RECENT_SECONDS of training
+        (the updates of the last RECENT_SECONDS before the latest one), or only those
+        after `since`."""
+        recent = [r for r in self.recent if r[0] >= since]
+        return (sum(r[1] for r in recent), sum(r[2] for r in recent),
+                sum(r[3] for r in recent))
+
+    def tokens_per_second(self) -> float | None:
+        """Targets per second spent training, or None before anything trained."""
+        targets, _, seconds = self.totals()
+        return targets / seconds if targets and seconds > 0 else None
 
 
 class Handlers:
@@ -108,8 +116,8 @@ class Handlers:
                     len(streams.ids) >= self.config.ingest.max_streams:
                 return nack("too_many_streams", f"{len(streams.ids)} streams already "
                             "(ingest.max_streams)", stream=r.stream)
-            if self.learner.num_untrained + len(new) > self.config.ingest.max_queued_tokens:
-                return self.busy(r.stream, self.retry_after_ms())
+            if self.learner.num_untrained + len(new) > self.queue_limit():
+                return self.busy(r.stream, self.retry_after_ms(len(new)))
             try:
                 self.durability.log_tokens(r.stream, new)
             except LogFull:
@@ -125,13 +133,28 @@ class Handlers:
         self.metrics.busy.inc()
         return {"type": "busy", "stream": stream, "retry_after_ms": retry_after_ms}
 
-    def retry_after_ms(self) -> int:
-        """How long until the queue is down to 3/4 of its limit at the recent training
-        rate (at least ingest.busy_retry_ms, at most 5 s; 1 s when nothing trained
-        recently): producers that wait that long find room, instead of resending into a
+    def queue_limit(self) -> int:
+        """The most tokens the queue takes now: ingest.max_queued_tokens, and, once a
+        training rate is known, no more than ingest.max_queued_seconds of training at
+        that rate, but always one full message (ingest.max_tokens_per_message). Also
+        the gauge streamrnn_ingest_queue_limit_tokens."""
+        ingest = self.config.ingest
+        limit = ingest.max_queued_tokens
+        rate = self.rate.tokens_per_second()
+        if ingest.max_queued_seconds and rate is not None:
+            by_time = max(ingest.max_tokens_per_message, int(ingest.max_queued_seconds * rate))
+            limit = min(limit, by_time)
+        self.metrics.queue_limit.set(limit)
+        return limit
+
+    def retry_after_ms(self, incoming: int = 0) -> int:
+        """How long until the queue is down to 3/4 of its limit, and has room for the
+        `incoming` tokens refused, at the training rate (targets per second spent
+        training); at least ingest.busy_retry_ms, at most 5 s; 1 s when nothing trained
+        recently. Producers that wait that long find room, instead of resending into a
         full queue."""
-        limit = self.config.ingest.max_queued_tokens
-        excess = self.learner.num_untrained - 0.75 * limit
+        limit, queued = self.queue_limit(), self.learner.num_untrained
+        excess = max(queued - 0.75 * limit, queued + incoming - limit)
         targets, _, seconds = self.rate.totals()
         wait_ms = 1000 * excess * seconds / targets if targets else 1000
         return int(min(MAX_RETRY_MS, max(self.config.ingest.busy_retry_ms, wait_ms)))
@@ -153,7 +176,9 @@ class Handlers:
         if refusal := self._backlogged(r):
             return refusal
         probs = self.learner.predict(r.stream).exp()
-        values, tokens = torch.topk(probs, r.top_k)
+        # most likely first, ties by token: a stable sort keeps equal ones in token order
+        values, tokens = torch.sort(probs, descending=True, stable=True)
+        values, tokens = values[:r.top_k], tokens[:r.top_k]
         return {"type": "prediction", "stream": r.stream,
                 "next_offset": self.learner.streams.next_offset(r.stream),
                 "top": [[int(t), float(v)] for t, v in zip(tokens, values)]}
@@ -207,18 +232,25 @@ class Handlers:
 
     def status(self) -> dict:
         learner, c = self.learner, self.config
-        targets, bits, _ = self.rate.totals()
-        uptime = self.clock() - self.started
+        now = self.clock()
+        uptime = now - self.started
+        targets, bits, _ = self.rate.totals(since=now - RECENT_SECONDS)
+        training_rate = self.rate.tokens_per_second()
         return {
-            "version": __version__, "uptime_seconds": uptime,
+            "version": __version__, "uptime_seconds": float(uptime),
             "device": str(learner.device),
             "model": f"{c.model.kind} {c.model.num_layers}x{c.model.hidden_size}",
+            "vocab_size": c.model.vocab_size,
             "tbptt": [c.train.k1, c.train.k2],
             "updates": learner.updates, "tokens_trained": learner.tokens_trained,
-            "bits": learner.bits, "tokens_received": learner.streams.num_received,
+            "bits": float(learner.bits), "tokens_received": learner.streams.num_received,
             "streams": len(learner.streams.ids), "queued_tokens": learner.num_untrained,
-            "recent_bits_per_token": bits / targets if targets else None,
-            "recent_tokens_per_second": targets / max(1e-9, min(RECENT_SECONDS, uptime)),
+            "queue_limit_tokens": self.queue_limit(),
+            "recent_bits_per_token": float(bits / targets) if targets else None,
+            "recent_tokens_per_second": float(targets / max(1e-9, min(RECENT_SECONDS,
+                                                                     uptime))),
+            "training_tokens_per_second": (float(training_rate) if training_rate is not None
+                                           else None),
             "last_checkpoint": saved_fields(self.durability.last_checkpoint),
         }
 

@@ -79,8 +79,10 @@ class Metrics:
                                      registry=r)
         self.queue_tokens = Gauge("streamrnn_ingest_queue_tokens", "Received tokens not "
                                   "trained yet.", registry=r)
-        self.queue_limit = Gauge("streamrnn_ingest_queue_limit_tokens", "ingest."
-                                 "max_queued_tokens: beyond it producers get busy.", registry=r)
+        self.queue_limit = Gauge("streamrnn_ingest_queue_limit_tokens", "The queue's "
+                                 "limit now: ingest.max_queued_tokens, or fewer, "
+                                 "ingest.max_queued_seconds of training at the measured "
+                                 "rate; beyond it producers get busy.", registry=r)
         self.learning_rate = Gauge("streamrnn_learning_rate", "Current learning rate.",
                                    registry=r)
         self.grad_norm = Gauge("streamrnn_grad_norm", "Gradient norm before clipping, of "
