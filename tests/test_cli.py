@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -291,10 +290,6 @@ def test_old_bench_spellings_are_refused_with_the_new_one(argv, mode):
     assert out.stderr.splitlines() == [
         f"streamrnn bench: --{mode} is now a mode of its own: streamrnn bench {mode} ... "
         f"(see streamrnn bench {mode} --help)"]
-
-
-def test_readme_cites_no_missing_design_document():
-    assert "DESIGN.md" not in (Path(__file__).parent.parent / "README.md").read_text()
 
 
 # ---- checkpoints and status --------------------------------------------------------------

@@ -330,14 +330,14 @@ def test_unit_documents_a_memory_cap_and_installs_from_the_checkout():
     assert re.search(r"pip install \.$", text, re.M) and "./streamrnn" not in text
 
 
-def test_readme_checkpoint_folder_is_where_the_service_keeps_them(
+def test_deploy_readme_lists_the_folder_the_service_keeps_checkpoints_in(
         monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/streamrnn")  # what StateDirectory= sets
     state = streamrnn.load_config(DEPLOY / "config.toml").checkpoint.resolved_dir()
     assert f"streamrnn checkpoint list {state}/checkpoints" in (DEPLOY / "README.md").read_text()
 
 
-def test_readme_steps_work_on_a_fresh_host():
+def test_deploy_readme_makes_folders_before_use_and_merges_the_prometheus_config():
     text = (DEPLOY / "README.md").read_text()
     # the producers' folder is created before keys are copied into it
     created = re.search(r"^install -d\b.* /etc/streamrnn/producers$", text, re.M)
