@@ -15,3 +15,10 @@ def _reap_daemons():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def make_daemon(tmp_path, monkeypatch):
+    """A daemon in this process on a clock the test moves (tests/inprocess.py)."""
+    from inprocess import daemon_maker  # pyzmq: imported only by the tests that use it
+    yield from daemon_maker(tmp_path, monkeypatch)

@@ -6,64 +6,11 @@ import threading
 import time
 
 import prometheus_client
-import pytest
 import torch
 
-from harness import TINY, RawClient, free_port
-from streamrnn import load_config
-from streamrnn.serve import faults
+from inprocess import ask, ask_until_answered
 from streamrnn.serve.checkpoint import Checkpoints
-from streamrnn.serve.daemon import Daemon
 from streamrnn.serve.handlers import MAX_RETRY_MS
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def make_daemon(tmp_path, monkeypatch):
-    monkeypatch.setattr(faults, "_hits", {})  # fault cues count per test
-    made = []
-
-    def make(*overrides, env=None):
-        for name, value in (env or {}).items():
-            monkeypatch.setenv(name, value)
-        config = load_config(overrides=[
-            *TINY, f"ingest.endpoint=tcp://127.0.0.1:{free_port()}", "metrics.port=0",
-            f"checkpoint.dir={tmp_path / 'state'}", "train.flush_after_seconds=30",
-            *overrides])
-        clock = Clock()
-        daemon = Daemon(config, clock=clock)
-        daemon.start()
-        client = RawClient(daemon.source.endpoint)
-        made.append((daemon, client))
-        return daemon, clock, client
-    yield make
-    for daemon, client in made:
-        client.__exit__()
-        daemon.shutdown()
-
-
-def ask(daemon, client, message, turns=3):
-    client.send(message)
-    for _ in range(turns):
-        daemon.turn()
-    return client.receive(timeout=5)
-
-
-def ask_until_answered(daemon, client, message, seconds=20):
-    """A request answered later (a checkpoint): turn the loop until the reply comes."""
-    client.send(message)
-    deadline = time.monotonic() + seconds
-    while not client.socket.poll(20):
-        daemon.turn()
-        assert time.monotonic() < deadline, "no reply"
-    return client.receive()
 
 
 def tokens(stream, offset, values):

@@ -11,11 +11,11 @@ import msgpack
 import numpy as np
 import pytest
 
-from harness import TINY, DaemonProcess, RawClient, free_port
+from harness import DaemonProcess, RawClient
+from inprocess import ask, ask_until_answered
 from streamrnn import load_config, wire
 from streamrnn.core.learner import LearnResult
-from streamrnn.serve import faults, handlers
-from streamrnn.serve.daemon import Daemon
+from streamrnn.serve import handlers
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 LIMITS = wire.Limits(vocab_size=256, max_message_bytes=4096, max_tokens_per_message=100,
@@ -276,54 +276,7 @@ def test_offsets_go_to_2_to_the_62():
     assert decode(tokens_msg(tokens=list(range(101)))).reason == "too_many_tokens"
 
 
-# ---- a daemon in this process, on a clock the test moves (as tests/test_loop.py) --------
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def make_daemon(tmp_path, monkeypatch):
-    monkeypatch.setattr(faults, "_hits", {})
-    made = []
-
-    def make(*overrides, env=None):
-        for name, value in (env or {}).items():
-            monkeypatch.setenv(name, value)
-        config = load_config(overrides=[
-            *TINY, f"ingest.endpoint=tcp://127.0.0.1:{free_port()}", "metrics.port=0",
-            f"checkpoint.dir={tmp_path / 'state'}", *overrides])
-        clock = Clock()
-        daemon = Daemon(config, clock=clock)
-        daemon.start()
-        client = RawClient(daemon.source.endpoint)
-        made.append((daemon, client))
-        return daemon, clock, client
-    yield make
-    for daemon, client in made:
-        client.__exit__()
-        daemon.shutdown()
-
-
-def ask(daemon, client, message, turns=3):
-    client.send(message)
-    for _ in range(turns):
-        daemon.turn()
-    return client.receive(timeout=5)
-
-
-def ask_until_answered(daemon, client, message, seconds=20):
-    client.send(message)
-    deadline = time.monotonic() + seconds
-    while not client.socket.poll(20):
-        daemon.turn()
-        assert time.monotonic() < deadline, "no reply"
-    return client.receive()
-
-
+# ---- a daemon in this process, on a clock the test moves (the make_daemon fixture) ------
 NOTHING_TRAINS = ["train.k1=1000", "train.k2=1000"]  # no stream here reaches k1 tokens
 
 
