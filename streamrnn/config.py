@@ -29,8 +29,13 @@ class StartupError(Exception):
     `streamrnn serve` logs the message and exits 2, which systemd does not restart."""
 
 
-def _opt(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "choices": choices})
+def _opt(default: Any, doc: str, choices: tuple[str, ...] | None = None,
+         before: Any = None) -> Any:
+    """A setting. `before`: for a key added after the first release, the value that a
+    config saved before the key existed had in effect (what the code did then), so an
+    old checkpoint or log is read as what it was, not as today's default."""
+    return field(default=default, metadata={"doc": doc, "choices": choices,
+                                            "before": before})
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,19 @@ class TrainConfig:
     k1: int = _opt(32, "an update every k1 new tokens of a stream, with loss on those k1 targets")
     k2: int = _opt(128, "each update backpropagates through the last k2 inputs (k2 >= k1)")
     optimizer: str = _opt("adam", "update rule", choices=("adam", "sgd"))
-    lr: float = _opt(3e-3, "learning rate")
+    lr: float = _opt(3e-3, "peak learning rate (see warmup_updates, lr_decay_updates)")
+    adam_beta1: float = _opt(0.9, "Adam's momentum decay (0 = none: on a stream that is "
+                             "seen once, the newest gradient is the best guess)", before=0.9)
+    adam_beta2: float = _opt(0.999, "Adam's decay of the squared-gradient average",
+                             before=0.999)
+    adam_eps: float = _opt(1e-8, "Adam's epsilon", before=1e-8)
+    warmup_updates: int = _opt(0, "the learning rate rises linearly from 0 to lr over "
+                               "this many updates (0 = none)", before=0)
+    lr_decay_updates: float = _opt(0.0, "then decays as lr / sqrt(1 + u / this), u "
+                                   "the lifetime update count: lr / 2 at 3x this many "
+                                   "updates, lr / 4 at 15x (0 = constant lr)", before=0.0)
+    lr_floor: float = _opt(0.0, "the decay stops here: after months of traffic the model "
+                           "still adapts at this rate (0 = no floor)", before=0.0)
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
     max_batch_streams: int = _opt(256, "at most this many streams' windows in one update")
     max_resident_streams: int = _opt(16384, "window-start states kept on the device; the "
@@ -85,6 +102,18 @@ class TrainConfig:
                               "trains the newest k1 targets")
         if not self.lr > 0:
             raise ConfigError(f"train.lr = {self.lr} must be > 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} = {getattr(self, name)} must be in "
+                                  "[0, 1)")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"train.adam_eps = {self.adam_eps} must be > 0")
+        if self.warmup_updates < 0 or not self.lr_decay_updates >= 0:
+            raise ConfigError("train.warmup_updates and train.lr_decay_updates must "
+                              "be >= 0 (0 = off)")
+        if not 0 <= self.lr_floor <= self.lr:
+            raise ConfigError(f"train.lr_floor = {self.lr_floor} must be in 0 .. train.lr "
+                              f"= {self.lr}")
         if not self.grad_clip >= 0:
             raise ConfigError(f"train.grad_clip = {self.grad_clip} must be >= 0 (0 = off)")
         if not self.flush_after_seconds >= 0:
@@ -296,15 +325,19 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 def config_from_dict(tree: dict[str, dict[str, Any]]) -> Config:
     """A Config from a nested dict such as `Config.to_dict()` gives: what a checkpoint or
     the log saved, to compare with the running config. Lenient on purpose: keys another
-    version added or dropped are ignored and the value checks are not rerun (a rule
-    added since must not make an old checkpoint unreadable); only what compares matters."""
+    version dropped are ignored and the value checks are not rerun (a rule added since
+    must not make an old checkpoint unreadable); a key added since takes the value it
+    had in effect before it existed (`before`), not today's default."""
     sections = _sections()
     values: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for section, table in tree.items():
         if section in sections and isinstance(table, dict):
-            known = {f.name for f in dataclasses.fields(sections[section])}
-            _merge(values, section, {k: v for k, v in table.items() if k in known},
-                   where="saved config")
+            fields = dataclasses.fields(sections[section])
+            known = {f.name for f in fields}
+            missing = {f.name: f.metadata["before"] for f in fields
+                       if f.name not in table and f.metadata["before"] is not None}
+            _merge(values, section, {**{k: v for k, v in table.items() if k in known},
+                                     **missing}, where="saved config")
     return Config(**{name: cls(**values[name]) for name, cls in sections.items()})
 
 

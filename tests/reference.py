@@ -34,7 +34,9 @@ def gru_cell(x, state, w_ih, w_hh, b_ih, b_hh):
 
 class ReferenceTBPTT:
     def __init__(self, initial_params: dict[str, torch.Tensor], kind: str, num_layers: int,
-                 hidden: int, k1: int, k2: int, optimizer: str, lr: float, grad_clip: float):
+                 hidden: int, k1: int, k2: int, optimizer: str, lr: float, grad_clip: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 lr_at=None):
         self.params = {name: p.detach().double().clone().requires_grad_()
                        for name, p in initial_params.items()}
         self.cell = lstm_cell if kind == "lstm" else gru_cell
@@ -42,6 +44,11 @@ class ReferenceTBPTT:
         self.num_layers, self.hidden = num_layers, hidden
         self.k1, self.k2 = k1, k2
         self.optimizer, self.lr, self.grad_clip = optimizer, lr, grad_clip
+        self.betas, self.eps = betas, eps
+        # lr_at(u): the rate of update u (0 first), written out by the test from the
+        # formula in the README; None: constant lr
+        self.lr_at = lr_at or (lambda update: lr)
+        self.num_updates = 0
         self.adam_m = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.adam_v = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.adam_t = 0
@@ -107,20 +114,21 @@ class ReferenceTBPTT:
             self.trained[sid], self.start[sid] = e, next_start
         self.step_bits.append(total_loss.item() / math.log(2))
         grads = torch.autograd.grad(total_loss / num_targets, list(self.params.values()))
-        self.apply(dict(zip(self.params, grads)))
+        self.apply(dict(zip(self.params, grads)), self.lr_at(self.num_updates))
+        self.num_updates += 1
         self.start_state.update(next_states)
 
     @torch.no_grad()
-    def apply(self, grads: dict[str, torch.Tensor]) -> None:
+    def apply(self, grads: dict[str, torch.Tensor], lr: float) -> None:
         if self.grad_clip > 0:
             norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
             scale = min(1.0, self.grad_clip / (norm.item() + 1e-6))
             grads = {n: g * scale for n, g in grads.items()}
         if self.optimizer == "sgd":
             for name, p in self.params.items():
-                p -= self.lr * grads[name]
+                p -= lr * grads[name]
             return
-        b1, b2, eps = 0.9, 0.999, 1e-8
+        (b1, b2), eps = self.betas, self.eps
         self.adam_t += 1
         for name, p in self.params.items():
             g = grads[name]
@@ -128,4 +136,4 @@ class ReferenceTBPTT:
             self.adam_v[name] = b2 * self.adam_v[name] + (1 - b2) * g * g
             m_hat = self.adam_m[name] / (1 - b1 ** self.adam_t)
             v_hat = self.adam_v[name] / (1 - b2 ** self.adam_t)
-            p -= self.lr * m_hat / (v_hat.sqrt() + eps)
+            p -= lr * m_hat / (v_hat.sqrt() + eps)

@@ -44,6 +44,12 @@ def test_file_then_overrides(tmp_path):
     ([".k1=3"], "expected SECTION.KEY=VALUE"),
     (["train.=3"], "expected SECTION.KEY=VALUE"),
     (["train.cpu_threads=-1"], "train.cpu_threads = -1 must be >= 0"),
+    (["train.adam_beta1=1"], "train.adam_beta1 = 1.0 must be in [0, 1)"),
+    (["train.adam_beta2=-0.1"], "train.adam_beta2 = -0.1 must be in [0, 1)"),
+    (["train.adam_eps=0"], "train.adam_eps = 0.0 must be > 0"),
+    (["train.lr=0.01", "train.lr_floor=0.1"], "train.lr_floor = 0.1 must be in 0 .. "
+     "train.lr = 0.01"),
+    (["train.warmup_updates=-1"], "train.warmup_updates and train.lr_decay_updates must"),
     # ZeroMQ would bind 99999 - 65536 = 34463 without a word
     (["ingest.endpoint=tcp://127.0.0.1:99999"],
      "ingest.endpoint = 'tcp://127.0.0.1:99999': port '99999' must be in 1 .. 65535"),
@@ -132,3 +138,15 @@ def test_a_saved_config_is_read_leniently():
     del saved["train"]["cpu_threads"]
     config = config_from_dict(saved)
     assert config.model == load_config().model
+
+
+def test_a_saved_config_without_a_newer_key_reads_as_what_it_ran_with():
+    """A key added since a checkpoint was written takes the value the code had in effect
+    then, not today's default: Adam's betas and eps were torch's, the lr constant."""
+    saved = load_config(overrides=["train.adam_beta1=0.5"]).to_dict()
+    for key in ("adam_beta1", "adam_beta2", "adam_eps", "warmup_updates",
+                "lr_decay_updates", "lr_floor"):
+        del saved["train"][key]
+    train = config_from_dict(saved).train
+    assert (train.adam_beta1, train.adam_beta2, train.adam_eps) == (0.9, 0.999, 1e-8)
+    assert (train.warmup_updates, train.lr_decay_updates, train.lr_floor) == (0, 0, 0)

@@ -403,10 +403,11 @@ def test_log_of_another_model_is_refused_without_a_checkpoint(tmp_path):
 
 
 def test_replay_uses_the_batch_width_the_log_was_written_with(tmp_path):
-    """train.max_batch_streams may change between runs: the logged updates replay with
-    the width they ran with, not the new one."""
+    """train.max_batch_streams and the learning settings may change between runs: the
+    logged updates replay with the width, rate and betas they ran with, not the new
+    ones; the change is logged."""
     narrow = ["train.flush_after_seconds=0", "checkpoint.interval_seconds=0",
-              "train.max_batch_streams=1"]
+              "train.max_batch_streams=1", "train.lr=0.02", "train.adam_beta1=0.5"]
     d = DaemonProcess(tmp_path, narrow).start()
     for half in range(2):  # a checkpoint between: the log after it ran narrow too
         with Producer(d.endpoint) as p:
@@ -418,11 +419,13 @@ def test_replay_uses_the_batch_width_the_log_was_written_with(tmp_path):
         if half == 0:
             assert ask(d, {"type": "checkpoint"})["ok"]
     d.stop(signal.SIGKILL)
-    wide = DaemonProcess(tmp_path, [*narrow[:2], "train.max_batch_streams=256"], port=d.port)
+    wide = DaemonProcess(tmp_path, [*narrow[:2], "train.max_batch_streams=256",
+                                    "train.lr=0.001"], port=d.port)
     wide.start()
     after = ask(wide, {"type": "status"})
     for key in ("updates", "tokens_trained", "bits", "tokens_received"):
         assert after[key] == before[key], key
+    assert "train.lr 0.02 -> 0.001, train.adam_beta1 0.5 -> 0.9" in wide.log()
     assert wide.stop() == 0
 
 

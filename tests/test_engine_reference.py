@@ -18,9 +18,9 @@ TOLERANCE = 1e-13  # measured: at most 9e-16 after 17-69 updates; a real bug is 
 
 
 def make_pair(kind="lstm", layers=1, k1=3, k2=7, optimizer="sgd", clip=0.0, lr=None,
-              max_batch_streams=64):
+              max_batch_streams=64, settings=(), **reference_options):
     lr = lr if lr is not None else (0.5 if optimizer == "sgd" else 0.02)
-    config = streamrnn.load_config(overrides=[
+    config = streamrnn.load_config(overrides=[*settings,
         f"model.kind={kind}", f"model.vocab_size={VOCAB}", f"model.embed_dim={EMBED}",
         f"model.hidden_size={HIDDEN}", f"model.num_layers={layers}",
         f"train.k1={k1}", f"train.k2={k2}", f"train.optimizer={optimizer}",
@@ -29,7 +29,7 @@ def make_pair(kind="lstm", layers=1, k1=3, k2=7, optimizer="sgd", clip=0.0, lr=N
         f"train.seed={k1 * 100 + k2}"])
     learner = streamrnn.Learner(config)
     reference = ReferenceTBPTT(dict(learner.model.named_parameters()), kind, layers,
-                               HIDDEN, k1, k2, optimizer, lr, clip)
+                               HIDDEN, k1, k2, optimizer, lr, clip, **reference_options)
     return learner, reference
 
 
@@ -96,6 +96,44 @@ def test_streams_at_different_offsets_match_reference(kind, layers, k1, k2, opti
     reference.flush()
     assert_same(learner, reference)
     assert learner.tokens_trained == sum(len(t) - 1 for t in reference.tokens.values())
+
+
+def inverse_sqrt_schedule(lr, warmup, decay, floor):
+    """The README's schedule, written out again: linear warm-up over `warmup` updates,
+    then lr / sqrt(1 + u / decay), never below `floor`."""
+    def lr_at(u):
+        rate = lr * (min(1.0, (u + 1) / warmup) if warmup else 1.0)
+        rate = rate / (1.0 + u / decay) ** 0.5 if decay else rate
+        return max(floor, rate)
+    return lr_at
+
+
+@pytest.mark.parametrize("optimizer,beta1,beta2,eps,warmup,decay,floor", [
+    ("adam", 0.0, 0.9999, 1e-6, 0, 0.0, 0.0),     # the online compressors' Adam
+    ("adam", 0.025, 0.99, 1e-5, 4, 3.0, 0.0),     # warm-up, then the decay
+    ("adam", 0.0, 0.9999, 1e-6, 0, 2.0, 0.012),   # the decay reaches its floor
+    ("sgd", 0.9, 0.999, 1e-8, 3, 5.0, 0.1),       # the schedule drives SGD too
+])
+def test_adam_settings_and_lr_schedule_match_reference(optimizer, beta1, beta2, eps,
+                                                       warmup, decay, floor):
+    lr = 0.5 if optimizer == "sgd" else 0.02
+    settings = (f"train.adam_beta1={beta1}", f"train.adam_beta2={beta2}",
+                f"train.adam_eps={eps}", f"train.warmup_updates={warmup}",
+                f"train.lr_decay_updates={decay}", f"train.lr_floor={floor}")
+    learner, reference = make_pair("lstm", 2, 3, 7, optimizer, 0.5, lr, settings=settings,
+                                   betas=(beta1, beta2), eps=eps,
+                                   lr_at=inverse_sqrt_schedule(lr, warmup, decay, floor))
+    rng = np.random.default_rng(6)
+    for n in (9, 4, 13, 30):
+        feed_both(learner, reference, {"a": random_tokens(rng, n),
+                                       "b": random_tokens(rng, n + 2)})
+        assert_same(learner, reference)
+    assert reference.num_updates >= 12  # past the warm-up and into the decay
+    learner.flush()
+    reference.flush()
+    assert_same(learner, reference)
+    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(
+        reference.lr_at(reference.num_updates - 1), rel=1e-15)
 
 
 def test_batches_respect_max_batch_streams():

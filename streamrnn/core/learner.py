@@ -15,9 +15,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError, config_from_dict
+from ..config import Config, ConfigError, TrainConfig, config_from_dict
 from .engine import Engine, nats_to_bits
 from .model import RecurrentLM
+from .optim import apply_settings, learning_rate, make_optimizer
 from .streams import Plan, StreamId, StreamTable
 
 FORMAT = "streamrnn.learner/1"
@@ -60,7 +61,11 @@ class Learner:
             torch.manual_seed(train.seed)
             model = RecurrentLM(config.model)
         self.model = model.to(self.device, dtype)
-        self.optimizer = make_optimizer(self.model, train.optimizer, train.lr)
+        self.optimizer = make_optimizer(self.model, train)
+        # the settings that may change between runs (learning rate and its schedule,
+        # Adam's betas and eps, clipping): recovery replays logged updates with the
+        # ones they ran with (see `tune`)
+        self.tuning = train
         self.streams = StreamTable(
             train.k1, train.k2, (config.model.num_layers, config.model.hidden_size),
             self.model.num_state_tensors, self.device, dtype, train.max_resident_streams)
@@ -112,6 +117,8 @@ class Learner:
         """Run one planned update. No host sync: its loss stays on the device until
         `settle` (once per call, or per turn of the daemon's loop)."""
         batch = self.streams.batch(plan)
+        for group in self.optimizer.param_groups:  # a float per step: no recompile
+            group["lr"] = learning_rate(self.tuning, self.updates)
         nats, skipped = self.engine.step(batch, self.streams.states.tensors)
         self.streams.commit(plan)  # after the step: one that raised changed nothing here
         self.updates += 1
@@ -150,6 +157,13 @@ class Learner:
                 self._bits += nats_to_bits(nats)
                 self._tokens_trained += r.num_targets
             self._fetched.append((r, nats, bool(skipped)))
+
+    def tune(self, train: TrainConfig) -> None:
+        """Run the next updates with these learning settings (rate and schedule, Adam's
+        betas and eps, clipping); the window geometry and model stay as they are."""
+        self.tuning = train
+        self.engine.grad_clip = train.grad_clip
+        apply_settings(self.optimizer, train)
 
     def end(self, stream_id: StreamId) -> bool:
         """The stream gets no more tokens: the next flush that trains its last targets
@@ -296,6 +310,7 @@ class Learner:
                              + ", ".join(differing))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        apply_settings(self.optimizer, self.tuning)  # the state brings its own betas
         self.streams.load_state_dict(state["streams"])
         totals = state["totals"]
         self.updates = int(totals["updates"])
@@ -317,6 +332,17 @@ def incompatible_keys(ours: Config, saved: Config) -> list[str]:
             if getattr(getattr(saved, section), name) != getattr(getattr(ours, section), name)]
 
 
+TUNING_KEYS = ("lr", "adam_beta1", "adam_beta2", "adam_eps", "warmup_updates",
+               "lr_decay_updates", "lr_floor", "grad_clip")
+
+
+def changed_settings(ours, saved) -> list[str]:
+    """The learning settings (TUNING_KEYS of two TrainConfigs) that differ, as
+    'train.lr 0.003 -> 0.01'."""
+    return [f"train.{key} {getattr(ours, key)!r} -> {getattr(saved, key)!r}"
+            for key in TUNING_KEYS if getattr(ours, key) != getattr(saved, key)]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -329,12 +355,3 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError(f"train.device = {name!r} but only "
                               f"{torch.cuda.device_count()} CUDA device(s) exist")
     return device
-
-
-def make_optimizer(model: torch.nn.Module, kind: str, lr: float) -> torch.optim.Optimizer:
-    """The fused implementations: one kernel per step, and they take `found_inf`, so the
-    engine can skip a step on the device (engine.py)."""
-    if kind == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    return torch.optim.SGD(model.parameters(), lr=lr, fused=True)
-

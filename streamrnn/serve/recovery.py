@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from ..config import StartupError, config_from_dict
-from ..core.learner import incompatible_keys
+from ..core.learner import changed_settings, incompatible_keys
 from .checkpoint import Checkpoints, Saved
 from .wal import WalDamaged, WriteAheadLog
 
@@ -44,6 +44,7 @@ def recover(d: Durability, fresh: bool, should_stop: Callable[[], bool],
         _load(d, *loaded)
     log_dir = d.root / "wal"
     if d.config.wal.mode == "off" and not any(log_dir.glob("wal-*.log")):
+        _follow_config(d)
         return
     try:
         d.wal = WriteAheadLog(log_dir, d.config.wal.segment_bytes, fsync=True,
@@ -56,15 +57,26 @@ def recover(d: Durability, fresh: bool, should_stop: Callable[[], bool],
     _replay(d, should_stop, progress, loaded is not None)
     if should_stop():
         return  # the rest of the log stays for the next start
-    # replayed to the end: from here on, updates run as this config says
-    d.learner.max_batch_streams = d.config.train.max_batch_streams
+    _follow_config(d)
     if d.config.wal.mode == "off":
         _retire_log(d)
     elif not d.append({"t": "config", "c": d.config.to_dict()}):  # see _apply
-        # without it, a replay would run the updates that follow with the width of the
-        # config before: refuse rather than log what cannot be replayed
+        # without it, a replay would run the updates that follow with the batch width
+        # and learning settings of the config before: refuse rather than log what cannot
+        # be replayed
         raise StartupError(f"the write-ahead log in {log_dir} cannot take a record (see "
                            "the error above): free space there, then start again")
+
+
+def _follow_config(d: Durability) -> None:
+    """Replayed to the end: from here on, updates run as the config says. A change of
+    learning settings is logged, since it alters how the model learns from now on."""
+    d.learner.max_batch_streams = d.config.train.max_batch_streams
+    changed = changed_settings(d.learner.tuning, d.config.train)
+    if changed:
+        d.log.warning("learning settings differ from the saved state's; the config's "
+                      "apply from now", settings=", ".join(changed))
+    d.learner.tune(d.config.train)
 
 
 def _load(d: Durability, state: dict, path: Path) -> None:
@@ -77,6 +89,7 @@ def _load(d: Durability, state: dict, path: Path) -> None:
     # the batch width of the updates logged after it (see _apply's "config")
     d.learner.max_batch_streams = int(state.get("batch_streams",
                                                 d.config.train.max_batch_streams))
+    d.learner.tune(config_from_dict(state["learner"]["config"]).train)
     d.wal_seq = int(state["wal_seq"])
     d.last_checkpoint = Saved(path, d.wal_seq, 0.0)
     d.metrics.checkpoint_last_success.set(state["created"])
@@ -144,6 +157,7 @@ def _apply(d: Durability, record: dict) -> int:
                 f"the log in {d.root / 'wal'} was written with a different config: "
                 f"{', '.join(differing)}. Use that config, or " + FRESH_HINT)
         learner.max_batch_streams = logged.train.max_batch_streams
+        learner.tune(logged.train)  # replayed updates run as they ran the first time
     return 0  # "noop": a probe written while the disk was full
 
 
