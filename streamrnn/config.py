@@ -45,6 +45,8 @@ class ModelConfig:
     embed_dim: int = _opt(64, "token embedding width")
     hidden_size: int = _opt(256, "recurrent state width per layer")
     num_layers: int = _opt(1, "stacked recurrent layers")
+    skip: bool = _opt(False, "skip connections: layers above the first also see the "
+                      "embedding, the head sees the embedding and every layer", before=False)
 
     def check(self) -> None:
         _positive(self, "vocab_size", "embed_dim", "hidden_size", "num_layers")

@@ -36,7 +36,7 @@ class ReferenceTBPTT:
     def __init__(self, initial_params: dict[str, torch.Tensor], kind: str, num_layers: int,
                  hidden: int, k1: int, k2: int, optimizer: str, lr: float, grad_clip: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 lr_at=None):
+                 lr_at=None, skip: bool = False):
         self.params = {name: p.detach().double().clone().requires_grad_()
                        for name, p in initial_params.items()}
         self.cell = lstm_cell if kind == "lstm" else gru_cell
@@ -45,6 +45,7 @@ class ReferenceTBPTT:
         self.k1, self.k2 = k1, k2
         self.optimizer, self.lr, self.grad_clip = optimizer, lr, grad_clip
         self.betas, self.eps = betas, eps
+        self.skip = skip
         # lr_at(u): the rate of update u (0 first), written out by the test from the
         # formula in the README; None: constant lr
         self.lr_at = lr_at or (lambda update: lr)
@@ -83,14 +84,21 @@ class ReferenceTBPTT:
             self.update(rest)
 
     def step_layers(self, token: int, state: list):
-        x = self.params["embed.weight"][token]
-        new_state = []
+        """One position through the layers; returns the head's input and the state.
+        With skip, layer l > 0 reads [embedding, output of l - 1] and the head reads
+        [embedding, output of every layer]."""
+        embedded = self.params["embed.weight"][token]
+        x, outputs, new_state = embedded, [], []
         for layer in range(self.num_layers):
-            p = lambda kind: self.params[f"rnn.{kind}_l{layer}"]
-            x, layer_state = self.cell(x, state[layer], p("weight_ih"), p("weight_hh"),
-                                       p("bias_ih"), p("bias_hh"))
+            name = (f"layers.{layer}.{{}}_l0" if self.skip else f"rnn.{{}}_l{layer}").format
+            out, layer_state = self.cell(x, state[layer], self.params[name("weight_ih")],
+                                         self.params[name("weight_hh")],
+                                         self.params[name("bias_ih")],
+                                         self.params[name("bias_hh")])
+            outputs.append(out)
             new_state.append(layer_state)
-        return x, new_state
+            x = torch.cat([embedded, out]) if self.skip else out
+        return (torch.cat([embedded, *outputs]) if self.skip else out), new_state
 
     def update(self, n_by_stream: dict[str, int]) -> None:
         total_loss = torch.zeros((), dtype=torch.float64)

@@ -136,6 +136,25 @@ def test_adam_settings_and_lr_schedule_match_reference(optimizer, beta1, beta2, 
         reference.lr_at(reference.num_updates - 1), rel=1e-15)
 
 
+@pytest.mark.parametrize("kind,layers,k1,k2,optimizer", [
+    ("lstm", 1, 3, 7, "adam"), ("lstm", 2, 2, 5, "sgd"), ("gru", 2, 3, 3, "adam"),
+    ("lstm", 3, 4, 9, "adam")])
+def test_skip_connections_match_reference(kind, layers, k1, k2, optimizer):
+    learner, reference = make_pair(kind, layers, k1, k2, optimizer, 0.5,
+                                   settings=("model.skip=true",), skip=True)
+    assert any(name.startswith("layers.") for name in reference.params)
+    rng = np.random.default_rng(7)
+    feed_both(learner, reference, {"a": random_tokens(rng, 15)})  # mixed window lengths
+    feed_both(learner, reference, {"a": random_tokens(rng, 5), "b": random_tokens(rng, 12),
+                                   "c": random_tokens(rng, 3)})
+    assert_same(learner, reference)
+    learner.flush()
+    reference.flush()
+    feed_both(learner, reference, {"b": random_tokens(rng, 21), "c": random_tokens(rng, 9)})
+    assert_same(learner, reference)
+    assert reference.num_updates >= 8
+
+
 def test_batches_respect_max_batch_streams():
     """With more ready streams than fit in one update, the schedule differs from the
     all-at-once reference, but every target is still trained exactly once."""
