@@ -251,7 +251,8 @@ def test_incompatible_config_is_refused_unless_fresh(tmp_path):
     other = DaemonProcess(tmp_path, [*DURABLE, "model.hidden_size=24"], port=d.port)
     other.start(wait=False)
     assert other.proc.wait(timeout=60) == 2
-    assert "model.hidden_size (saved 16, now 24)" in other.log()
+    assert "model.hidden_size (saved 16, now 24). To continue it, use its settings " \
+        "(`--set model.hidden_size=16`" in other.log()
     other.start(args=("--fresh",))
     assert ask(other, {"type": "position", "stream": "s"})["next_offset"] == 0
     assert list(tmp_path.glob("streamrnn-state/previous-*/checkpoints/checkpoint-*.pt"))

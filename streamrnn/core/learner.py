@@ -323,13 +323,27 @@ class Learner:
 
 def incompatible_keys(ours: Config, saved: Config) -> list[str]:
     """Settings that must match to continue from a saved state: the model's shape and
-    the window geometry. (Learning rate, batching, device may change.)"""
+    the window geometry. (Learning settings, batching, device may change.)"""
+    return [f"{key} (saved {value!r}, now {now!r})"
+            for key, value, now in _must_match(ours, saved) if value != now]
+
+
+def settings_to_continue(ours: Config, saved: Config) -> str:
+    """What to set to continue a saved state that incompatible_keys refuses, as --set
+    arguments (the same keys go in the config file, in their [section])."""
+    return " ".join(f"--set {key}={_toml(value)}"
+                    for key, value, now in _must_match(ours, saved) if value != now)
+
+
+def _must_match(ours: Config, saved: Config) -> list[tuple[str, object, object]]:
     keys = [("model", name) for name in ours.model.__dataclass_fields__]
     keys += [("train", "k1"), ("train", "k2"), ("train", "optimizer")]
-    return [f"{section}.{name} (saved {getattr(getattr(saved, section), name)!r}, "
-            f"now {getattr(getattr(ours, section), name)!r})"
-            for section, name in keys
-            if getattr(getattr(saved, section), name) != getattr(getattr(ours, section), name)]
+    return [(f"{section}.{name}", getattr(getattr(saved, section), name),
+             getattr(getattr(ours, section), name)) for section, name in keys]
+
+
+def _toml(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 TUNING_KEYS = ("lr", "adam_beta1", "adam_beta2", "adam_eps", "warmup_updates",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from ..config import StartupError, config_from_dict
-from ..core.learner import changed_settings, incompatible_keys
+from ..core.learner import changed_settings, incompatible_keys, settings_to_continue
 from .checkpoint import Checkpoints, Saved
 from .wal import WalDamaged, WriteAheadLog
 
@@ -80,16 +80,20 @@ def _follow_config(d: Durability) -> None:
 
 
 def _load(d: Durability, state: dict, path: Path) -> None:
-    differing = incompatible_keys(d.config, config_from_dict(state["learner"]["config"]))
+    saved = config_from_dict(state["learner"]["config"])
+    differing = incompatible_keys(d.config, saved)
     if differing:
-        raise IncompatibleState(f"the state in {d.root} was learned with a different "
-                                f"config: {', '.join(differing)}. Use that config, or "
-                                + FRESH_HINT)
+        raise IncompatibleState(
+            f"the state in {d.root} was learned with a different config: "
+            f"{', '.join(differing)}. To continue it, use its settings (`"
+            f"{settings_to_continue(d.config, saved)}`, or the same keys in the config "
+            "file: a newer version's defaults do not change a running model), or "
+            + FRESH_HINT)
     d.learner.load_state_dict(state["learner"])
     # the batch width of the updates logged after it (see _apply's "config")
     d.learner.max_batch_streams = int(state.get("batch_streams",
                                                 d.config.train.max_batch_streams))
-    d.learner.tune(config_from_dict(state["learner"]["config"]).train)
+    d.learner.tune(saved.train)
     d.wal_seq = int(state["wal_seq"])
     d.last_checkpoint = Saved(path, d.wal_seq, 0.0)
     d.metrics.checkpoint_last_success.set(state["created"])
@@ -155,7 +159,8 @@ def _apply(d: Durability, record: dict) -> int:
         if differing:
             raise IncompatibleState(
                 f"the log in {d.root / 'wal'} was written with a different config: "
-                f"{', '.join(differing)}. Use that config, or " + FRESH_HINT)
+                f"{', '.join(differing)}. To continue it, use its settings (`"
+                f"{settings_to_continue(d.config, logged)}`), or " + FRESH_HINT)
         learner.max_batch_streams = logged.train.max_batch_streams
         learner.tune(logged.train)  # replayed updates run as they ran the first time
     return 0  # "noop": a probe written while the disk was full
