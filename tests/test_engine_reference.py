@@ -17,10 +17,17 @@ VOCAB, EMBED, HIDDEN = 11, 5, 6
 TOLERANCE = 1e-13  # measured: at most 9e-16 after 17-69 updates; a real bug is >1e-6
 
 
+# what the reference does unless a test says otherwise, whatever the defaults are
+CONSTANT_LR_TORCH_ADAM = ("train.warmup_updates=0", "train.lr_decay_updates=0",
+                          "train.lr_floor=0", "train.adam_beta1=0.9",
+                          "train.adam_beta2=0.999", "train.adam_eps=1e-8")
+
+
 def make_pair(kind="lstm", layers=1, k1=3, k2=7, optimizer="sgd", clip=0.0, lr=None,
-              max_batch_streams=64, settings=(), **reference_options):
+              max_batch_streams=64, skip=False, settings=(), **reference_options):
     lr = lr if lr is not None else (0.5 if optimizer == "sgd" else 0.02)
-    config = streamrnn.load_config(overrides=[*settings,
+    config = streamrnn.load_config(overrides=[*CONSTANT_LR_TORCH_ADAM, *settings,
+                                              f"model.skip={str(skip).lower()}",
         f"model.kind={kind}", f"model.vocab_size={VOCAB}", f"model.embed_dim={EMBED}",
         f"model.hidden_size={HIDDEN}", f"model.num_layers={layers}",
         f"train.k1={k1}", f"train.k2={k2}", f"train.optimizer={optimizer}",
@@ -29,7 +36,8 @@ def make_pair(kind="lstm", layers=1, k1=3, k2=7, optimizer="sgd", clip=0.0, lr=N
         f"train.seed={k1 * 100 + k2}"])
     learner = streamrnn.Learner(config)
     reference = ReferenceTBPTT(dict(learner.model.named_parameters()), kind, layers,
-                               HIDDEN, k1, k2, optimizer, lr, clip, **reference_options)
+                               HIDDEN, k1, k2, optimizer, lr, clip, skip=skip,
+                               **reference_options)
     return learner, reference
 
 
@@ -140,8 +148,7 @@ def test_adam_settings_and_lr_schedule_match_reference(optimizer, beta1, beta2, 
     ("lstm", 1, 3, 7, "adam"), ("lstm", 2, 2, 5, "sgd"), ("gru", 2, 3, 3, "adam"),
     ("lstm", 3, 4, 9, "adam")])
 def test_skip_connections_match_reference(kind, layers, k1, k2, optimizer):
-    learner, reference = make_pair(kind, layers, k1, k2, optimizer, 0.5,
-                                   settings=("model.skip=true",), skip=True)
+    learner, reference = make_pair(kind, layers, k1, k2, optimizer, 0.5, skip=True)
     assert any(name.startswith("layers.") for name in reference.params)
     rng = np.random.default_rng(7)
     feed_both(learner, reference, {"a": random_tokens(rng, 15)})  # mixed window lengths
@@ -187,7 +194,8 @@ def test_float32_is_close_to_reference():
     """The default precision follows the same computation, to float32 accuracy."""
     config = streamrnn.load_config(overrides=[
         f"model.vocab_size={VOCAB}", f"model.embed_dim={EMBED}", f"model.hidden_size={HIDDEN}",
-        "train.k1=3", "train.k2=7", "train.optimizer=sgd", "train.lr=0.5",
+        "model.num_layers=1", "model.skip=false", "train.k1=3", "train.k2=7",
+        "train.optimizer=sgd", "train.lr=0.5", "train.lr_decay_updates=0",
         "train.device=cpu"])
     learner = streamrnn.Learner(config)
     reference = ReferenceTBPTT(dict(learner.model.named_parameters()), "lstm", 1, HIDDEN,

@@ -11,7 +11,8 @@ import torch
 
 import streamrnn
 from reference import ReferenceTBPTT
-from test_engine_reference import EMBED, HIDDEN, VOCAB, random_tokens
+from test_engine_reference import (CONSTANT_LR_TORCH_ADAM, EMBED, HIDDEN, VOCAB,
+                                   random_tokens)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (none visible to torch)")]
@@ -28,7 +29,8 @@ def _no_tf32():
 
 
 def cuda_pair(precision, kind="lstm", layers=2, k1=3, k2=7, optimizer="adam", skip=False):
-    config = streamrnn.load_config(overrides=[f"model.skip={str(skip).lower()}",
+    config = streamrnn.load_config(overrides=[*CONSTANT_LR_TORCH_ADAM,
+                                              f"model.skip={str(skip).lower()}",
         f"model.kind={kind}", f"model.vocab_size={VOCAB}", f"model.embed_dim={EMBED}",
         f"model.hidden_size={HIDDEN}", f"model.num_layers={layers}", f"train.k1={k1}",
         f"train.k2={k2}", f"train.optimizer={optimizer}", "train.lr=0.02",
