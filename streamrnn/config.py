@@ -43,9 +43,9 @@ class ModelConfig:
     kind: str = _opt("lstm", "recurrent cell", choices=("lstm", "gru"))
     vocab_size: int = _opt(256, "number of token ids; tokens must be < vocab_size (256 = bytes)")
     embed_dim: int = _opt(64, "token embedding width")
-    hidden_size: int = _opt(256, "recurrent state width per layer")
-    num_layers: int = _opt(1, "stacked recurrent layers")
-    skip: bool = _opt(False, "skip connections: layers above the first also see the "
+    hidden_size: int = _opt(384, "recurrent state width per layer")
+    num_layers: int = _opt(3, "stacked recurrent layers")
+    skip: bool = _opt(True, "skip connections: layers above the first also see the "
                       "embedding, the head sees the embedding and every layer", before=False)
 
     def check(self) -> None:
@@ -54,22 +54,24 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    k1: int = _opt(32, "an update every k1 new tokens of a stream, with loss on those k1 targets")
-    k2: int = _opt(128, "each update backpropagates through the last k2 inputs (k2 >= k1)")
+    k1: int = _opt(16, "an update every k1 new tokens of a stream, with loss on those k1 targets")
+    k2: int = _opt(16, "each update backpropagates through the last k2 inputs (k2 >= k1)")
     optimizer: str = _opt("adam", "update rule", choices=("adam", "sgd"))
-    lr: float = _opt(3e-3, "peak learning rate (see warmup_updates, lr_decay_updates)")
-    adam_beta1: float = _opt(0.9, "Adam's momentum decay (0 = none: on a stream that is "
-                             "seen once, the newest gradient is the best guess)", before=0.9)
-    adam_beta2: float = _opt(0.999, "Adam's decay of the squared-gradient average",
+    lr: float = _opt(0.01, "peak learning rate (see warmup_updates, lr_decay_updates)")
+    adam_beta1: float = _opt(0.0, "Adam's momentum decay (0 = none, as in the online "
+                             "compressors: on text seen once it learns fastest; torch's "
+                             "default is 0.9)", before=0.9)
+    adam_beta2: float = _opt(0.9999, "Adam's decay of the squared-gradient average (torch's "
+                             "default is 0.999)",
                              before=0.999)
     adam_eps: float = _opt(1e-8, "Adam's epsilon", before=1e-8)
     warmup_updates: int = _opt(0, "the learning rate rises linearly from 0 to lr over "
                                "this many updates (0 = none)", before=0)
-    lr_decay_updates: float = _opt(0.0, "then decays as lr / sqrt(1 + u / this), u "
+    lr_decay_updates: float = _opt(100.0, "then decays as lr / sqrt(1 + u / this), u "
                                    "the lifetime update count: lr / 2 at 3x this many "
                                    "updates, lr / 4 at 15x (0 = constant lr)", before=0.0)
-    lr_floor: float = _opt(0.0, "the decay stops here: after months of traffic the model "
-                           "still adapts at this rate (0 = no floor)", before=0.0)
+    lr_floor: float = _opt(0.1, "the decay stops at this fraction of lr: after months of "
+                           "traffic the model still adapts (0 = no floor)", before=0.0)
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
     max_batch_streams: int = _opt(256, "at most this many streams' windows in one update")
     max_resident_streams: int = _opt(16384, "window-start states kept on the device; the "
@@ -113,9 +115,9 @@ class TrainConfig:
         if self.warmup_updates < 0 or not self.lr_decay_updates >= 0:
             raise ConfigError("train.warmup_updates and train.lr_decay_updates must "
                               "be >= 0 (0 = off)")
-        if not 0 <= self.lr_floor <= self.lr:
-            raise ConfigError(f"train.lr_floor = {self.lr_floor} must be in 0 .. train.lr "
-                              f"= {self.lr}")
+        if not 0 <= self.lr_floor <= 1:
+            raise ConfigError(f"train.lr_floor = {self.lr_floor} must be in 0 .. 1 (a "
+                              "fraction of train.lr)")
         if not self.grad_clip >= 0:
             raise ConfigError(f"train.grad_clip = {self.grad_clip} must be >= 0 (0 = off)")
         if not self.flush_after_seconds >= 0:

@@ -47,8 +47,8 @@ def test_file_then_overrides(tmp_path):
     (["train.adam_beta1=1"], "train.adam_beta1 = 1.0 must be in [0, 1)"),
     (["train.adam_beta2=-0.1"], "train.adam_beta2 = -0.1 must be in [0, 1)"),
     (["train.adam_eps=0"], "train.adam_eps = 0.0 must be > 0"),
-    (["train.lr=0.01", "train.lr_floor=0.1"], "train.lr_floor = 0.1 must be in 0 .. "
-     "train.lr = 0.01"),
+    (["train.lr_floor=1.5"], "train.lr_floor = 1.5 must be in 0 .. 1 (a fraction of "
+     "train.lr)"),
     (["train.warmup_updates=-1"], "train.warmup_updates and train.lr_decay_updates must"),
     # ZeroMQ would bind 99999 - 65536 = 34463 without a word
     (["ingest.endpoint=tcp://127.0.0.1:99999"],

@@ -3,11 +3,11 @@
 The schedule is a pure function of the lifetime update count, which checkpoints keep,
 so a replayed update gets the rate it had the first time:
 
-    lr(u) = max(lr_floor, lr * min(1, (u + 1) / warmup_updates) / sqrt(1 + u / lr_decay_updates))
+    lr(u) = lr * min(1, (u + 1) / warmup_updates) * max(lr_floor, 1 / sqrt(1 + u / lr_decay_updates))
 
 A stream that never ends cannot be annealed to zero: the decay is 1/sqrt (cmix's, for
-one pass over a stream) and stops at lr_floor, so after months of traffic the model still
-follows the text as it drifts.
+one pass over a stream) and stops at lr_floor (a fraction of lr), so after months of
+traffic the model still follows the text as it drifts.
 """
 from __future__ import annotations
 
@@ -30,12 +30,10 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Op
 
 def learning_rate(train: TrainConfig, update: int) -> float:
     """The rate of the update with this lifetime index (0 for the first)."""
-    lr = train.lr
-    if train.warmup_updates:
-        lr *= min(1.0, (update + 1) / train.warmup_updates)
-    if train.lr_decay_updates:
-        lr /= math.sqrt(1.0 + update / train.lr_decay_updates)
-    return max(train.lr_floor, lr)
+    warmup = min(1.0, (update + 1) / train.warmup_updates) if train.warmup_updates else 1.0
+    decay = 1.0 / math.sqrt(1.0 + update / train.lr_decay_updates) \
+        if train.lr_decay_updates else 1.0
+    return train.lr * warmup * max(train.lr_floor, decay)
 
 
 def apply_settings(optimizer: torch.optim.Optimizer, train: TrainConfig) -> None:
