@@ -173,8 +173,10 @@ def _add_bench(sub) -> None:
                        "measure learning quality",
                        description="Four modes, each with its own --help; plain `streamrnn "
                        "bench [options]` is `streamrnn bench engine [options]`. engine, e2e "
-                       "and soak train with optimizer sgd at lr 0.05 unless --set says "
-                       "otherwise; quality runs the config `streamrnn serve` would.")
+                       "and soak time the reference config of the project's figures (a "
+                       "1x256 LSTM without skip connections, TBPTT(32, 128), sgd at a "
+                       "constant lr 0.05) unless --set says otherwise; quality runs the "
+                       "config `streamrnn serve` would.")
     modes = _subcommands(p, "mode")
     for add in (_add_bench_engine, _add_bench_e2e, _add_bench_soak, _add_bench_quality):
         add(modes)
@@ -186,7 +188,8 @@ def _add_bench_engine(modes) -> None:
                          description="Tokens trained per second of the engine (through the "
                          "public API) next to a plain recompute baseline and the seed "
                          "question's LSTMCell loops, measured in the same run. Defaults: "
-                         "optimizer sgd, lr 0.05, the settings of the reference figures for "
+                         "TBPTT(32, 128), no skip connections, optimizer sgd at a constant "
+                         "lr 0.05, the settings of the reference figures for "
                          "H100 and H200 cards (ANCHORS in streamrnn/bench.py) that a GPU run "
                          "prints alongside.")
     _bench_options(p, 12, "time per strategy and config (12)")
@@ -533,9 +536,16 @@ def _demo(args) -> int:
 
 
 def _bench_config(args):
-    """The config of a bench run (sgd at lr 0.05 unless --set says otherwise), or None
-    when --print-config printed it."""
-    return _load(args, defaults=("train.optimizer=sgd", "train.lr=0.05"))
+    """The config of a timing run, or None when --print-config printed it: the reference
+    config that the project's figures were measured with, whatever the defaults of the
+    day (--set overrides it)."""
+    return _load(args, defaults=REFERENCE_BENCH_CONFIG)
+
+
+# engine, e2e and soak: the configs in README's Benchmarks tables (presets set the width)
+REFERENCE_BENCH_CONFIG = (
+    "model.hidden_size=256", "model.num_layers=1", "model.skip=false", "train.k1=32",
+    "train.k2=128", "train.optimizer=sgd", "train.lr=0.05", "train.lr_decay_updates=0")
 
 
 def _bench_engine(args) -> int:
