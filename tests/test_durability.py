@@ -260,7 +260,8 @@ def test_incompatible_config_is_refused_unless_fresh(tmp_path):
 
 
 def test_failed_checkpoint_write_keeps_serving(tmp_path):
-    d = DaemonProcess(tmp_path, DURABLE)
+    # only the requested checkpoint: a periodic one in flight would leave its .tmp there
+    d = DaemonProcess(tmp_path, [*DURABLE, "checkpoint.interval_updates=0"])
     d.start(env={"STREAMRNN_FAIL_AT": "checkpoint_write:1"})
     send_all(d, "s", text(2000))
     reply = ask(d, {"type": "checkpoint"})
@@ -421,7 +422,7 @@ def test_replay_uses_the_batch_width_the_log_was_written_with(tmp_path):
             assert ask(d, {"type": "checkpoint"})["ok"]
     d.stop(signal.SIGKILL)
     wide = DaemonProcess(tmp_path, [*narrow[:2], "train.max_batch_streams=256",
-                                    "train.lr=0.001"], port=d.port)
+                                    "train.lr=0.001", "train.adam_beta1=0.9"], port=d.port)
     wide.start()
     after = ask(wide, {"type": "status"})
     for key in ("updates", "tokens_trained", "bits", "tokens_received"):

@@ -149,18 +149,24 @@ def test_bf16_learns_on_cpu():
 
 
 def record_dtypes(learner) -> dict[str, set]:
+    """The dtypes the recurrent layers ("rnn": nn.LSTM, or each layer with model.skip)
+    and the head put out."""
     seen: dict[str, set] = {"rnn": set(), "head": set()}
-    for name in seen:
-        getattr(learner.model, name).register_forward_hook(
-            lambda module, args, out, name=name: seen[name].add(
+    model = learner.model
+    modules = {"rnn": list(model.layers) if model.config.skip else [model.rnn],
+               "head": [model.head]}
+    for name, group in modules.items():
+        for module in group:
+            module.register_forward_hook(lambda module, args, out, name=name: seen[name].add(
                 (out[0] if isinstance(out, tuple) else out).dtype))
     return seen
 
 
-def test_bf16_keeps_the_recurrence_in_float32():
+@pytest.mark.parametrize("skip", ["true", "false"])
+def test_bf16_keeps_the_recurrence_in_float32(skip):
     """Autocast would run the recurrent layers in low precision (float16 on cuDNN, whose
     small gradients underflow); precision bf16 means the embedding and head only."""
-    learner = make("train.precision=bf16")
+    learner = make("train.precision=bf16", f"model.skip={skip}")
     seen = record_dtypes(learner)
     learner.learn("s", np.arange(60) % 13)
     learner.predict("s")
@@ -249,6 +255,10 @@ def test_a_non_finite_loss_changes_neither_weights_nor_optimizer():
     assert result.bits == 0.0
     after = learner.state_dict()
     assert_same(after["model"], before["model"])
+    # the rate follows the update count (the schedule), skipped updates included
+    for groups in (after["optimizer"]["param_groups"], before["optimizer"]["param_groups"]):
+        for group in groups:
+            group.pop("lr")
     assert_same(after["optimizer"], before["optimizer"])  # step counts too
     assert learner.skipped_updates == 1 and learner.tokens_trained == 8
     assert np.isfinite(learner.bits)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .model import RecurrentLM, State
+from .collective import Ranks
 from .geometry import Batch, Geometry
 
 
@@ -40,10 +41,48 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def step(self, batch: Batch, pools: State) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, batch: Batch | None, pools: State, ranks: Ranks | None = None,
+             num_targets: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Train one batch; returns the summed cross-entropy (nats) of its targets,
         computed before the weights changed, and 1.0 if the step was skipped (the loss
-        or the gradient was not finite) else 0.0: device scalars, no host sync."""
+        or the gradient was not finite) else 0.0: device scalars, no host sync.
+        With several ranks, the loss is divided by `num_targets`, the targets of every
+        rank's batch, and the gradients are summed over the ranks before the step; a
+        rank with nothing to train passes batch None and adds zeros."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if batch is None:
+            total_ce, at_p, slots = torch.zeros((), device=self.device), None, None
+        else:
+            total_ce, at_p, slots = self._forward(batch, pools)
+            (total_ce / (num_targets or batch.num_targets)).backward()
+        params = list(self.model.parameters())
+        if ranks is not None and ranks.distributed:
+            summed_ce = ranks.sum_gradients(params, total_ce.detach())
+        else:
+            params, summed_ce = [p for p in params if p.grad is not None], total_ce
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self.last_grad_norm = norm
+        # a NaN or infinite loss or gradient must reach neither the weights nor the
+        # optimizer state; the fused optimizers skip their step where found_inf is 1, on
+        # the device, as under GradScaler: no host sync to decide
+        skipped = (~torch.isfinite(summed_ce) | ~torch.isfinite(norm)).float()
+        self.optimizer.found_inf = skipped
+        self.optimizer.step()
+        if at_p is not None:
+            with torch.no_grad():
+                for pool, state in zip(pools, at_p):
+                    # scatter the next start states; a non-finite one (from a poisoned
+                    # forward) would stay in its stream for good: it starts from zeros
+                    pool[:, slots] = torch.nan_to_num(state, nan=0.0, posinf=0.0,
+                                                      neginf=0.0).to(pool.dtype)
+        return total_ce.detach(), skipped
+
+    def _forward(self, batch: Batch, pools: State):
+        """The summed cross-entropy of the batch's targets, the next start states, and
+        the batch's pool slots on the device."""
         g = batch.geometry
         rows_a, rows_b, loss_rows, token_index = self._geometry_on_device(g)
         slots, windows = self._upload(batch.slots, batch.windows)
@@ -71,29 +110,7 @@ class Engine:
             logits = self.model.head(_loss_rows(outputs, g, loss_rows))  # (targets, vocab)
         if logits.dtype == torch.bfloat16:
             logits = logits.float()  # the loss in float32 even under bf16 autocast
-        total_ce = F.cross_entropy(logits, targets, reduction="sum")
-
-        self.optimizer.zero_grad(set_to_none=True)
-        (total_ce / batch.num_targets).backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        self.last_grad_norm = norm
-        # a NaN or infinite loss or gradient must reach neither the weights nor the
-        # optimizer state; the fused optimizers skip their step where found_inf is 1, on
-        # the device, as under GradScaler: no host sync to decide
-        skipped = (~torch.isfinite(total_ce) | ~torch.isfinite(norm)).float()
-        self.optimizer.found_inf = skipped
-        self.optimizer.step()
-        with torch.no_grad():
-            for pool, state in zip(pools, at_p):
-                # scatter the next start states; a non-finite one (from a poisoned forward)
-                # would stay in its stream for good: it starts again from zeros instead
-                pool[:, slots] = torch.nan_to_num(state, nan=0.0, posinf=0.0,
-                                                  neginf=0.0).to(pool.dtype)
-        return total_ce.detach(), skipped
+        return F.cross_entropy(logits, targets, reduction="sum"), at_p, slots
 
     def _segment(self, tokens: torch.Tensor, lengths: np.ndarray, state: State):
         """Run the recurrent layers over (T, n) tokens from `state`; returns the top

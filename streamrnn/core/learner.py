@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, TrainConfig, config_from_dict
+from .collective import Ranks
 from .engine import Engine, nats_to_bits
 from .model import RecurrentLM
 from .optim import apply_settings, learning_rate, make_optimizer
@@ -50,8 +51,12 @@ class _Ran:
 
 
 class Learner:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, ranks: Ranks | None = None):
+        """`ranks`: several processes training one model (core/collective.py), each
+        with its own streams; every rank then calls learn/train/flush at the same
+        points, and each update is a global one. None: this process alone."""
         self.config = config
+        self.ranks = ranks if ranks is not None else Ranks()
         train = config.train
         self.device = resolve_device(train.device)
         if train.cpu_threads:  # process-wide: torch has one intra-op thread pool
@@ -113,16 +118,21 @@ class Learner:
         a pure function of what the streams hold, so it can be logged first."""
         return self.streams.ready(self.max_batch_streams, flush_rows)
 
-    def step(self, plan: Plan) -> None:
+    def step(self, plan: Plan | None, num_targets: int | None = None) -> None:
         """Run one planned update. No host sync: its loss stays on the device until
-        `settle` (once per call, or per turn of the daemon's loop)."""
-        batch = self.streams.batch(plan)
+        `settle` (once per call, or per turn of the daemon's loop). With several ranks
+        every rank runs every global update: plan None where it has nothing ready, and
+        `num_targets` the targets of all ranks' plans (Ranks.agree)."""
+        batch = self.streams.batch(plan) if plan is not None else None
         for group in self.optimizer.param_groups:  # a float per step: no recompile
             group["lr"] = learning_rate(self.tuning, self.updates)
-        nats, skipped = self.engine.step(batch, self.streams.states.tensors)
-        self.streams.commit(plan)  # after the step: one that raised changed nothing here
+        nats, skipped = self.engine.step(batch, self.streams.states.tensors, self.ranks,
+                                         num_targets)
+        if plan is not None:
+            self.streams.commit(plan)  # after the step: one that raised changed nothing
         self.updates += 1
-        self._unsettled.append(_Ran(nats, skipped, plan.num_targets, plan.rows))
+        self._unsettled.append(_Ran(nats, skipped, plan.num_targets if plan else 0,
+                                    plan.rows if plan else np.zeros(0, np.int64)))
 
     def settle(self) -> LearnResult:
         """What the updates run since the last settle did (their outcomes fetched from
@@ -185,7 +195,7 @@ class Learner:
         """`flush` for each of these streams, in shared updates."""
         rows = np.array([self.streams.row_of[s] for s in stream_ids
                          if s in self.streams.row_of], np.int64)
-        if len(rows) == 0:
+        if len(rows) == 0 and not self.ranks.distributed:  # ranks flush together
             return LearnResult()
         self._run(None)  # full windows first, then the remainders
         self._run(rows)
@@ -198,9 +208,15 @@ class Learner:
         done = 0
         while max_updates is None or done < max_updates:
             plan = self.next_update(flush_rows)
-            if plan is None:
+            num_targets = None
+            if self.ranks.distributed:  # every rank steps while any rank has a window
+                any_ready, num_targets = self.ranks.agree(
+                    [plan is not None, plan.num_targets if plan is not None else 0])
+                if not any_ready:
+                    return
+            elif plan is None:
                 return
-            self.step(plan)
+            self.step(plan, num_targets)
             done += 1
 
     @property

@@ -1,0 +1,55 @@
+"""Several ranks, one model: the collectives behind a global update.
+
+A global update is the update one process would make over the union of every rank's
+ready windows. Each rank runs its own windows forward and backward (an idle rank adds
+zeros), its loss divided by the GLOBAL number of targets; one SUM all-reduce of a flat
+buffer holding every gradient and the rank's summed loss then gives each rank the union
+batch's gradient and loss; the same clipping and optimizer step follow everywhere. Not
+DDP: it averages over ranks and hangs when a rank has nothing to train.
+
+    agreed = ranks.agree([plan is not None, plan.num_targets if plan else 0])
+    if agreed[0]:                        # some rank has a window: every rank steps
+        learner.step(plan, global_targets=agreed[1])
+
+On one process (`Ranks()`) both are identities, so the same loop runs unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class Ranks:
+    def __init__(self, group: dist.ProcessGroup | None = None,
+                 control: dist.ProcessGroup | None = None):
+        """`group` carries the gradients (NCCL on GPUs, gloo on CPUs); `control` the
+        small agreements (gloo: CPU tensors, no device sync), `group` if not given.
+        No group: one process. `Ranks(dist.group.WORLD)`: every rank of the default
+        process group."""
+        self.distributed = group is not None
+        self.group, self.control = group, control if control is not None else group
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.world_size = dist.get_world_size(group) if self.distributed else 1
+
+    def agree(self, values: list[int]) -> list[int]:
+        """Each value summed over the ranks (one small all-reduce)."""
+        if not self.distributed:
+            return list(values)
+        totals = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.control)
+        return totals.tolist()
+
+    def sum_gradients(self, params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """Replace every parameter's gradient by its sum over the ranks, in one flat
+        all-reduce that also sums `loss` (a scalar); returns the summed loss. A missing
+        gradient counts as zeros."""
+        if not self.distributed:
+            return loss
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(p)  # a view: no copy
+            offset += g.numel()
+        return flat[-1]
