@@ -453,8 +453,10 @@ def format_checkpoint(row: dict, full: bool) -> str:
     model, train = row["config"]["model"], row["config"]["train"]
     return "\n".join([line, f"  model: {model['kind']} {model['num_layers']}x"
                       f"{model['hidden_size']}, vocab {model['vocab_size']}, embed "
-                      f"{model['embed_dim']}; TBPTT({train['k1']}, {train['k2']}), "
-                      f"{train['optimizer']} lr {train['lr']}", f"  version {row['version']}"])
+                      f"{model['embed_dim']}" + (", skip connections" if model.get("skip")
+                                                 else "")  # absent before 0.2
+                      + f"; TBPTT({train['k1']}, {train['k2']}), {train['optimizer']} lr "
+                      f"{train['lr']}", f"  version {row['version']}"])
 
 
 def _feed(args) -> int:

@@ -1,12 +1,14 @@
 """Two ranks under torch.distributed (gloo, real processes) train one model: each rank
 its own streams, split by the key-group hash, and every update the one a single process
-makes over the union of their windows. Idle ranks, streams at different offsets and
-flushes included."""
+makes over the union of their windows (within 1e-12 in float64), and bit for bit the one
+two threads make that sum their gradients as gloo does. Idle ranks, streams at
+different offsets and flushes included."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,65 @@ def test_two_ranks_learn_what_one_process_learns_from_the_union(tmp_path, precis
         assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name]), name
         diff = (ranks[0]["model"][name].double() - p.double()).abs().max().item()
         assert diff <= tolerance * max(1.0, p.abs().max().item()), (name, diff)
+
+
+class SummingThreads:
+    """Two ranks as two threads of this process, summing as gloo's two-rank all-reduce
+    does: one addition per element, rank 0's value plus rank 1's. The one-process
+    reference for the bitwise comparison (the interface of core/collective.Ranks)."""
+
+    def __init__(self):
+        self.barrier = threading.Barrier(2)
+        self.slots: list = [None, None]
+
+    def exchange(self, rank: int, value) -> list:
+        """Both ranks' values, once both have given theirs."""
+        self.slots[rank] = value
+        self.barrier.wait()
+        both = list(self.slots)
+        self.barrier.wait()  # both have read before either writes again
+        return both
+
+    def rank(self, rank: int):
+        pair = self
+
+        class ThreadRank:
+            distributed, world_size = True, 2
+
+            def agree(self, values):
+                first, second = pair.exchange(rank, list(values))
+                return [a + b for a, b in zip(first, second)]
+
+            def sum_gradients(self, params, loss):
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                         for p in params]
+                flat = torch.cat([g.reshape(-1) for g in grads] + [
+                    loss.reshape(1).to(grads[0].dtype)])
+                first, second = pair.exchange(rank, flat)
+                total = first + second
+                offset = 0
+                for p, g in zip(params, grads):
+                    p.grad = total[offset:offset + g.numel()].view_as(p)
+                    offset += g.numel()
+                return total[-1]
+
+        return ThreadRank()
+
+
+def test_two_gloo_ranks_equal_two_summing_threads_bitwise(tmp_path):
+    """Gloo's two-rank sum is exact and repeatable: the ranks' model is, bit for bit, the
+    one two threads make that add their gradients the same way."""
+    ranks = run_ranks(tmp_path, "fp64")
+    pair = SummingThreads()
+    learners = [streamrnn.Learner(config("fp64"), pair.rank(r)) for r in range(2)]
+    threads = [threading.Thread(target=play, args=(learners[r], r)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert learners[0].updates == ranks[0]["updates"]
+    for name, p in learners[0].model.state_dict().items():
+        assert torch.equal(p, ranks[0]["model"][name]), name
 
 
 def test_the_comparison_can_fail():
