@@ -4,7 +4,9 @@
     segment A     [s, p) from h(s)     -> h(p), kept as the next start state
     segment B     [p, e) from h(p)     (gradient flows back through h(p) into A)
     loss          mean cross-entropy of the newest n targets of every window
-    backward, clip, optimizer step (skipped on the device if the loss or gradient is not
+    backward      (several ranks: the loss over the global target count, then the
+                  gradients summed over the ranks: core/collective.py)
+    clip, optimizer step (skipped on the device if the loss or gradient is not
                   finite); then h(p), detached, scattered into the pools
 
 Each segment is one fused sequence call (cuDNN on a GPU) for all streams in it; windows

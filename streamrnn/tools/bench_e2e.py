@@ -14,11 +14,10 @@ daemon's goal is >= 0.9, within 10% of the engine. Plus the producers' ack laten
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import time
 from ..config import Config
-from .feeding import latency_summary, round_robin, widened
+from .feeding import latency_summary, round_robin, widened, write_json
 from .local import free_port, running
 from .textdata import text_streams
 
@@ -57,10 +56,7 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
               "engine_cpu_seconds_per_token": engine_cpu_per_token,
               "daemon": daemons[wal_modes[0]],
               "daemon_by_wal_mode": daemons, "config": config.to_dict()}
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
-        echo(f"# wrote {json_path}")
+    write_json(result, json_path, echo)
     return result
 
 

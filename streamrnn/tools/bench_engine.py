@@ -19,7 +19,6 @@ result; on a GPU, the reference figures in ANCHORS (below) are printed alongside
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..core.learner import Learner, resolve_device
-from .feeding import widened
+from .feeding import widened, write_json
 from .textdata import text_streams
 
 
@@ -106,9 +105,7 @@ def run(configs: str | None, strategies: str | None, seconds: float, base: Confi
                  f"{row['bits_per_token']:8.3f} {ratio:>12s} {row['error']}")
         result = {"info": info, "seconds": seconds, "rounds": rounds,
                   "config": base.to_dict(), "rows": rows, "ratios": ratios(rows, info)}
-        if json_path:  # after every config: a run cut short keeps what it measured
-            with open(json_path, "w") as f:
-                json.dump(result, f, indent=1)
+        write_json(result, json_path)  # after every config: a run cut short keeps it
     for line in ratio_lines(result["ratios"]):
         echo(line)
     if json_path:

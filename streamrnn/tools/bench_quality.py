@@ -19,7 +19,6 @@ binary is on PATH. Also the wall time from the first byte sent to the last train
 from __future__ import annotations
 
 import bz2
-import json
 import lzma
 import math
 import shutil
@@ -32,7 +31,7 @@ from pathlib import Path
 from ..client import Producer, ProducerError
 from ..config import Config, ConfigError
 from . import corpora
-from .feeding import round_robin
+from .feeding import round_robin, write_json
 from .local import LocalDaemon
 
 CHUNK = 4096            # bytes per message, as `streamrnn feed` sends them
@@ -64,10 +63,7 @@ def run(config: Config, names: list[str], max_bytes: int, num_streams: int,
         echo(line)
     result = {"info": info, "max_bytes": max_bytes, "streams": num_streams,
               "corpora": rows, "config": config.to_dict()}
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
-        echo(f"# wrote {json_path}")
+    write_json(result, json_path, echo)
     return result
 
 

@@ -10,12 +10,11 @@ lost, none trained twice). Memory must level off once the stream set is stable.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import time
 
 from ..config import Config
-from .feeding import latency_summary, round_robin, wait_trained, widened
+from .feeding import latency_summary, round_robin, wait_trained, widened, write_json
 from .local import running
 from .textdata import text_streams
 
@@ -64,10 +63,7 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
          f"{books['mismatched_streams']}; daemon memory {rss[0] / 2**20:.0f} -> "
          f"{rss[-1] / 2**20:.0f} MiB, second half {min(half) / 2**20:.0f}..."
          f"{max(half) / 2**20:.0f} MiB")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
-        echo(f"# wrote {json_path}")
+    write_json(result, json_path, echo)
     return result
 
 

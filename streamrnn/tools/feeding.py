@@ -3,6 +3,8 @@ producer client, waiting until a daemon trained what it got, widening a config t
 number of streams, and summing up ack latencies."""
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import replace
 from typing import Callable
@@ -55,3 +57,13 @@ def latency_summary(latencies) -> dict:
     values = np.asarray(latencies, float) if len(latencies) else np.zeros(1)
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)),
             "max": float(values.max()), "count": int(len(latencies))}
+
+
+def write_json(result: dict, path: str | None, echo=None) -> None:
+    """A benchmark's result as JSON at `path` (nothing if None); `echo` says where."""
+    if not path:
+        return
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    if echo is not None:
+        echo(f"# wrote {path}")
