@@ -256,6 +256,9 @@ def _add_bench_quality(modes) -> None:
     p.add_argument("--streams", type=_positive_int, default=16, help="parallel streams, "
                    "each a contiguous part of the bytes (16)")
     p.add_argument("--json", metavar="FILE", help="also write the results here, as JSON")
+    p.add_argument("--in-process", action="store_true", help="feed a Learner in this "
+                   "process the same way instead of a daemon: the engine's learning "
+                   "without sockets (for a machine without pyzmq, such as a bare GPU box)")
     p.set_defaults(run=_bench_quality)
 
 
@@ -588,7 +591,8 @@ def _bench_quality(args) -> int:
         except ValueError as e:
             print(f"streamrnn bench quality: {e}", file=sys.stderr)
             return 2
-    result = bench_quality.run(config, names, args.max_bytes, args.streams, args.json)
+    result = bench_quality.run(config, names, args.max_bytes, args.streams, args.json,
+                               in_process=args.in_process)
     rows = result["corpora"]
     return 1 if any("failed" in r for r in rows) or not any("bits_per_byte" in r
                                                              for r in rows) else 0

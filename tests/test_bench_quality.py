@@ -59,6 +59,26 @@ def test_one_pass_through_the_daemon_trains_every_target_once(tmp_path):
     assert any(line.startswith("corpus ") and "streamrnn" in line for line in lines)
 
 
+def test_in_process_feeds_a_learner_the_same_way_without_sockets(tmp_path):
+    """--in-process: the same streams and chunks into a Learner here; every target once,
+    and the daemon's client (pyzmq) is never imported."""
+    text = stdlib_files()[0].read_bytes()[:9_000]
+    source, out = tmp_path / "text.py", tmp_path / "quality.json"
+    source.write_bytes(text)
+    probe = (f"import sys; from streamrnn.cli import main; code = main(['bench', 'quality', "
+             f"'--in-process', '--corpora', 'path:{source}', '--streams', '3', '--json', "
+             f"'{out}', '--set', 'model.hidden_size=16']); "
+             "assert 'zmq' not in sys.modules, 'pyzmq imported'; sys.exit(code)")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    (row,) = result["corpora"]
+    assert result["through"] == "learner in process"
+    assert row["tokens_trained"] == row["targets"] == 9_000 - 3
+    assert row["bits_per_byte"] == pytest.approx((row["bits"] + 3 * 8) / 9_000)
+
+
 def test_a_missing_corpus_is_skipped_saying_what_to_install(tmp_path, monkeypatch):
     for name in ("python-docs", "debian-handbook", "dpkg-status", "apt-logs"):
         monkeypatch.setitem(corpora.ROOTS, name, str(tmp_path / "absent" / name))

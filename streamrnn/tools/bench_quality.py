@@ -28,7 +28,6 @@ import time
 import zlib
 from pathlib import Path
 
-from ..client import Producer, ProducerError
 from ..config import Config, ConfigError
 from . import corpora
 from .feeding import round_robin, write_json
@@ -40,8 +39,14 @@ SEVEN_ZIPS = ("7z", "7za", "7zz")
 PPMD_INSTALL = "apt-get install p7zip-full"
 
 
+class DaemonFailed(Exception):
+    """The daemon or the feeding failed; the message ends with the daemon's log."""
+
+
 def run(config: Config, names: list[str], max_bytes: int, num_streams: int,
-        json_path: str | None, echo=print) -> dict:
+        json_path: str | None, echo=print, in_process: bool = False) -> dict:
+    """in_process: feed a Learner in this process the same way instead of a daemon
+    (the engine's own learning, without sockets: for a machine without pyzmq)."""
     from ..core.learner import resolve_device
     from .bench_engine import machine_info
     if config.model.vocab_size < 256:
@@ -55,19 +60,22 @@ def run(config: Config, names: list[str], max_bytes: int, num_streams: int,
          f"corpus in {num_streams} streams, one pass")
     rows = []
     for name in names:
-        row = measure(config, name, max_bytes, num_streams)
+        row = measure(config, name, max_bytes, num_streams,
+                      learn_in_process if in_process else learn)
         rows.append(row)
         echo(corpus_line(row))
     echo("")
     for line in table(rows):
         echo(line)
     result = {"info": info, "max_bytes": max_bytes, "streams": num_streams,
+              "through": "learner in process" if in_process else "daemon over tcp",
               "corpora": rows, "config": config.to_dict()}
     write_json(result, json_path, echo)
     return result
 
 
-def measure(config: Config, name: str, max_bytes: int, num_streams: int) -> dict:
+def measure(config: Config, name: str, max_bytes: int, num_streams: int,
+            learner=None) -> dict:
     """One corpus's row: the daemon's figures and the compressors', or why it was
     skipped (not on this machine, too short) or failed (the daemon did)."""
     corpus = corpora.corpus(name)
@@ -83,8 +91,9 @@ def measure(config: Config, name: str, max_bytes: int, num_streams: int) -> dict
     used = data[:part * num_streams]
     row.update(bytes_read=len(data), bytes=len(used), streams=num_streams)
     try:
-        learned = learn(config, [used[i * part:(i + 1) * part] for i in range(num_streams)])
-    except ProducerError as e:
+        learned = (learner or learn)(config, [used[i * part:(i + 1) * part]
+                                              for i in range(num_streams)])
+    except DaemonFailed as e:
         return {**row, "failed": str(e)}
     bits_per_byte = (learned["bits"] + num_streams * math.log2(config.model.vocab_size)) \
         / len(used)
@@ -97,9 +106,25 @@ def measure(config: Config, name: str, max_bytes: int, num_streams: int) -> dict
     return row
 
 
+def learn_in_process(config: Config, parts: list[bytes]) -> dict:
+    """The same feeding into a Learner in this process: CHUNK bytes of each stream in
+    turn, then a flush; its totals, and the seconds from the first byte to the last
+    trained."""
+    from ..core.learner import Learner
+    learner = Learner(config)
+    started = time.monotonic()
+    for offset in range(0, max(map(len, parts)), CHUNK):
+        learner.learn_many({f"quality-{i}": part[offset:offset + CHUNK]
+                            for i, part in enumerate(parts) if offset < len(part)})
+    learner.flush()
+    return {"seconds": time.monotonic() - started,
+            "tokens_trained": learner.tokens_trained, "bits": learner.bits}
+
+
 def learn(config: Config, parts: list[bytes]) -> dict:
     """Feed the parts once to a fresh daemon, one stream each, and wait until it trained
     every target; its lifetime totals then, and the seconds from first send to that."""
+    from ..client import Producer, ProducerError  # pyzmq: here, not for learn_in_process
     # its own checkpoint folder and no metrics port, whatever the config says: the
     # state of this run goes with its temporary folder, and no port can be taken
     settings = ["checkpoint.dir=streamrnn-state", "metrics.port=0"]
@@ -118,7 +143,7 @@ def learn(config: Config, parts: list[bytes]) -> dict:
                 status = _wait_trained(producer, targets)
                 seconds = time.monotonic() - started
         except ProducerError as e:
-            raise ProducerError(f"{e}; the daemon's log ends:\n{daemon.log_tail()}") from None
+            raise DaemonFailed(f"{e}; the daemon's log ends:\n{daemon.log_tail()}") from None
         finally:
             daemon.stop()
     return {"seconds": seconds, "tokens_trained": status["tokens_trained"],
