@@ -113,8 +113,8 @@ def feed_in_thread(d: DaemonProcess, stream: str, data: np.ndarray, chunk: int =
     return thread, errors
 
 
-def uninterrupted(tmp_path: Path, data: np.ndarray) -> dict:
-    d = DaemonProcess(tmp_path / "calm", DURABLE).start()
+def uninterrupted(tmp_path: Path, data: np.ndarray, shape: tuple[str, ...] = ()) -> dict:
+    d = DaemonProcess(tmp_path / "calm", [*DURABLE, *shape]).start()
     thread, errors = feed_in_thread(d, "s", data)
     thread.join()
     assert not errors, errors
@@ -130,10 +130,12 @@ def workdirs(tmp_path):
     return tmp_path
 
 
-def test_sigkill_at_random_instants_changes_nothing(workdirs):
+@pytest.mark.parametrize("shape", [(), ("model.num_layers=3", "model.skip=true")],
+                         ids=["one layer", "three layers with skip connections"])
+def test_sigkill_at_random_instants_changes_nothing(workdirs, shape):
     data = text(6000)
-    calm = uninterrupted(workdirs, data)
-    d = DaemonProcess(workdirs / "crash", DURABLE).start()
+    calm = uninterrupted(workdirs, data, shape)
+    d = DaemonProcess(workdirs / "crash", [*DURABLE, *shape]).start()
     thread, errors = feed_in_thread(d, "s", data)
     rng = random.Random(7)
     for _ in range(3):
