@@ -1,11 +1,10 @@
 """One rank of a small gloo cluster, for tests/test_distributed.py: trains its share of a
 scripted run of streams and saves what it learned.
 
-    RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python distributed_worker.py OUT PRECISION
+    torchrun --standalone --nproc-per-node 2 distributed_worker.py OUT PRECISION
 """
 from __future__ import annotations
 
-import datetime
 import sys
 
 import numpy as np
@@ -64,10 +63,13 @@ def play(learner, rank: int | None, world_size: int = 2) -> None:
 
 
 def main(out: str, precision: str) -> None:
+    import os
     import torch.distributed as dist
     from streamrnn.core.collective import Ranks
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    learner = streamrnn.Learner(config(precision), Ranks(dist.group.WORLD))
+    settings = config(precision)
+    ranks = Ranks.from_environment(os.environ, settings.cluster, torch.device("cpu"))
+    assert ranks.distributed and ranks.world_size == 2, "started without torchrun?"
+    learner = streamrnn.Learner(settings, ranks)
     play(learner, dist.get_rank(), dist.get_world_size())
     torch.save({"model": learner.model.state_dict(), "updates": learner.updates,
                 "tokens_trained": learner.tokens_trained, "bits": learner.bits,

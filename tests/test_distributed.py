@@ -16,32 +16,21 @@ import torch
 
 import streamrnn
 from distributed_worker import config, play, streams_by_rank
-from harness import free_port
 from streamrnn.keygroups import DEFAULT_NUM_GROUPS, group_owner, key_group, owner
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
 
 def run_ranks(tmp_path: Path, precision: str, world_size: int = 2) -> list[dict]:
-    env = {**os.environ, "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), precision],
-                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for r in range(world_size)]
-    outputs = []
-    try:
-        for process in ranks:
-            outputs.append(process.communicate(timeout=240)[0])
-    finally:
-        for process in ranks:  # one rank failed or hung: the others end too
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    for r, process in enumerate(ranks):
-        assert process.returncode == 0, "\n".join(
-            f"rank {i} (exit {p.returncode}):\n{out[-2000:]}"
-            for i, (p, out) in enumerate(zip(ranks, outputs)))
+    """torchrun's launcher (--standalone: its own rendezvous on a free port) starting
+    `world_size` worker processes, as a cluster is launched."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={world_size}", str(WORKER), str(tmp_path), precision]
+    launcher = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=240)
+    assert launcher.returncode == 0, f"torchrun (exit {launcher.returncode}):\n" \
+        f"{launcher.stdout[-3000:]}"
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
             for r in range(world_size)]
 

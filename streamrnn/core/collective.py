@@ -15,8 +15,13 @@ On one process (`Ranks()`) both are identities, so the same loop runs unchanged.
 """
 from __future__ import annotations
 
+import datetime
+from typing import Mapping
+
 import torch
 import torch.distributed as dist
+
+from ..config import ClusterConfig
 
 
 class Ranks:
@@ -30,6 +35,25 @@ class Ranks:
         self.group, self.control = group, control if control is not None else group
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.world_size = dist.get_world_size(group) if self.distributed else 1
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str], cluster: ClusterConfig,
+                         device: torch.device) -> "Ranks":
+        """The ranks torchrun started (its RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in
+        `environ`), or this process alone when there is no WORLD_SIZE above 1. Gradients
+        go over NCCL on a GPU and gloo on a CPU; the agreements always over gloo (CPU
+        tensors). A collective that waits cluster.timeout_seconds fails. `device`: this
+        rank's own (cuda:LOCAL_RANK on a node of several GPUs)."""
+        if int(environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        timeout = datetime.timedelta(seconds=cluster.timeout_seconds)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=timeout)
+        control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" \
+            else dist.group.WORLD
+        return cls(dist.group.WORLD, control)
 
     def agree(self, values: list[int]) -> list[int]:
         """Each value summed over the ranks (one small all-reduce)."""
