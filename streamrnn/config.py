@@ -257,13 +257,10 @@ class WalConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    num_groups: int = _opt(256, "key groups the streams are hashed into (CRC-32 of the "
-                           "id mod this); each of N ranks owns a contiguous range of them")
     timeout_seconds: float = _opt(60.0, "several ranks: a collective that waits this long "
                                   "for a rank fails, and torchrun restarts every rank")
 
     def check(self) -> None:
-        _positive(self, "num_groups")
         if not self.timeout_seconds > 0:
             raise ConfigError(f"cluster.timeout_seconds = {self.timeout_seconds} must be > 0")
 
