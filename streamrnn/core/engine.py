@@ -31,8 +31,10 @@ from .geometry import Batch, Geometry
 
 class Engine:
     def __init__(self, model: RecurrentLM, optimizer: torch.optim.Optimizer,
-                 grad_clip: float, precision: str, device: torch.device):
+                 grad_clip: float, precision: str, device: torch.device,
+                 ranks: Ranks | None = None):
         self.model, self.optimizer = model, optimizer
+        self.ranks = ranks if ranks is not None else Ranks()  # who else takes this step
         self.grad_clip = grad_clip
         self.device = device
         self.bf16 = precision == "bf16"
@@ -43,7 +45,7 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def step(self, batch: Batch | None, pools: State, ranks: Ranks | None = None,
+    def step(self, batch: Batch | None, pools: State,
              num_targets: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Train one batch; returns the summed cross-entropy (nats) of its targets,
         computed before the weights changed, and 1.0 if the step was skipped (the loss
@@ -58,8 +60,8 @@ class Engine:
             total_ce, at_p, slots = self._forward(batch, pools)
             (total_ce / (num_targets or batch.num_targets)).backward()
         params = list(self.model.parameters())
-        if ranks is not None and ranks.distributed:
-            summed_ce = ranks.sum_gradients(params, total_ce.detach())
+        if self.ranks.distributed:
+            summed_ce = self.ranks.sum_gradients(params, total_ce.detach())
         else:
             params, summed_ce = [p for p in params if p.grad is not None], total_ce
         if self.grad_clip > 0:

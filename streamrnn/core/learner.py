@@ -75,7 +75,7 @@ class Learner:
             train.k1, train.k2, (config.model.num_layers, config.model.hidden_size),
             self.model.num_state_tensors, self.device, dtype, train.max_resident_streams)
         self.engine = Engine(self.model, self.optimizer, train.grad_clip, train.precision,
-                             self.device)
+                             self.device, self.ranks)
         # batch width; recovery replays each logged update with the width it ran with
         self.max_batch_streams = train.max_batch_streams
         # lifetime totals, part of the learned state, added update by update in order
@@ -126,8 +126,7 @@ class Learner:
         batch = self.streams.batch(plan) if plan is not None else None
         for group in self.optimizer.param_groups:  # a float per step: no recompile
             group["lr"] = learning_rate(self.tuning, self.updates)
-        nats, skipped = self.engine.step(batch, self.streams.states.tensors, self.ranks,
-                                         num_targets)
+        nats, skipped = self.engine.step(batch, self.streams.states.tensors, num_targets)
         if plan is not None:
             self.streams.commit(plan)  # after the step: one that raised changed nothing
         self.updates += 1
