@@ -258,11 +258,14 @@ class WalConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     timeout_seconds: float = _opt(60.0, "several ranks: a collective that waits this long "
-                                  "for a rank fails, and torchrun restarts every rank")
+                                  "for a rank fails, and torchrun restarts every rank (a "
+                                  "dead rank is noticed at once; this bounds a hung one)")
+    shutdown_seconds: float = _opt(120.0, "serve --nproc: after SIGTERM, how long the ranks "
+                                   "get for their final checkpoint before they are killed "
+                                   "(the log keeps what a killed one did not write)")
 
     def check(self) -> None:
-        if not self.timeout_seconds > 0:
-            raise ConfigError(f"cluster.timeout_seconds = {self.timeout_seconds} must be > 0")
+        _positive(self, "timeout_seconds", "shutdown_seconds")
 
 
 @dataclass(frozen=True)

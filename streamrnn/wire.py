@@ -16,9 +16,9 @@ import numpy as np
 # Refusal reasons: stable, machine-readable, one counter label each.
 REASONS = ("malformed", "too_large", "unknown_type", "bad_field", "bad_stream_id",
            "too_many_tokens", "token_out_of_range", "gap", "too_many_streams",
-           "backlogged", "ended", "internal")
+           "backlogged", "ended", "internal", "moved")
 REQUEST_TYPES = ("tokens", "position", "status", "predict", "generate", "flush",
-                 "checkpoint", "end")
+                 "checkpoint", "end", "topology")
 MAX_GENERATE = 4096
 MAX_OFFSET = 2**62
 WIDTHS = {1: "<u1", 2: "<u2", 4: "<u4"}  # bin tokens: bytes per token -> numpy dtype
@@ -198,7 +198,7 @@ def _decode_fields(m: dict, request_id: Any, limits: Limits) -> Request:
     kind = m.get("type")
     if kind not in REQUEST_TYPES:
         raise _Refused("unknown_type", _type_problem(m))
-    if kind in ("status", "checkpoint"):
+    if kind in ("status", "checkpoint", "topology"):
         return Request(kind, request_id)
     if kind == "flush" and m.get("stream") is None:
         return Request("flush", request_id)

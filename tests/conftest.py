@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,12 @@ def _reap_daemons():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    for proc in harness.STARTED_GROUPS if harness else ():  # a cluster: its ranks too
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 @pytest.fixture

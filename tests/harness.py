@@ -116,3 +116,110 @@ class RawClient:
     def ask(self, message, timeout: float = 10) -> dict:
         self.send(message)
         return self.receive(timeout)
+
+
+STARTED_GROUPS: list[subprocess.Popen] = []  # clusters: their whole process group is reaped
+
+
+def free_ports(count: int) -> int:
+    """A port p such that p .. p + count - 1 are free now (ranks bind base + rank)."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            probes = []
+            for port in range(base, base + count):
+                s = socket.socket()
+                probes.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in probes:
+                s.close()
+    raise RuntimeError(f"no {count} free ports in a row")
+
+
+class ClusterProcess:
+    """`streamrnn serve --nproc N` in its own session (its ranks are its children; a
+    test that fails must not leave them behind)."""
+
+    def __init__(self, workdir: Path, overrides: list[str], nproc: int = 2,
+                 max_restarts: int = 0):
+        self.workdir, self.nproc, self.max_restarts = workdir, nproc, max_restarts
+        self.port = free_ports(nproc)
+        self.endpoints = [f"tcp://127.0.0.1:{self.port + r}" for r in range(nproc)]
+        self.overrides = [*TINY, f"ingest.endpoint={self.endpoints[0]}", "metrics.port=0",
+                          "train.cpu_threads=1", *overrides]
+        self.log_path = workdir / f"cluster-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True, args: tuple[str, ...] = ()) -> "ClusterProcess":
+        command = [sys.executable, "-m", "streamrnn", "serve", "--nproc", str(self.nproc),
+                   "--max-restarts", str(self.max_restarts), *args]
+        for item in self.overrides:
+            command += ["--set", item]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.workdir, start_new_session=True,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        STARTED_GROUPS.append(self.proc)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def topology(self, rank: int, timeout: float = 1.0) -> dict:
+        with RawClient(self.endpoints[rank]) as client:
+            return client.ask({"type": "topology"}, timeout=timeout)
+
+    def ask(self, rank: int, message: dict, timeout: float = 30) -> dict:
+        with RawClient(self.endpoints[rank]) as client:
+            return client.ask(message, timeout=timeout)
+
+    def wait_ready(self, timeout: float = 120, after_generation: int = 0) -> int:
+        """Until every rank answers topology with one generation (> after_generation);
+        returns it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"cluster exited:\n{self.log()[-5000:]}"
+            try:
+                generations = {self.topology(r)["generation"] for r in range(self.nproc)}
+            except TimeoutError:
+                continue
+            if len(generations) == 1 and min(generations) > after_generation:
+                return generations.pop()
+            time.sleep(0.2)
+        raise TimeoutError(f"cluster not ready:\n{self.log()[-5000:]}")
+
+    def rank_pids(self) -> list[int]:
+        """The ranks' processes (the launcher's children)."""
+        pid = self.proc.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(c) for c in children]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def kill_all(self) -> None:
+        """SIGKILL the launcher and every rank at once (a power cut, as far as the
+        processes can tell)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def events(self) -> list[dict]:
+        import json
+        out = []
+        for line in self.log().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                out.append(event)
+        return out
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

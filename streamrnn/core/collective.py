@@ -16,7 +16,8 @@ On one process (`Ranks()`) both are identities, so the same loop runs unchanged.
 from __future__ import annotations
 
 import datetime
-from typing import Mapping
+import time
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,9 @@ class Ranks:
         self.group, self.control = group, control if control is not None else group
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.world_size = dist.get_world_size(group) if self.distributed else 1
+        # (kind, seconds) of each collective: "agree" or "gradients" (the daemon's
+        # metrics). On NCCL the gradient sum is launched, not waited for: host time
+        self.observe: Callable[[str, float], None] = lambda kind, seconds: None
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], cluster: ClusterConfig,
@@ -55,13 +59,27 @@ class Ranks:
             else dist.group.WORLD
         return cls(dist.group.WORLD, control)
 
-    def agree(self, values: list[int]) -> list[int]:
-        """Each value summed over the ranks (one small all-reduce)."""
+    def agree(self, values: list[int], op: str = "sum") -> list[int]:
+        """Each value summed (or its "min" or "max") over the ranks: one small
+        all-reduce of int64s."""
         if not self.distributed:
             return list(values)
+        started = time.perf_counter()
         totals = torch.tensor(values, dtype=torch.int64)
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.control)
+        reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+                     "max": dist.ReduceOp.MAX}[op]
+        dist.all_reduce(totals, op=reduce_op, group=self.control)
+        self.observe("agree", time.perf_counter() - started)
         return totals.tolist()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (picklable), in rank order: for what is exchanged once
+        at start (configs, endpoints), not per update."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.control)
+        return values
 
     def sum_gradients(self, params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
         """Replace every parameter's gradient by its sum over the ranks, in one flat
@@ -69,6 +87,7 @@ class Ranks:
         gradient counts as zeros."""
         if not self.distributed:
             return loss
+        started = time.perf_counter()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
@@ -76,4 +95,18 @@ class Ranks:
         for p, g in zip(params, grads):
             p.grad = flat[offset:offset + g.numel()].view_as(p)  # a view: no copy
             offset += g.numel()
+        self.observe("gradients", time.perf_counter() - started)
         return flat[-1]
+
+
+def weights_checksum(params: list[torch.Tensor]) -> int:
+    """A checksum of the parameters' bits (not their values: -0.0 and 0.0 differ), as
+    an int64 (sums wrap around): ranks that hold bitwise equal weights get equal ones.
+    Note: a device sync and a copy of the weights as int64."""
+    total = torch.zeros((), dtype=torch.int64, device=params[0].device)
+    for index, p in enumerate(params, 1):
+        bits = p.detach().reshape(-1)
+        bits = bits.view(torch.int64 if bits.element_size() == 8 else torch.int32)
+        bits = bits.to(torch.int64)
+        total += index * ((bits * bits).sum() * 31 + bits.sum())
+    return int(total)

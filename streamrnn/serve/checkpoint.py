@@ -60,20 +60,8 @@ class Checkpoints:
         paths = self.paths()
         number = _order(paths[0])[1] + 1 if paths else 1
         path = self.dir / f"checkpoint-{wal_seq:016d}-{number:06d}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save({"format": FORMAT, "created": time.time(), "wal_seq": wal_seq,
-                            **state}, f)
-                faults.maybe_fail("checkpoint_write")
-                faults.maybe_crash("checkpoint_write")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(self.dir)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomically(path, {"format": FORMAT, "created": time.time(), "wal_seq": wal_seq,
+                                **state})
         for old in self.paths()[self.keep:]:
             old.unlink()
         return Saved(path, wal_seq, time.monotonic() - started)
@@ -120,13 +108,31 @@ class Checkpoints:
         return None
 
 
-def load(path: Path, map_location="cpu") -> dict:
+def write_atomically(path: Path, state) -> None:
+    """torch.save to a temp file beside `path`, fsync, rename over it, fsync the folder:
+    a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            faults.maybe_fail("checkpoint_write")
+            faults.maybe_crash("checkpoint_write")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path, map_location="cpu", format: str = FORMAT) -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupt, or not a torch file at all
         raise CheckpointError(f"{path} cannot be read: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}"[:300]) from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != format:
         raise CheckpointError(f"{path} is not a streamrnn checkpoint "
                               f"(format {state.get('format') if isinstance(state, dict) else None!r})")
     return state

@@ -1,10 +1,12 @@
-"""`streamrnn serve`: the long-running daemon.
+"""`streamrnn serve`: the long-running daemon (one process, or one rank of several).
 
     start:  learner, metrics, recovery, bind the ROUTER   (all built in __init__/start)
-    loop:   read the socket -> train: (log, step, read the socket) x updates_per_turn
-            -> answer finished checkpoints -> housekeeping
+    loop:   read the socket -> tick (the ranks agree: cluster.py) -> train: (agree, log,
+            step, read the socket) x updates_per_turn -> a flush, checkpoints -> answer
+            finished checkpoints -> housekeeping
     stop:   SIGTERM/SIGINT only set a flag (a second one exits at once); the loop ends
-            its turn, then a final checkpoint and an ordered shutdown
+            its turn (every rank's, at the tick), then a final checkpoint and an ordered
+            shutdown
 
 One thread does everything that touches the model, so no locks: a predict request is
 answered between two updates, while learning goes on. What each request gets is
@@ -12,6 +14,7 @@ handlers.py's; this file is lifecycle and the loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -22,14 +25,18 @@ from typing import Callable
 
 import prometheus_client
 import torch
+import torch.distributed
 import zmq
 
 from .. import __version__, wire
-from ..config import Config, StartupError
-from ..core.learner import LearnResult, Learner
+from ..config import Config, ConfigError, StartupError
+from ..core.collective import Ranks
+from ..core.learner import LearnResult, Learner, resolve_device
 from ..keys import KeyError_
 from . import auth, faults, logs
+from .cluster import Cluster, ClusterFault, Decision
 from .durability import FLUSH_RECORD_STREAMS, Durability, LogFull
+from .lockstep import ClusterDurability
 from .handlers import Deferred, Handlers, checkpoint_reply, nack
 from .metrics import Metrics
 from .recovery import IncompatibleState
@@ -45,13 +52,26 @@ KEY_RELOAD_SECONDS = 30.0
 
 class Daemon:
     def __init__(self, config: Config, fresh: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, ranks: Ranks | None = None):
         """`clock` (monotonic seconds) paces flushes, forgetting, checkpoints and rates:
-        tests pass their own."""
+        tests pass their own. `ranks`: the ranks torchrun started (Ranks.from_environment),
+        None for one process."""
         self.config, self.fresh, self.clock = config, fresh, clock
+        self.ranks = ranks if ranks is not None else Ranks()
+        self.cluster = Cluster(config, self.ranks)
         self.log = logs.get("streamrnn.daemon")
+        if self.cluster.distributed:
+            self.log = self.log.bind(rank=self.ranks.rank)
+            self.cluster.check_configs()  # before any rank touches its state
         self.stop_requested = False
-        self.notifier = Notifier()
+        # one voice to systemd: rank 0, whose loop is in step with every rank's (a rank
+        # that hangs stalls it at the next collective, so its watchdog pings stop too)
+        environ = dict(os.environ)
+        if self.cluster.distributed:
+            environ.pop("WATCHDOG_PID", None)  # the launcher's pid: rank 0 pings instead
+            if self.ranks.rank:
+                environ.pop("NOTIFY_SOCKET", None)
+        self.notifier = Notifier(environ)
         self.limits = wire.Limits(config.model.vocab_size, config.ingest.max_message_bytes,
                                   config.ingest.max_tokens_per_message,
                                   config.ingest.max_stream_id_bytes)
@@ -62,12 +82,19 @@ class Daemon:
         self.skipped = logs.Bursts(self.log, "updates skipped: the loss or the gradient "
                                    "was not finite (weights and optimizer unchanged)")
         self.training_pending = False
+        self.flush_queue: list[str] = []  # idle streams waiting for a flush step
         self.next_housekeeping = self.next_status = self.next_key_reload = 0.0
         self.next_summary = clock() + config.log.summary_seconds
-        self.learner = Learner(config)
+        self.learner = Learner(config, self.ranks)
         self.metrics = Metrics()
-        self.durability = Durability(config, self.learner, self.metrics, self.log, clock)
-        self.handlers = Handlers(config, self.learner, self.durability, self.metrics, clock)
+        self.ranks.observe = lambda kind, seconds: \
+            self.metrics.collective_seconds.labels(kind).observe(seconds)
+        self.durability = (
+            ClusterDurability(config, self.learner, self.metrics, self.log, self.cluster,
+                              clock) if self.cluster.distributed else
+            Durability(config, self.learner, self.metrics, self.log, clock))
+        self.handlers = Handlers(config, self.learner, self.durability, self.metrics, clock,
+                                 self.cluster)
         self.source: Source | None = None
         self.context: zmq.Context | None = None
         self.metrics_server = None
@@ -79,8 +106,8 @@ class Daemon:
                 signal.signal(sig, self._on_signal)
         try:
             self.start()
-            while not self.stop_requested:
-                self.turn()
+            while not self.turn():
+                pass
             self.notifier.stopping()
             self.source.close()  # no more input: everything acked is in the log
             # the next start replays nothing
@@ -105,6 +132,9 @@ class Daemon:
         m.build.info({"version": __version__, "torch": torch.__version__,
                       "device": str(learner.device)})
         m.queue_limit.set(c.ingest.max_queued_tokens)
+        m.world_size.set(self.ranks.world_size)
+        m.rank.set(self.ranks.rank)
+        m.generation.set(self.cluster.agree_generation())
         # before anyone can send: state first (systemd hears that a long replay goes on)
         self.durability.recover(self.fresh, should_stop=lambda: self.stop_requested,
                                 progress=lambda line: self.notifier.extend_start(60, line))
@@ -115,16 +145,26 @@ class Daemon:
                 self.handlers.activity.input(stream, now)
             if learner.streams.untrained(stream) == 0:
                 self.handlers.activity.unflushed.pop(stream, None)
-        if c.metrics.port:
-            self.metrics_server = m.serve(c.metrics.address, c.metrics.port)
+        metrics_port = self.cluster.metrics_port()
+        if metrics_port:
+            self.metrics_server = m.serve(c.metrics.address, metrics_port)
         self.context = zmq.Context()
-        self.source = Source(c.ingest, self.context)
+        self.source = Source(dataclasses.replace(c.ingest,
+                                                 endpoint=self.cluster.bind_endpoint()),
+                             self.context)
+        # also a barrier: every rank is bound and recovered once this returns
+        self.cluster.share_endpoints(self.source.endpoint)
         self._publish()
-        self.notifier.ready(f"listening on {self.source.endpoint}")
+        ready = f"listening on {self.source.endpoint}" + (
+            f" (rank 0 of {self.ranks.world_size}: every rank is ready)"
+            if self.cluster.distributed else "")
+        self.notifier.ready(ready)
         self.log.info("listening", endpoint=self.source.endpoint,
                       curve="on" if self.source.curve else "off",
-                      metrics=(f"http://{c.metrics.address}:{c.metrics.port}/metrics"
-                               if c.metrics.port else "off"), device=str(learner.device))
+                      metrics=(f"http://{c.metrics.address}:{metrics_port}/metrics"
+                               if metrics_port else "off"), device=str(learner.device),
+                      **({"ranks": self.ranks.world_size, "endpoints": self.cluster.endpoints}
+                         if self.cluster.distributed else {}))
 
     def shutdown(self) -> None:
         started = self.source is not None
@@ -145,41 +185,74 @@ class Daemon:
                           tokens_trained=self.learner.tokens_trained)
 
     # ---- the loop ------------------------------------------------------------------------
-    def turn(self) -> None:
-        """One turn: take what the network has, train a bounded amount, look after things."""
+    def turn(self) -> bool:
+        """One turn: take what the network has, agree with the other ranks, train a
+        bounded amount, look after things. True once the daemon is to stop (every rank
+        stops at the same tick)."""
         faults.maybe_hang("turn")
         self.notifier.ping()  # from this loop only: if it hangs, systemd restarts us
         timeout_ms = 0 if self.training_pending or self.inbox else 50
         if self.inbox or self.source.socket.poll(timeout_ms, zmq.POLLIN):
             self.intake()
+        decision = self.tick()
+        if decision.stop:
+            self.stop_requested = True
+            return True
         self.train()
+        if decision.flush and not decision.log_blocked:
+            self._flush(self.flush_queue[:FLUSH_RECORD_STREAMS])
+            del self.flush_queue[:FLUSH_RECORD_STREAMS]
+        if decision.check:
+            self.cluster.check_weights(self.learner.model)
         self.durability.sync_if_due()
-        self.durability.poll()  # a finished checkpoint; a due or requested one starts
+        self.durability.after_tick(decision)  # a finished checkpoint; a due one starts
         self._answer_checkpoints()
         now = self.clock()
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_SECONDS
             self.housekeeping(now)
         self._publish()
+        return False
+
+    def tick(self) -> Decision:
+        """What this rank wants (to stop, to flush idle streams, a checkpoint, its log
+        has no room), summed over the ranks: every rank then does the same."""
+        return self.cluster.tick(
+            stop=self.stop_requested, flush=bool(self.flush_queue) and
+            not self.training_pending, log_blocked=self.durability.full_since is not None,
+            check=self.cluster.check_due(), **self.durability.tick_fields())
 
     def train(self) -> None:
-        """Up to train.updates_per_turn updates. Each is logged before it runs (it is a
-        pure function of what the log holds before it, so a replay makes the same one);
-        between two the socket is read again, so an ack waits one update at most."""
+        """Up to train.updates_per_turn updates. Each is agreed by the ranks, then
+        logged, then run (it is a pure function of what the logs hold before it, so a
+        replay makes the same one); between two the socket is read again, so an ack
+        waits one update at most."""
         max_updates = self.config.train.updates_per_turn
         started, num_updates = time.perf_counter(), 0
-        while num_updates < max_updates and (plan := self.learner.next_update()) is not None:
+        distributed = self.cluster.distributed
+        while num_updates < max_updates:
+            plan = self.learner.next_update()
+            go, num_targets = self.cluster.agree_update(
+                plan is not None, plan.num_targets if plan is not None else 0,
+                log_blocked=not self.durability.has_room())
+            if not go:
+                break  # no window anywhere, or a log that cannot record it
             try:
-                self.durability.log_train()
+                self.durability.log_train(num_targets)
             except LogFull:
+                if distributed:  # the others take this step: restart, replay in step
+                    raise ClusterFault("the write-ahead log could not record a global "
+                                       "step the other ranks take") from None
                 break  # no update the log cannot record: again once it has room
             update_started = time.perf_counter()
             # an exception here ends the daemon: the log says this update ran, and the
             # next start replays it, so the model served always matches the log
-            self.learner.step(plan)
+            self.learner.step(plan, num_targets if distributed else None)
             # on a GPU this is host time: the queue of launched work makes it the
             # device's own once the loop runs ahead by a few updates
             self.metrics.update_seconds.observe(time.perf_counter() - update_started)
+            if plan is None:
+                self.metrics.idle_rank_updates.inc()
             num_updates += 1
             self.notifier.ping()
             self.intake()
@@ -265,8 +338,14 @@ class Daemon:
         activity, train = self.handlers.activity, self.config.train
         if not self.training_pending and self.durability.has_room():
             idle = activity.idle(activity.unflushed, now, train.flush_after_seconds or math.inf)
-            if idle:
-                self._flush(idle)
+            if self.cluster.distributed:
+                self.flush_queue.extend(idle)  # flushed at an agreed tick: a global step
+            elif idle:
+                for first in range(0, len(idle), FLUSH_RECORD_STREAMS):  # bounded records
+                    if not self._flush(idle[first:first + FLUSH_RECORD_STREAMS]):
+                        for stream in idle[first:]:  # again once the log has room
+                            activity.flush_soon(stream)
+                        break
         for stream in activity.idle(activity.live, now, train.forget_after_seconds or math.inf):
             if not self.handlers.end(stream):
                 activity.live[stream] = now  # the log is full: again later
@@ -304,21 +383,24 @@ class Daemon:
                           bits_per_token=s["recent_bits_per_token"], streams=s["streams"],
                           queued_tokens=s["queued_tokens"])
 
-    def _flush(self, streams: list[str]) -> None:
-        for first in range(0, len(streams), FLUSH_RECORD_STREAMS):  # bounded log records
-            group = streams[first:first + FLUSH_RECORD_STREAMS]
-            started = time.perf_counter()
-            try:
-                self.durability.log_flush(group)
-            except LogFull:
-                for stream in streams[first:]:  # again once the log has room
-                    self.handlers.activity.flush_soon(stream)
-                return
-            before = len(self.learner.streams.ids)
-            result = self.learner.flush_many(group)  # also forgets ended streams it emptied
-            self.account(result, time.perf_counter() - started)
-            self.metrics.flushes.inc(result.streams)
-            self.metrics.streams_ended.inc(before - len(self.learner.streams.ids))
+    def _flush(self, streams: list[str]) -> bool:
+        """Train the last targets of these streams (at most FLUSH_RECORD_STREAMS; with
+        several ranks every rank flushes at once, some maybe none). False if the log
+        cannot record it."""
+        started = time.perf_counter()
+        try:
+            self.durability.log_flush(streams)
+        except LogFull:
+            if self.cluster.distributed:
+                raise ClusterFault("the write-ahead log could not record a flush the "
+                                   "other ranks take") from None
+            return False
+        before = len(self.learner.streams.ids)
+        result = self.learner.flush_many(streams)  # also forgets ended streams it emptied
+        self.account(result, time.perf_counter() - started)
+        self.metrics.flushes.inc(result.streams)
+        self.metrics.streams_ended.inc(before - len(self.learner.streams.ids))
+        return True
 
     def _publish(self) -> None:
         """Gauges, set from the loop once per turn: a scrape (on the metrics thread) only
@@ -344,10 +426,35 @@ class Daemon:
 
 
 def serve(config: Config, fresh: bool = False) -> int:
+    """One process, or the rank torchrun started this process as (its environment)."""
     logs.configure(config.log.format, config.log.level)
     prometheus_client.disable_created_metrics()  # no *_created series: noise for dashboards
     try:
-        return Daemon(config, fresh).run()
+        device = resolve_device(config.train.device)
+        if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # a GPU per rank
+        ranks = Ranks.from_environment(os.environ, config.cluster, device)
+    except (StartupError, ConfigError) as e:
+        logs.get().error("refusing to start", reason=str(e))
+        return 2
+    try:
+        # a restart by torchrun after a crash must recover, not start afresh again
+        fresh = fresh and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        return Daemon(config, fresh, ranks=ranks).run()
     except (IncompatibleState, StartupError, KeyError_) as e:
         logs.get().error("refusing to start", reason=str(e))
         return 2
+    except ClusterFault as e:
+        logs.get().error("stopping this rank; torchrun restarts every rank", reason=str(e))
+        return 1
+    except Exception as e:
+        if not ranks.distributed:
+            raise
+        # a rank died or hung: the collective failed, or timed out (cluster.timeout_seconds)
+        logs.get().error("a collective failed (a rank stopped or hangs); stopping this "
+                         "rank, torchrun restarts every rank", error=f"{type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}"[:300])
+        return 1
+    finally:
+        if ranks.distributed:
+            torch.distributed.destroy_process_group()

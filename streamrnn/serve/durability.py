@@ -40,12 +40,12 @@ class LogFull(Exception):
 
 class Durability:
     def __init__(self, config: Config, learner: Learner, metrics, log,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, root: Path | None = None):
+        """`root`: the state folder (checkpoint.dir; one rank of several: its own)."""
         self.config, self.learner, self.metrics, self.log = config, learner, metrics, log
         self.clock = clock
-        self.root = Path(config.checkpoint.resolved_dir())
-        self.lock_file = None
-        self._lock()  # before anything in the folder is touched
+        self.root = Path(root or config.checkpoint.resolved_dir())
+        self.lock_file = lock(self.root)  # before anything in the folder is touched
         self.checkpoints = Checkpoints(self.root / "checkpoints", config.checkpoint.keep)
         self.wal: WriteAheadLog | None = None
         self.wal_seq = 0                     # the newest record applied
@@ -72,26 +72,6 @@ class Durability:
         if self.last_checkpoint is not None and self.wal_seq == self.last_checkpoint.wal_seq:
             self.changes_at_checkpoint = self.num_changes  # the loaded one holds it all
 
-    def _lock(self) -> None:
-        """One daemon per state folder (released by the kernel when the process ends)."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.lock_file = open(self.root / "lock", "a+")
-        except OSError as e:
-            raise StartupError(f"cannot use the state folder {self.root} "
-                               f"(checkpoint.dir): {e.strerror or e}") from e
-        try:
-            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock_file.seek(0)
-            holder = self.lock_file.read().strip() or "another process"
-            raise StartupError(f"the state folder {self.root} is in use by {holder}: one "
-                               "daemon per folder (set checkpoint.dir for another)") from None
-        self.lock_file.seek(0)
-        self.lock_file.truncate()
-        self.lock_file.write(f"streamrnn serve, pid {os.getpid()}\n")
-        self.lock_file.flush()
-
     def unreadable(self, path: Path, error: CheckpointError) -> None:
         self.metrics.checkpoint_load_failures.inc()
         self.log.error("checkpoint unreadable, using the one before it and more of the log",
@@ -101,8 +81,9 @@ class Durability:
     def log_tokens(self, stream: str, tokens: np.ndarray) -> None:
         self._log({"t": "tokens", "s": stream, "k": tokens.astype("<u4").tobytes()})
 
-    def log_train(self) -> None:
-        """Before the update runs: it is a pure function of what the log holds before."""
+    def log_train(self, num_targets: int | None = None) -> None:
+        """Before the update runs: it is a pure function of what the log holds before.
+        (`num_targets`, every rank's: see ClusterDurability.)"""
         self._log({"t": "train"})
 
     def log_end(self, stream: str) -> None:
@@ -163,6 +144,14 @@ class Durability:
             self.commit()
 
     # ---- checkpoints --------------------------------------------------------------------
+    def tick_fields(self) -> dict:
+        """What this process adds to the loop's tick (ClusterDurability: its checkpoint's
+        progress, which the ranks agree on); one process decides alone, in poll."""
+        return {}
+
+    def after_tick(self, decision) -> None:
+        self.poll()
+
     def poll(self) -> None:
         """Every turn: account for a finished write; start a requested or due one."""
         self._collect()
@@ -214,7 +203,7 @@ class Durability:
             self._failed("the model's weights are not finite: nothing is written from them "
                          "(the older checkpoints and the log stay)")
             return
-        state = {"learner": _snapshot(self.learner.state_dict()), "version": __version__,
+        state = {"learner": snapshot(self.learner.state_dict()), "version": __version__,
                  "batch_streams": self.learner.max_batch_streams}
         self.pending_changes = self.num_changes
         self.pending_updates = self.learner.updates
@@ -271,14 +260,38 @@ class Durability:
         return self.wal.total_bytes if self.wal is not None else 0
 
 
-def _snapshot(tree):
+def lock(folder: Path):
+    """One daemon per state folder: an flock on folder/lock, released by the kernel when
+    the process ends. Returns the open lock file."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock_file = open(folder / "lock", "a+")
+    except OSError as e:
+        raise StartupError(f"cannot use the state folder {folder} "
+                           f"(checkpoint.dir): {e.strerror or e}") from e
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "another process"
+        lock_file.close()
+        raise StartupError(f"the state folder {folder} is in use by {holder}: one "
+                           "daemon per folder (set checkpoint.dir for another)") from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(f"streamrnn serve, pid {os.getpid()}\n")
+    lock_file.flush()
+    return lock_file
+
+
+def snapshot(tree):
     """A deep copy of a state dict on the CPU: the training loop may go on meanwhile."""
     if isinstance(tree, torch.Tensor):
         return tree.detach().to("cpu", copy=True)
     if isinstance(tree, dict):
-        return {k: _snapshot(v) for k, v in tree.items()}
+        return {k: snapshot(v) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_snapshot(v) for v in tree]
+        return [snapshot(v) for v in tree]
     if isinstance(tree, tuple):
-        return tuple(_snapshot(v) for v in tree)
+        return tuple(snapshot(v) for v in tree)
     return tree

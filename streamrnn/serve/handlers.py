@@ -16,7 +16,9 @@ import torch
 
 from .. import __version__, wire
 from ..config import Config
+from ..core.collective import weights_checksum
 from ..core.learner import LearnResult, Learner
+from .cluster import Cluster
 from .durability import Durability, LogFull
 
 MAX_PREDICT_BACKLOG = 16384  # predict/generate run the model over a stream's backlog
@@ -85,15 +87,19 @@ class Rate:
 
 class Handlers:
     def __init__(self, config: Config, learner: Learner, durability: Durability, metrics,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], cluster: Cluster):
         self.config, self.learner, self.durability = config, learner, durability
-        self.metrics, self.clock = metrics, clock
+        self.metrics, self.clock, self.cluster = metrics, clock, cluster
         self.started = clock()
         self.activity = Activity()
         self.rate = Rate()
 
     def handle(self, request: wire.Request) -> dict | Deferred:
-        reply = getattr(self, f"_on_{request.type}")(request)
+        if request.stream is not None and self.cluster.owner(request.stream) != \
+                self.cluster.rank:
+            reply = self.moved(request.stream)
+        else:
+            reply = getattr(self, f"_on_{request.type}")(request)
         if isinstance(reply, dict) and request.request_id is not None:
             reply["id"] = request.request_id
         return reply
@@ -128,6 +134,17 @@ class Handlers:
         self.metrics.tokens_duplicate.inc(len(r.tokens) - len(new))
         return {"type": "ack", "stream": r.stream, "next_offset": expected + len(new),
                 "accepted": len(new), "duplicates": len(r.tokens) - len(new)}
+
+    def moved(self, stream: str) -> dict:
+        """Another rank owns the stream: never an ack, so nothing lands on two ranks."""
+        owner = self.cluster.owner(stream)
+        endpoint = self.cluster.endpoints[owner] if self.cluster.endpoints else None
+        return nack("moved", f"stream {stream!r} belongs to rank {owner} ({endpoint}); ask "
+                    "topology for the map", stream=stream, rank=owner, endpoint=endpoint,
+                    generation=self.cluster.generation)
+
+    def _on_topology(self, r: wire.Request) -> dict:
+        return self.cluster.topology()
 
     def busy(self, stream: str, retry_after_ms: int) -> dict:
         self.metrics.busy.inc()
@@ -228,7 +245,10 @@ class Handlers:
         return Deferred(ticket)
 
     def _on_status(self, r: wire.Request) -> dict:
-        return {"type": "status", **self.status()}
+        # equal on every rank of a cluster (one model). Note: a device sync, and a copy
+        # of the weights: asked for, never computed by the loop itself
+        checksum = weights_checksum(list(self.learner.model.parameters()))
+        return {"type": "status", **self.status(), "weights_checksum": checksum}
 
     def status(self) -> dict:
         learner, c = self.learner, self.config
@@ -252,6 +272,8 @@ class Handlers:
             "training_tokens_per_second": (float(training_rate) if training_rate is not None
                                            else None),
             "last_checkpoint": saved_fields(self.durability.last_checkpoint),
+            "rank": self.cluster.rank, "world_size": self.cluster.world_size,
+            "generation": self.cluster.generation,
         }
 
 

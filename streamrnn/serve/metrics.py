@@ -110,6 +110,25 @@ class Metrics:
         self.recovery_replayed_tokens = Counter(
             "streamrnn_recovery_replayed_tokens", "Tokens replayed from the write-ahead log "
             "at start.", registry=r)
+        # several ranks (each serves its own /metrics; one process: rank 0 of 1, no
+        # collectives). updates_total is the same on every rank: totals take max, not sum
+        self.collective_seconds = Histogram(
+            "streamrnn_collective_seconds", "Time waiting in all-reduces, by kind: agree "
+            "(the small agreement each tick and update) and gradients (the flat gradient "
+            "sum).", ["kind"],
+            buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5,
+                     1, 2.5, 5, 10), registry=r)
+        self.world_size = Gauge("streamrnn_cluster_world_size", "Ranks in the cluster.",
+                                registry=r)
+        self.rank = Gauge("streamrnn_cluster_rank", "This process's rank.", registry=r)
+        self.generation = Gauge("streamrnn_cluster_generation", "Changes on every start of "
+                                "the cluster (topology replies carry it).", registry=r)
+        self.idle_rank_updates = Counter(
+            "streamrnn_idle_rank_updates", "Global updates this rank joined with no window "
+            "of its own (it added zeros).", registry=r)
+        for kind in ("agree", "gradients"):
+            self.collective_seconds.labels(kind)
+        self.world_size.set(1)
         self.start_time.set(time.time())
         for reason in REASONS:
             self.rejected.labels(reason)  # every series exists from the start, at 0

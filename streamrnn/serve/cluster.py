@@ -1,0 +1,150 @@
+"""Several daemon ranks, one model: what the ranks agree on, and who owns which stream.
+
+    start    ranks compare their configs (refused unless equal), rank 0 draws the
+             generation, every rank binds its own endpoint, and they swap endpoints
+    tick     every turn of every rank's loop, also when idle:
+             all_reduce [stop, flush wanted, checkpoint wanted, busy writing, log
+             blocked, part written, part failed, manifest committed]  -> Decision
+    update   all_reduce [has a window, its targets, log blocked] before each one
+             (Ranks.agree); the update itself is Engine.step's gradient sum
+
+One process is a cluster of one: every agreement is then the process's own values, so
+the daemon runs the same loop either way. The tick runs every turn (at most 50 ms
+apart when idle), so no rank waits in a collective for long unless a rank is gone or
+hung, and then the collective fails after cluster.timeout_seconds and torchrun
+restarts every rank.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..config import Config, StartupError
+from ..core.collective import Ranks, weights_checksum
+from ..keygroups import DEFAULT_NUM_GROUPS, owner
+
+CHECK_SECONDS = 60.0  # the ranks' weights are compared this often (a device sync)
+
+# the tick's fields, in order; each is summed over the ranks
+TICK_FIELDS = ("stop", "flush", "checkpoint", "writing", "log_blocked", "part_written",
+               "part_failed", "committed", "check")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A tick's outcome: each field is the number of ranks that said so (committed:
+    the global step whose manifest rank 0 wrote, or 0)."""
+    stop: int = 0
+    flush: int = 0
+    checkpoint: int = 0
+    writing: int = 0
+    log_blocked: int = 0
+    part_written: int = 0
+    part_failed: int = 0
+    committed: int = 0
+    check: int = 0       # compare the ranks' weights now (rank 0's clock says when)
+
+
+class ClusterFault(Exception):
+    """This rank cannot go on in step with the others (it could not log a global step
+    the others take): it ends, and torchrun restarts every rank, which recover the
+    same state from their logs."""
+
+
+class Cluster:
+    def __init__(self, config: Config, ranks: Ranks):
+        self.config, self.ranks = config, ranks
+        self.rank, self.world_size = ranks.rank, ranks.world_size
+        self.num_groups = DEFAULT_NUM_GROUPS
+        self.generation = 0
+        self.endpoints: list[str] = []
+        self.next_check = time.monotonic() + CHECK_SECONDS
+
+    @property
+    def distributed(self) -> bool:
+        return self.ranks.distributed
+
+    # ---- start -------------------------------------------------------------------------
+    def check_configs(self) -> None:
+        """Ranks started with different configs are refused, naming the keys."""
+        mine = self.config.to_dict()
+        theirs = self.ranks.gather(mine)
+        for rank, other in enumerate(theirs):
+            if other != mine:
+                keys = [f"{section}.{key}" for section in mine for key in mine[section]
+                        if other.get(section, {}).get(key) != mine[section][key]]
+                raise StartupError(
+                    f"rank {rank} was started with a different config than rank "
+                    f"{self.rank}: {', '.join(keys[:8])} differ. Every rank must run the "
+                    "same config file and --set arguments")
+
+    def agree_generation(self) -> int:
+        """A number every rank shares and every start changes: rank 0's clock in ms."""
+        mine = time.time_ns() // 1_000_000 if self.rank == 0 else 0
+        self.generation = self.ranks.agree([mine])[0]
+        return self.generation
+
+    def bind_endpoint(self) -> str:
+        """This rank's ingest endpoint: ingest.endpoint's port + rank (any free port
+        stays any free port; ipc paths get .RANK appended)."""
+        endpoint = self.config.ingest.endpoint
+        if not self.distributed:
+            return endpoint
+        if endpoint.startswith("tcp://"):
+            host, _, port = endpoint.rpartition(":")
+            return endpoint if port == "*" else f"{host}:{int(port) + self.rank}"
+        return f"{endpoint}.{self.rank}"
+
+    def metrics_port(self) -> int:
+        port = self.config.metrics.port
+        return port + self.rank if port else 0
+
+    def share_endpoints(self, bound: str) -> None:
+        self.endpoints = self.ranks.gather(bound)
+
+    # ---- ownership ---------------------------------------------------------------------
+    def owner(self, stream: str) -> int:
+        return owner(stream, self.world_size, self.num_groups) if self.distributed else 0
+
+    def topology(self) -> dict:
+        return {"type": "topology", "rank": self.rank, "world_size": self.world_size,
+                "num_groups": self.num_groups, "generation": self.generation,
+                "endpoints": list(self.endpoints)}
+
+    # ---- agreements ----------------------------------------------------------------------
+    def tick(self, **mine: int) -> Decision:
+        """One small all-reduce of this rank's TICK_FIELDS (missing ones are 0)."""
+        values = [int(mine.pop(name, 0)) for name in TICK_FIELDS]
+        if mine:
+            raise TypeError(f"not tick fields: {sorted(mine)}")
+        return Decision(*self.ranks.agree(values))
+
+    def agree_update(self, has_window: bool, num_targets: int,
+                     log_blocked: bool) -> tuple[bool, int]:
+        """Whether a global update runs now (some rank has a window, and every rank's
+        log can record it), and its targets over all ranks."""
+        if not self.distributed:
+            return has_window and not log_blocked, num_targets
+        windows, targets, blocked = self.ranks.agree(
+            [int(has_window), num_targets, int(log_blocked)])
+        return windows > 0 and blocked == 0, targets
+
+    def check_due(self) -> bool:
+        """Rank 0 asks for a weights check every CHECK_SECONDS (one clock, so every rank
+        checks at the same tick)."""
+        if not self.distributed or self.rank or time.monotonic() < self.next_check:
+            return False
+        self.next_check = time.monotonic() + CHECK_SECONDS
+        return True
+
+    def check_weights(self, model) -> None:
+        """The ranks' weights must be bitwise equal (they take the same steps from the
+        same state); a mismatch is a bug, and training on would fork the model, so the
+        rank stops with the evidence. Note: a device sync."""
+        checksum = weights_checksum(list(model.parameters()))
+        highest, negated_lowest = self.ranks.agree([checksum, -checksum], "max")
+        if highest != -negated_lowest:
+            raise ClusterFault(
+                f"the ranks' weights differ (checksums {-negated_lowest} .. {highest}, "
+                f"rank {self.rank}: {checksum}): they no longer hold one model. Stopping; "
+                "the logs replay the same steps at the next start")
