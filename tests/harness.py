@@ -204,10 +204,16 @@ class ClusterProcess:
         return self.proc.wait(timeout=timeout)
 
     def kill_all(self) -> None:
-        """SIGKILL the launcher and every rank at once (a power cut, as far as the
-        processes can tell)."""
+        """SIGKILL every rank, then the launcher (a power cut, as far as the processes
+        can tell); returns once they are gone."""
+        ranks = self.rank_pids()
+        for pid in ranks:
+            os.kill(pid, signal.SIGKILL)
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def events(self) -> list[dict]:
         import json
@@ -223,3 +229,11 @@ class ClusterProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie has ended: it holds no lock or port any more)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -112,3 +112,117 @@ def test_two_ranks_share_streams_route_checkpoint_and_recover(tmp_path):
         position = again.ask(owner(stream, 2), {"type": "position", "stream": stream})
         assert position["next_offset"] == sizes[stream]
     assert again.stop() == 0
+
+
+@pytest.mark.slow
+def test_sigkill_ranks_twice_loses_nothing_and_recovery_is_deterministic(tmp_path):
+    """torchrun restarts both ranks each time one is killed; `streamrnn feed`, given
+    rank 1's endpoint, rides through. Afterwards every target was trained exactly
+    once, the ranks hold one model, and a cluster started on a copy of the state
+    (after killing everything at once) rebuilds that model bit for bit."""
+    import random
+    import time
+    state = tmp_path / "state"
+    cluster = ClusterProcess(tmp_path, [f"checkpoint.dir={state}",
+                                        "checkpoint.interval_seconds=2",
+                                        "cluster.timeout_seconds=15"], max_restarts=2).start()
+    names = [f"file-{i}.txt" for i in range(60)]
+    names = [n for n in names if owner(n, 2) == 0][:3] + [n for n in names if owner(n, 2) == 1][:3]
+    sources = sorted(Path(__file__).parent.glob("*.py"))
+    sizes = {}
+    for i, name in enumerate(names):
+        data = b"".join(p.read_bytes() for p in sources[i::6])[:12_000 + 2_000 * i]
+        (tmp_path / name).write_bytes(data)
+        sizes[name] = len(data)
+    feed = subprocess.Popen(
+        [sys.executable, "-m", "streamrnn", "feed", "--endpoint", cluster.endpoints[1],
+         "--retry-seconds", "180", "--chunk", "1000", *names], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rng = random.Random(7)
+    generation = cluster.wait_ready()
+    for _ in range(2):
+        time.sleep(rng.uniform(1.0, 3.0))
+        victim = rng.choice(cluster.rank_pids())
+        os.kill(victim, signal.SIGKILL)
+        generation = cluster.wait_ready(after_generation=generation)
+    output = feed.communicate(timeout=300)[0].decode()
+    assert feed.returncode == 0, output
+    ranks = wait_trained(cluster)
+    for name, size in sizes.items():
+        assert cluster.ask(owner(name, 2), {"type": "position", "stream": name}
+                           )["next_offset"] == size
+    assert sum(r["tokens_trained"] for r in ranks) == sum(sizes.values()) - len(names)
+    assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
+    starts = [e for e in cluster.events() if e.get("event") == "listening"]
+    assert len(starts) == 6, "three starts of two ranks"  # two restarts
+
+    cluster.kill_all()  # no final checkpoint: the copy must replay its logs
+    shutil.copytree(state, tmp_path / "copy")
+    (tmp_path / "copy" / "lock").unlink(missing_ok=True)
+    again = ClusterProcess(tmp_path, [f"checkpoint.dir={tmp_path / 'copy'}"]).start()
+    rebuilt = statuses(again)
+    assert [r["weights_checksum"] for r in rebuilt] == [ranks[0]["weights_checksum"]] * 2
+    assert [r["tokens_trained"] for r in rebuilt] == [r["tokens_trained"] for r in ranks]
+    assert [r["updates"] for r in rebuilt] == [r["updates"] for r in ranks]
+    assert again.stop() == 0
+    totals = committed_totals(tmp_path / "copy")
+    assert totals["tokens_trained"] == sum(sizes.values()) - len(names)
+
+
+def positions(cluster: ClusterProcess, streams: list[str]) -> dict[str, int]:
+    return {s: cluster.ask(owner(s, cluster.nproc), {"type": "position", "stream": s}
+                           )["next_offset"] for s in streams}
+
+
+@pytest.mark.slow
+def test_a_clean_stop_lets_the_next_start_change_the_number_of_ranks(tmp_path):
+    """1 process -> 2 ranks -> 3 ranks, each after a clean stop: key groups move with
+    their streams' state, every stream continues where it was, totals carry over. A
+    crash followed by a start with another number of ranks is refused, saying what to
+    do."""
+    import time
+    from harness import DaemonProcess
+    state = tmp_path / "state"
+    streams = [f"stream-{i}" for i in range(8)]
+    single = DaemonProcess(tmp_path, [f"checkpoint.dir={state}", "train.cpu_threads=1"]).start()
+    with RawClient(single.endpoint) as client:
+        for i, stream in enumerate(streams):
+            reply = client.ask({"type": "tokens", "stream": stream, "offset": 0,
+                                "tokens": TEXT[:300 + 50 * i], "width": 1})
+            assert reply["type"] == "ack", reply
+        before = client.ask({"type": "status"})
+        while before["queued_tokens"]:  # trained to the end: the weights stand still
+            client.ask({"type": "flush"})
+            time.sleep(0.2)
+            before = client.ask({"type": "status"})
+    assert single.stop() == 0
+    sent = {s: 300 + 50 * i for i, s in enumerate(streams)}
+
+    for nproc in (2, 3):
+        cluster = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=nproc).start()
+        assert positions(cluster, streams) == sent
+        ranks = statuses(cluster)
+        assert sum(r["streams"] for r in ranks) == len(streams)
+        assert all(r["streams"] > 0 for r in ranks)
+        assert len({r["weights_checksum"] for r in ranks} | {before["weights_checksum"]}) == 1
+        assert all(r["updates"] == before["updates"] for r in ranks)
+        for stream in streams:  # more for every stream, from where it stands
+            offset = sent[stream]
+            reply = cluster.ask(owner(stream, nproc), {
+                "type": "tokens", "stream": stream, "offset": offset,
+                "tokens": TEXT[offset:offset + 200], "width": 1})
+            assert reply["type"] == "ack", reply
+            sent[stream] += 200
+        wait_trained(cluster)
+        before = statuses(cluster)[0]
+        assert cluster.stop() == 0
+    totals = committed_totals(state)
+    assert totals["tokens_trained"] == sum(sent.values()) - len(streams)
+
+    crashed = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=3).start()
+    assert crashed.ask(0, {"type": "tokens", "stream": "late", "offset": 0,
+                           "tokens": TEXT[:10], "width": 1})["type"] in ("ack", "nack")
+    crashed.kill_all()
+    refused = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=2).start(wait=False)
+    assert refused.proc.wait(timeout=120) == 2
+    assert "did not stop cleanly" in refused.log() and "--nproc 3" in refused.log()

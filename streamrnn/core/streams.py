@@ -254,6 +254,36 @@ class StreamTable:
         for array in (self.num_tokens, self.trained_end, self.start_pos, self.last_served):
             array[last] = 0  # a new stream takes this row next: it must start clean
 
+    # ---- moving a stream to another table (another rank) ------------------------------
+    def export(self, stream_id: StreamId) -> dict:
+        """What another table needs to continue this stream exactly (see adopt): its
+        tokens from the window start on, positions, window-start state, ended or not."""
+        row = self.row_of[stream_id]
+        return {"tokens": self.tokens_from_start(row), "start_pos": int(self.start_pos[row]),
+                "trained_end": int(self.trained_end[row]),
+                "state": tuple(t[:, 0].cpu() for t in self.states.state(row)),
+                "ended": stream_id in self.ended}
+
+    def adopt(self, stream_id: StreamId, exported: dict) -> None:
+        """Take over a stream another table exported; it continues as it would have
+        there (its state waits in host memory until its next update)."""
+        if stream_id in self.row_of:
+            raise ValueError(f"stream {stream_id!r} is already in this table")
+        row = self.row(stream_id)
+        start, tokens = exported["start_pos"], exported["tokens"]
+        self.start_pos[row] = self.num_tokens[row] = start
+        self.trained_end[row] = exported["trained_end"]
+        rest = self._write(row, tokens)
+        if len(rest):
+            self.overflow[row] = deque([rest])
+            self.waiting[row] = len(rest)
+        self.states.host[row] = tuple(t.to(self.dtype) for t in exported["state"])
+        received = start + len(tokens)
+        self.num_received += received
+        self.num_untrained += max(0, received - 1 - exported["trained_end"])
+        if exported["ended"]:
+            self.ended.add(stream_id)
+
     # ---- capacity and persistence ---------------------------------------------------
     def _grow(self, capacity: int) -> None:
         extra = capacity - len(self.num_tokens)

@@ -433,6 +433,8 @@ def serve(config: Config, fresh: bool = False) -> int:
         device = resolve_device(config.train.device)
         if device.type == "cuda" and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # a GPU per rank
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _end_with_launcher()
         ranks = Ranks.from_environment(os.environ, config.cluster, device)
     except (StartupError, ConfigError) as e:
         logs.get().error("refusing to start", reason=str(e))
@@ -450,11 +452,28 @@ def serve(config: Config, fresh: bool = False) -> int:
     except Exception as e:
         if not ranks.distributed:
             raise
-        # a rank died or hung: the collective failed, or timed out (cluster.timeout_seconds)
-        logs.get().error("a collective failed (a rank stopped or hangs); stopping this "
-                         "rank, torchrun restarts every rank", error=f"{type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}"[:300])
+        # usually a rank died or hangs, and a collective failed or timed out
+        # (cluster.timeout_seconds); the traceback tells another error from that
+        logs.get().exception("stopping this rank (a collective failed: a rank stopped or "
+                             "hangs; or an error here); torchrun restarts every rank",
+                             error=f"{type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}"[:300])
         return 1
     finally:
         if ranks.distributed:
             torch.distributed.destroy_process_group()
+
+
+def _end_with_launcher() -> None:
+    """A rank ends when torchrun's agent, its parent, dies (SIGKILL'd, or the OOM
+    killer): torchrun puts each rank in a session of its own, so nothing else would
+    stop it, and it would hold its state folder and port against the restarted ones.
+    What it acknowledged is in its log. (Linux; elsewhere nothing.)"""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before that took hold
+        os._exit(1)

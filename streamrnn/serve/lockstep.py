@@ -31,12 +31,13 @@ import torch
 from .. import __version__
 from ..config import StartupError
 from . import recovery
-from .checkpoint import CheckpointError, Saved
+from ..core.streams import StreamTable
+from .checkpoint import CheckpointError, Checkpoints, Saved, load
 from .cluster import Cluster, Decision
 from .durability import Durability, lock, snapshot
-from .manifest import Manifests, rank_folder
+from .manifest import PART_FORMAT, REPLICATED_FORMAT, Manifests, rank_folder
 from .recovery import IncompatibleState
-from .wal import WalDamaged, WriteAheadLog
+from .wal import WalDamaged, WriteAheadLog, last_change
 
 GLOBAL_RECORDS = ("train", "flush")
 NO_STEP = -1
@@ -208,10 +209,12 @@ class ClusterDurability(Durability):
         self.metrics.checkpoint_seconds.observe(saved.seconds)
         self.metrics.checkpoint_last_success.set(time.time())
         removed = 0
-        oldest = self.manifests.prune()
-        if self.wal is not None and oldest is not None:
-            manifest = self.manifests.read_manifest(oldest)
-            removed = self.wal.remove_covered(int(manifest["parts"][self.cluster.rank]["wal_seq"]))
+        self.manifests.prune()
+        ours = [m for m in map(self.manifests.read_manifest, self.manifests.steps())
+                if m["world_size"] == self.cluster.world_size]  # older ones: other logs
+        if self.wal is not None and ours:
+            removed = self.wal.remove_covered(int(ours[-1]["parts"][self.cluster.rank]
+                                                  ["wal_seq"]))
         self.log.info("checkpoint saved", step=step, path=str(saved.path),
                       wal_seq=saved.wal_seq, seconds=round(saved.seconds, 3),
                       log_segments_removed=removed)
@@ -240,8 +243,9 @@ class ClusterDurability(Durability):
         if fresh:
             self._set_aside()
         self.cluster.ranks.agree([0])  # nobody reads before everything is set aside
-        self._refuse_foreign_state()
-        self._load_agreed()
+        resharded = self._reshard_if_needed()
+        if not resharded:
+            self._load_agreed()
         try:
             self.wal = WriteAheadLog(self.root / "wal", self.config.wal.segment_bytes,
                                      fsync=True, start_after=self.wal_seq)
@@ -260,26 +264,69 @@ class ClusterDurability(Durability):
                                    "start again")
         self.commit()
         self.updates_at_checkpoint = self.learner.updates
-        if self.last_checkpoint is not None and self.wal_seq == self.last_checkpoint.wal_seq:
-            self.changes_at_checkpoint = self.num_changes
+        if resharded:  # committed before any input: a crash now must not reshard again
+            if self.checkpoint_now() is None:
+                raise StartupError("the first checkpoint after changing the number of "
+                                   "ranks failed (see the error above)")
+            self.cluster.ranks.agree([0])
 
-    def _refuse_foreign_state(self) -> None:
-        single = [p for p in ("checkpoints", "wal") if any((self.state_root / p).glob("*-*"))]
-        if single:
-            raise IncompatibleState(
-                f"{self.state_root} holds a single process's state ({', '.join(single)}): "
-                f"this start has {self.cluster.world_size} ranks, and changing the number "
-                "of ranks is not supported yet. Run it as one process (without --nproc), "
-                "or use another checkpoint.dir")
+    def _reshard_if_needed(self) -> bool:
+        """A state left by another number of ranks (or by one process), from a clean
+        stop: take its weights and this rank's key groups' streams. True if it did."""
         steps = self.manifests.steps()
+        single = Checkpoints(self.state_root / "checkpoints", self.config.checkpoint.keep)
         if steps:
-            world = int(self.manifests.read_manifest(steps[0])["world_size"])
-            if world != self.cluster.world_size:
-                raise IncompatibleState(
-                    f"the state in {self.state_root} was written by {world} ranks; this "
-                    f"start has {self.cluster.world_size}. Changing the number of ranks is "
-                    f"not supported yet: start it with --nproc {world}, or use another "
-                    "checkpoint.dir")
+            manifest = self.manifests.read_manifest(steps[0])
+            old_world = int(manifest["world_size"])
+            if old_world == self.cluster.world_size:
+                return False
+            replicated = load(self.state_root / manifest["replicated"],
+                              format=REPLICATED_FORMAT)
+            sources = [(load(self.state_root / entry["path"], format=PART_FORMAT),
+                        rank_folder(self.state_root, entry["rank"], old_world) / "wal")
+                       for entry in manifest["parts"]]
+            learner_state, old_step = replicated["learner"], int(manifest["step"])
+            self.cluster.num_groups = int(manifest["num_groups"])
+        elif single.paths():
+            old_world, newest = 1, load(single.paths()[0])
+            learner_state, old_step = newest["learner"], 0
+            sources = [({"streams": learner_state["streams"], "wal_seq": newest["wal_seq"],
+                         "totals": learner_state["totals"]}, self.state_root / "wal")]
+        else:
+            return False
+        unclean = [str(log) for part, log in sources if last_change(log) > part["wal_seq"]]
+        if unclean:
+            raise IncompatibleState(
+                f"the state in {self.state_root} was left by {old_world} rank(s) that did "
+                f"not stop cleanly (their logs hold changes after the last checkpoint: "
+                f"{', '.join(unclean[:2])}), and this start has {self.cluster.world_size}. "
+                f"Start it again as before (--nproc {old_world}; it recovers), stop it with "
+                f"SIGTERM, then start it with --nproc {self.cluster.world_size}")
+        self._set_aside(manifests=False)  # this rank's folder: older than that state
+        streams = self.learner.streams
+        totals = dict(learner_state["totals"])
+        for key in ("tokens_trained", "bits"):  # rank 0 carries the lifetime sums
+            totals[key] = sum(part["totals"][key] for part, _ in sources) \
+                if self.cluster.rank == 0 else 0
+        recovery._load(self, {"learner": {**learner_state, "streams": streams.state_dict(),
+                                          "totals": totals},
+                              "batch_streams": self.config.train.max_batch_streams,
+                              "wal_seq": 0, "created": time.time()},
+                       self.state_root)
+        self.last_checkpoint = None
+        for part, _ in sources:
+            old = StreamTable(streams.k1, streams.k2, streams.state_shape,
+                              streams.num_state_tensors, streams.device, streams.dtype,
+                              streams.max_resident)
+            old.load_state_dict(part["streams"])
+            for stream in old.ids:
+                if self.cluster.owner(stream) == self.cluster.rank:
+                    streams.adopt(stream, old.export(stream))
+        self.step = old_step + 1  # a step of its own: the old one's files keep their names
+        self.log.warning("the number of ranks changed: this rank took its key groups' "
+                         "streams", ranks_before=old_world, ranks=self.cluster.world_size,
+                         streams=len(streams.ids), step=self.step)
+        return True
 
     def _load_agreed(self) -> None:
         """The newest committed step that every rank can load."""
@@ -373,11 +420,11 @@ class ClusterDurability(Durability):
                           step=self.step, steps_voided=voided, updates=self.learner.updates,
                           seconds=round(time.monotonic() - started, 3))
 
-    def _set_aside(self) -> None:
+    def _set_aside(self, manifests: bool = True) -> None:
         """--fresh: each rank moves its log and parts aside; rank 0 also the manifests."""
         parts = [self.root / name for name in ("wal", "parts")
                  if (self.root / name).is_dir() and any((self.root / name).iterdir())]
-        if self.cluster.rank == 0 and any(self.manifests.cluster_dir.iterdir()):
+        if manifests and self.cluster.rank == 0 and any(self.manifests.cluster_dir.iterdir()):
             parts.append(self.manifests.cluster_dir)
         if parts:
             aside = Path(tempfile.mkdtemp(

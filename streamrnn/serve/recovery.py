@@ -39,6 +39,13 @@ def recover(d: Durability, fresh: bool, should_stop: Callable[[], bool],
     `progress` gets a status line every few seconds of replay."""
     if fresh:
         _set_aside(d)
+    cluster = sorted((d.root / "cluster").glob("manifest-*.json"))
+    if cluster:
+        raise IncompatibleState(
+            f"{d.root} holds the state of a cluster ({cluster[-1].name}): start it with "
+            "`streamrnn serve --nproc N`, N as many ranks as it had (or another N after a "
+            "clean stop); going back to one process is not supported yet. Or "
+            + FRESH_HINT)
     loaded = d.checkpoints.load_newest(d.unreadable)
     if loaded is not None:
         _load(d, *loaded)
@@ -183,7 +190,7 @@ def _retire_log(d: Durability) -> None:
 def _set_aside(d: Durability) -> None:
     """--fresh: move checkpoints and log into a dated folder inside the state folder (the
     folder itself may be a mount point, as systemd's StateDirectory is)."""
-    parts = [d.root / name for name in ("checkpoints", "wal")
+    parts = [d.root / name for name in ("checkpoints", "wal", "cluster")
              if (d.root / name).is_dir() and any((d.root / name).iterdir())]
     if not parts:
         return

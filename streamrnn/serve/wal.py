@@ -211,6 +211,17 @@ def _read_segment(path: Path) -> tuple[list[dict], int]:
     return records, pos
 
 
+def last_change(directory: Path) -> int:
+    """The sequence number of the newest record in a log folder that changes the state
+    (not a noop probe), without opening the log for writing; 0 if none."""
+    last = 0
+    for path in sorted(Path(directory).glob("wal-*.log")):
+        for record in _read_segment(path)[0]:
+            if record["t"] != "noop":
+                last = record["q"]
+    return last
+
+
 def _segment_name(first_seq: int) -> str:
     return f"wal-{first_seq:016d}.log"
 
