@@ -67,6 +67,13 @@ def _add_serve(sub) -> None:
     _config_options(p)
     p.add_argument("--fresh", action="store_true", help="start from scratch even though "
                    "checkpoint.dir holds state (it is moved aside, not deleted)")
+    p.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                   help="run N ranks on this machine, one model, streams shared out by key "
+                   "group (torchrun's launcher in this process; one per GPU). 1: one "
+                   "process, no torchrun (1)")
+    p.add_argument("--max-restarts", type=int, default=3, metavar="R",
+                   help="with --nproc: when a rank dies, restart all ranks up to R times; "
+                   "they recover from their logs (3)")
     p.set_defaults(run=_serve)
 
 
@@ -127,9 +134,12 @@ def _add_feed(sub) -> None:
 def _add_status(sub) -> None:
     p = sub.add_parser("status", help="ask a running daemon how it is doing",
                        description="Updates, streams, tokens received and trained, recent "
-                       "bits/token and throughput, uptime.")
+                       "bits/token and throughput, uptime. Given any rank of a cluster: a "
+                       "line for every rank, then the cluster's totals; exits 1 if a rank "
+                       "does not answer.")
     _endpoint_option(p)
-    _json_flag(p, "print the raw status as JSON")
+    _json_flag(p, "print the raw status as JSON (of a cluster: every rank's, and the "
+               "totals)")
     p.add_argument("--timeout", type=float, default=5, help="seconds to wait for an "
                    "answer (5)")
     p.set_defaults(run=_status)
@@ -213,6 +223,9 @@ def _add_bench_e2e(modes) -> None:
     _load_options(p)
     p.add_argument("--wal-modes", default="fsync", help="comma-separated wal.mode values "
                    "to measure in turn, e.g. fsync,async,off (fsync)")
+    p.add_argument("--nproc", default="1", metavar="N,M", help="comma-separated numbers "
+                   "of ranks to measure in turn (serve --nproc; the first wal mode), e.g. "
+                   "1,2: the cost of the collectives, and each one's time per update (1)")
     p.set_defaults(run=_bench_e2e)
 
 
@@ -371,7 +384,16 @@ def _keys(args) -> int:
 def _serve(args) -> int:
     from .serve import daemon
     config = _load(args)
-    return 0 if config is None else daemon.serve(config, fresh=args.fresh)
+    if config is None:
+        return 0
+    if args.nproc > 1:
+        from .serve import launch
+        serve_args = (["--config", args.config] if args.config else []) + \
+            [item for override in args.overrides for item in ("--set", override)] + \
+            (["--fresh"] if args.fresh else [])
+        return launch.launch(args.nproc, args.max_restarts,
+                             int(config.cluster.shutdown_seconds), serve_args)
+    return daemon.serve(config, fresh=args.fresh)
 
 
 def _checkpoint_save(args) -> int:
@@ -473,6 +495,8 @@ def _status(args) -> int:
     try:
         with _producer(args, retry_seconds=args.timeout,
                        reply_timeout=args.timeout) as producer:
+            if producer.topology().world_size > 1:
+                return _cluster_status(producer.cluster_status(), args.json)
             status = producer.status()
     except ProducerError as e:
         print(f"streamrnn status: {e}", file=sys.stderr)
@@ -486,12 +510,48 @@ def _status(args) -> int:
     return 0
 
 
+def _cluster_status(cluster: dict, as_json: bool) -> int:
+    print(json.dumps(cluster, indent=1) if as_json else format_cluster_status(cluster))
+    return 1 if any("error" in rank for rank in cluster["ranks"]) else 0
+
+
 def format_status(s: dict) -> str:
-    bits = s.get("recent_bits_per_token")
-    hours, rest = divmod(int(s["uptime_seconds"]), 3600)
     return "\n".join([
-        f"streamrnn {s['version']} on {s['device']}, up {hours}h{rest // 60:02d}m"
-        f"{rest % 60:02d}s: {s['model']}, TBPTT({s['tbptt'][0]}, {s['tbptt'][1]})",
+        f"streamrnn {s['version']} on {s['device']}, up {_uptime(s['uptime_seconds'])}: "
+        f"{s['model']}, TBPTT({s['tbptt'][0]}, {s['tbptt'][1]})",
+        *_status_counts(s),
+        f"last checkpoint {format_saved(s['last_checkpoint'])}",
+    ])
+
+
+def format_cluster_status(cluster: dict) -> str:
+    """A line per rank, then the cluster's totals (Producer.cluster_status())."""
+    answered = [r for r in cluster["ranks"] if "error" not in r]
+    size = f"a cluster of {cluster['world_size']} ranks (generation {cluster['generation']})"
+    ranks = [_rank_line(r) for r in cluster["ranks"]]
+    if not answered:
+        return "\n".join([f"{size}: no rank answered", *ranks])
+    s = answered[0]  # every rank runs the same config
+    return "\n".join([f"streamrnn {s['version']}, {size}: {s['model']}, "
+                      f"TBPTT({s['tbptt'][0]}, {s['tbptt'][1]})",
+                      *ranks, *_status_counts(cluster["totals"])])
+
+
+def _rank_line(r: dict) -> str:
+    where = f"rank {r['rank']}  {r['endpoint']}  "
+    if "error" in r:
+        return where + r["error"]
+    bits = r.get("recent_bits_per_token")
+    return (where + f"{r['device']}, up {_uptime(r['uptime_seconds'])}, {r['streams']:,} "
+            f"streams, {r['tokens_received']:,} tokens received ({r['queued_tokens']:,} "
+            f"queued), {r['tokens_trained']:,} trained, "
+            f"{r['recent_tokens_per_second']:,.0f} tokens/s"
+            + (f", {bits:.3f} bits/token" if bits is not None else ""))
+
+
+def _status_counts(s: dict) -> list[str]:
+    bits = s.get("recent_bits_per_token")
+    return [
         f"updates         {s['updates']:,}",
         f"streams         {s['streams']:,}",
         f"tokens received {s['tokens_received']:,}  (queued, not trained yet: "
@@ -500,8 +560,12 @@ def format_status(s: dict) -> str:
         f" bits/token over the model's life)",
         f"recent          {s['recent_tokens_per_second']:,.0f} tokens/s, "
         + (f"{bits:.3f} bits/token" if bits is not None else "no training in the last minute"),
-        f"last checkpoint {format_saved(s['last_checkpoint'])}",
-    ])
+    ]
+
+
+def _uptime(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s"
 
 
 def format_saved(saved: dict | None) -> str:
@@ -566,8 +630,16 @@ def _bench_e2e(args) -> int:
     from .tools import bench_e2e
     config = _bench_config(args)
     if config is not None:
+        try:
+            nprocs = tuple(int(n) for n in args.nproc.split(","))
+        except ValueError:
+            nprocs = ()
+        if not nprocs or min(nprocs) < 1:
+            print(f"streamrnn bench e2e: --nproc {args.nproc!r}: expected numbers of ranks "
+                  "such as 1,2", file=sys.stderr)
+            return 2
         bench_e2e.run(config, args.streams, args.producers, args.seconds, args.json,
-                      wal_modes=tuple(args.wal_modes.split(",")))
+                      wal_modes=tuple(args.wal_modes.split(",")), nprocs=nprocs)
     return 0
 
 

@@ -10,6 +10,12 @@ Messages stay in the window until acked. When the daemon says busy, or a gap (it
 an earlier message), or stops answering (restart, network), the producer resends the
 stream's unacked messages from the daemon's expected offset, for up to
 `retry_seconds` without progress before giving up with `Unreachable`.
+
+Given any rank of a cluster, the producer asks it for the topology before the first
+request and keeps a socket to every rank: a stream's messages and requests go to the
+rank that owns it (routing.py). A `moved` nack (the cluster restarted with another
+layout) makes it learn the topology again and send the stream's unacked messages to
+the new owner; a single daemon is a cluster of one, on the one socket.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import numpy as np
 import zmq
 
 from .keys import secure_client
+from .routing import Links, Topology, cluster_totals, one_process, parse_topology
 from .wire import encode_tokens, pack, token_array
 
 DEFAULT_WINDOW = 64  # unacknowledged messages in flight (the daemon's queues allow for it)
@@ -50,6 +57,7 @@ class _Pending:
     offset: int
     tokens: np.ndarray
     transmission: int = 0        # id of the latest send of this message
+    rank: int = 0                # the rank it was sent to, or goes to next
     sent_at: float = 0.0
     resend_at: float | None = None  # set when it waits to go out again
 
@@ -81,39 +89,20 @@ class Producer:
         self.window, self.max_tokens = window, max_tokens_per_message
         self.reply_timeout, self.retry_seconds = reply_timeout, retry_seconds
         self.context = context or zmq.Context.instance()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.linger = 0
-        self.socket.immediate = 1         # no queueing for a daemon that is not there
-        self.socket.reconnect_ivl = 100
-        self.socket.reconnect_ivl_max = 1000
-        for option, value in (socket_options or {}).items():
-            self.socket.setsockopt(option, value)
-        if server_key or client_key:
-            if not (server_key and client_key):
-                self.socket.close(linger=0)
-                given = "--server-key" if server_key else "--client-key"
-                raise ProducerError("CURVE needs both --server-key (the daemon's public "
-                                    "NAME.key) and --client-key (this producer's "
-                                    f"NAME.key_secret); only {given} was given")
-            try:
-                secure_client(self.socket, server_key, client_key)
-            except ValueError as e:
-                self.socket.close(linger=0)
-                raise ProducerError(str(e)) from None
-        try:
-            self.socket.connect(endpoint)
-        except zmq.ZMQError as e:  # not an endpoint at all: say so, not a traceback
-            self.socket.close(linger=0)
-            raise ProducerError(f"cannot connect to {endpoint!r}: "
-                                f"{zmq.strerror(e.errno).lower()}; expected tcp://HOST:PORT "
-                                "or ipc:///PATH") from None
+        self.socket_options = socket_options or {}
+        self.curve_keys = (server_key, client_key)
+        self.links = Links(self._connect, endpoint)  # a socket per rank
+        self.cluster: Topology | None = None      # learned before the first request
+        self.home = 0                             # the rank of the endpoint given
+        self.asked: tuple[int, float] | None = None  # a topology request out: id, sent at
+        self.arrived: tuple[dict, int] | None = None  # its reply, and the rank it came from
         self.pending: OrderedDict[int, _Pending] = OrderedDict()  # by transmission id
         self.next_offset: dict[str, int] = {}   # where this producer appends next
         self.answers: dict[int, dict] = {}      # replies to position/status/... requests
         self.latest_ack: dict[str, int] = {}    # per stream, the newest acked transmission
-        self.paused_until = 0.0                 # after a busy reply, new data waits
+        self.paused_until: dict[int, float] = {}  # by rank: after busy, new data waits
         self.ids = itertools.count(1)
-        self.last_progress = time.monotonic()
+        self.last_progress: dict[int, float] = {}  # by rank: its latest ack
         self.error: ProducerError | None = None  # the first one wins; raised once
         # streams whose message the daemon refused, with the transmissions dropped with it:
         # their late replies (gaps past the daemon's end, acks) are ignored
@@ -128,7 +117,37 @@ class Producer:
         self.close()
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self.links.close()
+
+    def _connect(self, endpoint: str) -> zmq.Socket:
+        socket = self.context.socket(zmq.DEALER)
+        socket.linger = 0
+        socket.immediate = 1         # no queueing for a daemon that is not there
+        socket.reconnect_ivl = 100
+        socket.reconnect_ivl_max = 1000
+        for option, value in self.socket_options.items():
+            socket.setsockopt(option, value)
+        server_key, client_key = self.curve_keys
+        if server_key or client_key:
+            if not (server_key and client_key):
+                socket.close(linger=0)
+                given = "--server-key" if server_key else "--client-key"
+                raise ProducerError("CURVE needs both --server-key (the daemon's public "
+                                    "NAME.key) and --client-key (this producer's "
+                                    f"NAME.key_secret); only {given} was given")
+            try:
+                secure_client(socket, server_key, client_key)
+            except ValueError as e:
+                socket.close(linger=0)
+                raise ProducerError(str(e)) from None
+        try:
+            socket.connect(endpoint)
+        except zmq.ZMQError as e:  # not an endpoint at all: say so, not a traceback
+            socket.close(linger=0)
+            raise ProducerError(f"cannot connect to {endpoint!r}: "
+                                f"{zmq.strerror(e.errno).lower()}; expected tcp://HOST:PORT "
+                                "or ipc:///PATH") from None
+        return socket
 
     # ---- sending -------------------------------------------------------------------------
     def send(self, stream: str, tokens: Any, offset: int | None = None) -> None:
@@ -139,6 +158,7 @@ class Producer:
         tokens = token_array(tokens if not isinstance(tokens, (bytes, bytearray))
                              else np.frombuffer(tokens, np.uint8))
         self._raise_error()
+        self.topology()
         if self.refused.pop(stream, None) is not None:
             # its refusal was raised: start over where the daemon's end of it is
             self.next_offset.pop(stream, None)
@@ -148,7 +168,8 @@ class Producer:
                 offset = self.position(stream)
         for begin in range(0, max(len(tokens), 1), self.max_tokens):
             piece = tokens[begin:begin + self.max_tokens]
-            while len(self.pending) >= self.window or time.monotonic() < self.paused_until:
+            while len(self.pending) >= self.window or \
+                    time.monotonic() < self.paused_until.get(self.cluster.owner(stream), 0):
                 self._pump(0.05)
             self._raise_error()
             self._transmit(_Pending(stream, offset + begin, piece))
@@ -175,7 +196,39 @@ class Producer:
         return int(self.request({"type": "position", "stream": stream})["next_offset"])
 
     def status(self) -> dict:
+        """The status of the rank asked (of the endpoint given)."""
         return self.request({"type": "status"})
+
+    def cluster_status(self) -> dict:
+        """Every rank's status, each with its `rank` and `endpoint` (and `"error": "no
+        answer"` for one silent for reply_timeout), and the cluster's totals
+        (routing.cluster_totals)."""
+        cluster = self.topology()
+        ranks = []
+        for rank, answer in enumerate(self._ask_every_rank({"type": "status"})):
+            if answer is None:
+                status = {"error": "no answer"}
+            elif answer.get("type") == "nack":
+                status = {"error": f"{answer.get('reason')}: {answer.get('message')}"}
+            else:
+                status = {k: v for k, v in answer.items() if k not in ("type", "id")}
+            ranks.append({"rank": rank, "endpoint": self.links.endpoints[rank], **status})
+        return {"world_size": cluster.world_size, "generation": cluster.generation,
+                "ranks": ranks, "totals": cluster_totals(ranks)}
+
+    def topology(self) -> Topology:
+        """The cluster's layout, asked of the endpoint given at the first request; a
+        daemon from before clusters is a cluster of one."""
+        if self.cluster is None:
+            try:
+                reply = self.request({"type": "topology"})
+            except Refused as e:
+                if e.reason != "unknown_type":
+                    raise
+                self._adopt(one_process(self.endpoint))
+            else:
+                self._adopt(self._parsed(reply, self.home))
+        return self.cluster
 
     def end(self, stream: str) -> dict:
         """Say the stream has ended (after sending all of it: call flush() first): the
@@ -186,43 +239,64 @@ class Producer:
         return reply
 
     def request(self, message: dict) -> dict:
-        """Send a request and wait for its answer, asking again while the daemon is away."""
+        """Send a request and wait for its answer, asking again while the daemon is away.
+        One about a stream goes to the rank that owns it, any other to the rank asked."""
         started = time.monotonic()
         while True:
-            request_id = next(self.ids)
-            if self._send({**message, "id": request_id}):
-                deadline = time.monotonic() + self.reply_timeout
-                while time.monotonic() < deadline:
-                    self._pump(0.05)
-                    if request_id in self.answers:
-                        answer = self.answers.pop(request_id)
-                        if answer.get("type") == "nack":
-                            raise Refused(answer.get("reason", "?"), answer.get("message", ""),
-                                          message.get("stream"))
-                        return answer
-            else:
+            # the topology itself is asked of the endpoint given, before there is one
+            cluster = self.cluster if message.get("type") == "topology" else self.topology()
+            rank = cluster.rank_for(message, self.home) if cluster else self.home
+            endpoint, request_id = self.links.endpoints[rank], next(self.ids)
+            if not self._send({**message, "id": request_id}, rank):
                 time.sleep(0.05)
+            elif (answer := self._answer(request_id)) is not None:
+                if answer.get("type") != "nack":
+                    return answer
+                if answer.get("reason") != "moved":
+                    raise Refused(answer.get("reason", "?"), answer.get("message", ""),
+                                  message.get("stream"))
+                if self.cluster is cluster:  # else a new topology came meanwhile
+                    self._relearn(rank)
             waited = time.monotonic() - started
             if waited > self.retry_seconds:
-                raise Unreachable(f"no answer from {self.endpoint} within {waited:.0f} s: "
+                raise Unreachable(f"no answer from {endpoint} within {waited:.0f} s: "
                                   f"{self._no_answer_hint()}")
 
+    def _answer(self, request_id: int) -> dict | None:
+        """The answer to a request, if it comes within reply_timeout."""
+        deadline = time.monotonic() + self.reply_timeout
+        while time.monotonic() < deadline and request_id not in self.answers:
+            self._pump(0.05)
+        return self.answers.pop(request_id, None)
+
     # ---- internals -------------------------------------------------------------------------
-    def _send(self, message: dict | bytes) -> bool:
-        try:
-            self.socket.send(message if isinstance(message, bytes) else pack(message),
-                             zmq.NOBLOCK)
-            return True
-        except zmq.Again:  # not connected (immediate) or the pipe is full: try later
-            return False
+    def _send(self, message: dict | bytes, rank: int) -> bool:
+        return self.links.send(message if isinstance(message, bytes) else pack(message), rank)
+
+    def _ask_every_rank(self, message: dict) -> list[dict | None]:
+        """Send `message` to every rank at once and collect what they answer within
+        reply_timeout (a send the socket cannot take yet is tried again meanwhile)."""
+        ids: dict[int, int] = {}  # rank -> the id of the request it got
+        ranks = range(len(self.links.endpoints))
+        deadline = time.monotonic() + self.reply_timeout
+        while time.monotonic() < deadline and not all(ids.get(r) in self.answers
+                                                      for r in ranks):
+            for rank in ranks:
+                if rank not in ids:
+                    request_id = next(self.ids)
+                    if self._send({**message, "id": request_id}, rank):
+                        ids[rank] = request_id
+            self._pump(0.05)
+        return [self.answers.pop(ids[r], None) if r in ids else None for r in ranks]
 
     def _transmit(self, entry: _Pending) -> None:
-        if not self.pending:
-            self.last_progress = time.monotonic()  # the no-progress clock starts now
+        entry.rank = self.cluster.owner(entry.stream)
+        if not any(e.rank == entry.rank for e in self.pending.values()):
+            self.last_progress[entry.rank] = time.monotonic()  # its no-progress clock starts
         entry.transmission = next(self.ids)
         entry.sent_at = time.monotonic()
         if self._send(encode_tokens(entry.stream, entry.offset, entry.tokens,
-                                    entry.transmission)):
+                                    entry.transmission), entry.rank):
             entry.resend_at = None
             self.stats.messages_sent += 1
         else:
@@ -230,17 +304,15 @@ class Producer:
         self.pending[entry.transmission] = entry
 
     def _pump(self, timeout: float) -> None:
-        """Read replies for up to `timeout` seconds, then resend whatever is due."""
-        if self.socket.poll(int(timeout * 1000), zmq.POLLIN):
-            while True:
-                try:
-                    raw = self.socket.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_reply(raw)
+        """Read every rank's replies for up to `timeout` seconds, then resend whatever is
+        due."""
+        for raw, rank in self.links.receive(timeout):
+            self._on_reply(raw, rank)
+        if self.arrived is not None:
+            self._topology_arrived()
         self._resend_due()
 
-    def _on_reply(self, raw: bytes) -> None:
+    def _on_reply(self, raw: bytes, rank: int) -> None:
         try:
             reply = msgpack.unpackb(raw, raw=False)
         except Exception:
@@ -258,26 +330,90 @@ class Producer:
                                                        self.latest_ack.get(reply["stream"], 0))
             self._acked(reply["stream"], reply["next_offset"])
         elif kind == "busy" and entry is not None:
-            # the daemon's queue is shared by all streams: hold every new message back for
-            # a while, not just this stream's, or the other streams keep it overloaded
+            # the rank's queue is shared by all its streams: hold every new message to it
+            # back for a while, not just this stream's, or the others keep it overloaded
             self.stats.busy += 1
             delay = reply.get("retry_after_ms", 100) / 1000
-            self.paused_until = max(self.paused_until, time.monotonic() + delay)
+            self.paused_until[rank] = max(self.paused_until.get(rank, 0),
+                                          time.monotonic() + delay)
             self._rewind(entry.stream, None, delay)
         elif kind == "nack" and entry is not None:
-            if reply.get("reason") == "gap" and isinstance(reply.get("next_offset"), int):
-                # the daemon handles one producer's messages in order: a gap reported for
-                # a message sent before the latest acked one is old news, only a resend
-                fresh = reply_id > self.latest_ack.get(entry.stream, 0)
-                self._rewind(entry.stream, reply["next_offset"] if fresh else None, 0.0)
-            else:
-                self._refuse(entry.stream, Refused(reply.get("reason", "?"),
-                                                   reply.get("message", ""), entry.stream))
+            self._on_nack(reply, entry, rank)
+        elif kind == "topology" and self.asked is not None and reply_id == self.asked[0]:
+            self.arrived = (reply, rank)
         elif reply_id is not None and entry is None:
             self.answers[reply_id] = reply
         if len(self.answers) > 1000:  # answers nobody waits for any more
             self.answers.clear()
 
+    def _on_nack(self, reply: dict, entry: _Pending, rank: int) -> None:
+        reason, reply_id = reply.get("reason"), reply.get("id")
+        if reason == "gap" and isinstance(reply.get("next_offset"), int):
+            # the daemon handles one producer's messages in order: a gap reported for
+            # a message sent before the latest acked one is old news, only a resend
+            fresh = reply_id > self.latest_ack.get(entry.stream, 0)
+            self._rewind(entry.stream, reply["next_offset"] if fresh else None, 0.0)
+        elif reason == "moved":
+            # another rank owns the stream now: neither an ack nor a refusal. Its messages
+            # wait for the new topology (or reply_timeout, should none come)
+            self._ask_topology(rank)
+            self._rewind(entry.stream, None, self.reply_timeout)
+        else:
+            self._refuse(entry.stream, Refused(reason or "?", reply.get("message", ""),
+                                               entry.stream))
+
+    # ---- the cluster's topology ------------------------------------------------------------
+    def _parsed(self, reply: dict, rank: int) -> Topology:
+        reached = self.links.endpoints[rank]
+        try:
+            return parse_topology(reply, reached)
+        except ValueError as e:
+            raise ProducerError(f"the topology that {reached} sent is not usable: "
+                                f"{e}") from None
+
+    def _ask_topology(self, rank: int) -> None:
+        """Ask `rank` for the topology, unless a request for it is out (for up to
+        reply_timeout); the reply is taken in _pump."""
+        now = time.monotonic()
+        if self.asked is not None and now - self.asked[1] < self.reply_timeout:
+            return
+        request_id = next(self.ids)
+        self.asked = (request_id, now) if self._send(
+            {"type": "topology", "id": request_id}, rank) else None
+
+    def _relearn(self, rank: int) -> None:
+        """Ask `rank` for the topology and wait for it, up to reply_timeout."""
+        self._ask_topology(rank)
+        deadline = time.monotonic() + self.reply_timeout
+        while self.asked is not None and time.monotonic() < deadline:
+            self._pump(0.05)
+
+    def _topology_arrived(self) -> None:
+        reply, rank = self.arrived
+        self.arrived = self.asked = None
+        try:
+            cluster = self._parsed(reply, rank)
+        except ProducerError as e:
+            self._fail(e)
+            return
+        if cluster == self.cluster:
+            return
+        self._adopt(cluster)
+        now = time.monotonic()
+        for entry in self.pending.values():  # due at their owners now
+            entry.rank, entry.resend_at = cluster.owner(entry.stream), now
+
+    def _adopt(self, cluster: Topology) -> None:
+        """Route by `cluster` from now on. A rank's socket stays while its endpoint and
+        the generation do; a new generation gets all new sockets, so no reply from the
+        cluster before it comes in."""
+        self.links.rebuild(cluster.endpoints, keep=self.cluster is None or
+                           self.cluster.generation == cluster.generation)
+        self.cluster = cluster
+        self.home = cluster.endpoints.index(self.endpoint) \
+            if self.endpoint in cluster.endpoints else min(self.home, cluster.world_size - 1)
+
+    # ---- keeping the window moving --------------------------------------------------------
     def _fail(self, error: ProducerError) -> None:
         if self.error is None:  # the first real error wins: later ones are its echoes
             self.error = error
@@ -300,7 +436,7 @@ class Producer:
             self.stats.tokens_acked += len(entry.tokens)
             if self.keep_latencies:
                 self.stats.ack_latencies.append(now - entry.sent_at)
-            self.last_progress = now
+            self.last_progress[entry.rank] = now
 
     def _rewind(self, stream: str, expected: int | None, delay: float) -> None:
         """Send the stream's unacked messages again, in order, after `delay` seconds.
@@ -319,25 +455,37 @@ class Producer:
 
     def _resend_due(self) -> None:
         now = time.monotonic()
-        if self.pending and now - self.last_progress > self.retry_seconds:
-            why = ("it kept answering busy (overloaded)" if self.stats.busy else
-                   self._no_answer_hint())
-            self._fail(Unreachable(
-                f"no progress from {self.endpoint} for {self.retry_seconds:g} s with "
-                f"{len(self.pending)} messages unacknowledged: {why}"))
-            return
-        oldest = next(iter(self.pending.values()), None)
-        if oldest is not None and oldest.resend_at is None and \
-                now - oldest.sent_at > self.reply_timeout:
-            # no answer: the daemon restarted or the network dropped; go back to the
-            # oldest unacked message of every stream (duplicates are acked, not retrained)
-            for entry in self.pending.values():
-                entry.resend_at = now
+        oldest: dict[int, _Pending] = {}  # by rank, its oldest unacked message
+        for entry in self.pending.values():
+            oldest.setdefault(entry.rank, entry)
+        for rank, entry in oldest.items():
+            if now - self.last_progress.setdefault(rank, now) > self.retry_seconds:
+                why = ("it kept answering busy (overloaded)" if self.stats.busy else
+                       self._no_answer_hint())
+                waiting = sum(e.rank == rank for e in self.pending.values())
+                self._fail(Unreachable(
+                    f"no progress from {self.links.endpoints[rank]} for "
+                    f"{self.retry_seconds:g} s with {waiting} messages unacknowledged: {why}"))
+                return
+            if entry.resend_at is None and now - entry.sent_at > self.reply_timeout:
+                self._silent(rank, now)
         due = [e for e in self.pending.values() if e.resend_at is not None and e.resend_at <= now]
         for entry in due:
             del self.pending[entry.transmission]
             self.stats.resends += 1
             self._transmit(entry)
+
+    def _silent(self, rank: int, now: float) -> None:
+        """No answer from a rank: it restarted or the network dropped. Go back to the
+        oldest unacked message of each of its streams (duplicates are acked, not
+        retrained), and ask another rank whether the cluster changed: a restart with
+        fewer ranks leaves this one's endpoint silent for good."""
+        for entry in self.pending.values():
+            if entry.rank == rank:
+                entry.resend_at = now
+        if self.cluster.world_size > 1:
+            self._ask_topology(self.home if rank != self.home else
+                               (rank + 1) % self.cluster.world_size)
 
     def _no_answer_hint(self) -> str:
         """Silence has two usual causes: no daemon, or one that requires CURVE and lets

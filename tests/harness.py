@@ -154,7 +154,8 @@ class ClusterProcess:
         self.log_path = workdir / f"cluster-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True, args: tuple[str, ...] = ()) -> "ClusterProcess":
+    def start(self, wait: bool = True, args: tuple[str, ...] = (),
+              env: dict | None = None) -> "ClusterProcess":
         command = [sys.executable, "-m", "streamrnn", "serve", "--nproc", str(self.nproc),
                    "--max-restarts", str(self.max_restarts), *args]
         for item in self.overrides:
@@ -162,7 +163,8 @@ class ClusterProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=self.workdir, start_new_session=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                              **(env or {})})
         STARTED_GROUPS.append(self.proc)
         if wait:
             self.wait_ready()

@@ -26,8 +26,8 @@ def test_producer_waits_for_a_daemon_that_starts_late(tmp_path):
             with Producer(d.endpoint, retry_seconds=60) as producer:
                 real_send = producer._send
 
-                def counting_send(message):
-                    sent = real_send(message)
+                def counting_send(message, rank):
+                    sent = real_send(message, rank)
                     attempts.append(sent)
                     return sent
 

@@ -32,9 +32,11 @@ def streams_on_both(count: int) -> list[str]:
     return by_rank[0] + by_rank[1]
 
 
-def send(cluster: ClusterProcess, stream: str, offset: int, data: bytes) -> dict:
+def send(cluster: ClusterProcess, stream: str, offset: int, data: bytes,
+         timeout: float = 30) -> dict:
     return cluster.ask(owner(stream, 2), {"type": "tokens", "stream": stream,
-                                          "offset": offset, "tokens": data, "width": 1})
+                                          "offset": offset, "tokens": data, "width": 1},
+                       timeout=timeout)
 
 
 def statuses(cluster: ClusterProcess) -> list[dict]:
@@ -226,3 +228,52 @@ def test_a_clean_stop_lets_the_next_start_change_the_number_of_ranks(tmp_path):
     refused = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=2).start(wait=False)
     assert refused.proc.wait(timeout=120) == 2
     assert "did not stop cleanly" in refused.log() and "--nproc 3" in refused.log()
+
+
+def test_ranks_started_with_different_configs_are_refused(tmp_path):
+    cluster = ClusterProcess(tmp_path, [f"checkpoint.dir={tmp_path / 'state'}"])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", str(Path(__file__).parent / "serve_rank.py")]
+    for item in cluster.overrides:
+        command += ["--set", item]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RANK1_SET": "train.lr=0.02"})
+    assert done.returncode != 0
+    refusals = [json.loads(line) for line in done.stdout.splitlines() + done.stderr.splitlines()
+                if line.startswith("{") and "refusing to start" in line]
+    assert len(refusals) == 2, done.stdout + done.stderr  # both ranks, before any state
+    assert all("different config" in r["reason"] and "train.lr" in r["reason"]
+               for r in refusals)
+    assert not (tmp_path / "state" / "cluster").exists()
+
+
+def test_a_step_one_rank_logged_and_the_other_did_not_is_void(tmp_path):
+    """Rank 1 dies after the ranks agreed on an update and before it logged it; rank 0
+    logged it and waits in the gradient sum. After the restart that step is void on
+    rank 0 (the other rank never took it): its windows train in a later step, every
+    target exactly once, one model."""
+    cluster = ClusterProcess(tmp_path, [f"checkpoint.dir={tmp_path / 'state'}"],
+                             max_restarts=1)
+    cluster.start(env={"STREAMRNN_CRASH_AT": "global_step:30@1"})
+    generation = cluster.wait_ready()
+    streams = streams_on_both(4)
+    for stream in streams:  # until the crash: what was acked is in the ranks' logs
+        for offset in range(0, 1200, 100):
+            try:
+                if send(cluster, stream, offset, TEXT[offset:offset + 100],
+                        timeout=2)["type"] != "ack":
+                    break
+            except TimeoutError:
+                break
+    cluster.wait_ready(after_generation=generation)  # the crash, and torchrun's restart
+    for stream in streams:  # the producer's resend: from where each rank stands
+        offset = cluster.ask(owner(stream, 2), {"type": "position", "stream": stream}
+                             )["next_offset"]
+        for start in range(offset, 1200, 100):
+            assert send(cluster, stream, start, TEXT[start:start + 100])["type"] == "ack"
+    ranks = wait_trained(cluster)
+    assert sum(r["tokens_trained"] for r in ranks) == 1200 * len(streams) - len(streams)
+    assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
+    replays = [e for e in cluster.events() if e.get("event") == "replayed the log"]
+    assert {e["rank"]: e["steps_voided"] for e in replays} == {0: 1, 1: 0}
+    assert cluster.stop() == 0

@@ -54,48 +54,101 @@ def unit_settings(text: str) -> dict[str, list[str]]:
 
 
 # ---- the systemd unit -----------------------------------------------------------------
-@pytest.fixture
-def installable_unit(tmp_path: Path) -> Path:
-    """The unit (with its drop-ins) in a temporary folder, ExecStart pointing at the
+DROPIN_NAMES = sorted(p.name for p in DROPINS.glob("*.conf"))
+# verify and security read the drop-ins in NAME.service.d next to the unit: each one
+# alone, all of them together (as an install with CURVE and several ranks has), none
+DROPIN_SETS = [[], *([name] for name in DROPIN_NAMES), DROPIN_NAMES]
+DROPIN_IDS = ["unit", *DROPIN_NAMES, "all"]
+
+
+def install_unit(folder: Path, dropins: list[str]) -> Path:
+    """The unit with these drop-ins in `folder`, every ExecStart pointing at the
     streamrnn this test runs, since `verify` checks that the binary exists."""
     binary = Path(sys.executable).parent / "streamrnn"
     assert binary.exists(), f"{binary} missing: install the project (pip install -e .)"
     text, count = re.subn(r"^ExecStart=\S+", f"ExecStart={binary}",
                           UNIT.read_text(), flags=re.M)
     assert count == 1, "expected exactly one ExecStart= line"
-    (tmp_path / UNIT.name).write_text(text)
-    shutil.copytree(DROPINS, tmp_path / DROPINS.name)
-    return tmp_path / UNIT.name
+    (folder / UNIT.name).write_text(text)
+    (folder / DROPINS.name).mkdir()
+    for name in dropins:
+        # an empty ExecStart= (the reset before a drop-in's own) stays as it is
+        text = re.sub(r"^ExecStart=\S+", f"ExecStart={binary}",
+                      (DROPINS / name).read_text(), flags=re.M)
+        (folder / DROPINS.name / name).write_text(text)
+    return folder / UNIT.name
 
 
+@pytest.fixture
+def installable_unit(tmp_path: Path) -> Path:
+    """The unit with all its drop-ins, in a temporary folder."""
+    return install_unit(tmp_path, DROPIN_NAMES)
+
+
+def test_the_dropins_are_there():
+    assert {"curve.conf", "ranks.conf"} <= set(DROPIN_NAMES)
+
+
+@pytest.mark.parametrize("dropins", DROPIN_SETS, ids=DROPIN_IDS)
 @pytest.mark.parametrize("man", [[], ["--man=no"]], ids=["man", "no-man"])
-def test_unit_verifies_without_a_word(installable_unit: Path, man: list[str]):
+def test_unit_verifies_without_a_word(tmp_path: Path, man: list[str], dropins: list[str]):
     # verify exits 0 on unknown keys and unparsable values and only warns: any output
-    # at all is a failure. Drop-ins next to the unit (the CURVE one) are checked too.
-    out = run(require("systemd-analyze", "systemd"), "verify", *man, installable_unit)
+    # at all is a failure. Drop-ins next to the unit are checked too.
+    unit = install_unit(tmp_path, dropins)
+    out = run(require("systemd-analyze", "systemd"), "verify", *man, unit)
     assert (out.returncode, out.stderr, out.stdout) == (0, "", "")
 
 
-def test_unit_verify_catches_mistakes(installable_unit: Path):
+@pytest.mark.parametrize("dropin", ["curve.conf", "ranks.conf"])
+def test_unit_verify_catches_mistakes(installable_unit: Path, dropin: str):
     # the test above would be worthless if verify stayed silent on a typo
-    dropin = installable_unit.parent / DROPINS.name / "curve.conf"
-    dropin.write_text(dropin.read_text() + "ProtectSytem=strict\n")
+    path = installable_unit.parent / DROPINS.name / dropin
+    path.write_text(path.read_text() + "ProtectSytem=strict\n")
     out = run(require("systemd-analyze", "systemd"), "verify", installable_unit)
     assert "Unknown key 'ProtectSytem'" in out.stderr
 
 
-def test_unit_exposure_is_low():
-    out = run(require("systemd-analyze", "systemd"), "security", "--offline=yes", UNIT)
+def test_unit_verify_reads_the_ranks_dropin(installable_unit: Path):
+    # ranks.conf must reset the unit's ExecStart before it sets its own: a second one
+    # is refused (only Type=oneshot may have several), which verify reports
+    path = installable_unit.parent / DROPINS.name / "ranks.conf"
+    path.write_text(re.sub(r"^ExecStart=\n", "", path.read_text(), flags=re.M))
+    out = run(require("systemd-analyze", "systemd"), "verify", installable_unit)
+    assert "more than one ExecStart=" in out.stderr
+
+
+def exposure(unit: Path) -> float:
+    out = run(require("systemd-analyze", "systemd"), "security", "--offline=yes", unit)
     found = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", out.stdout)
     assert found, out.stdout + out.stderr
-    assert float(found.group(1)) < 3.0, out.stdout
+    return float(found.group(1))
+
+
+def test_unit_exposure_is_low():
+    assert exposure(UNIT) < 3.0
+
+
+@pytest.mark.parametrize("dropins", DROPIN_SETS[1:], ids=DROPIN_IDS[1:])
+def test_dropins_keep_the_exposure(tmp_path: Path, dropins: list[str]):
+    # security reads the drop-ins next to the unit (checked: one that adds hardening
+    # lowers the score), and none of ours loosens anything
+    assert exposure(install_unit(tmp_path, dropins)) == exposure(UNIT)
+    stricter = tmp_path / "stricter"
+    stricter.mkdir()
+    unit = install_unit(stricter, dropins)
+    (unit.parent / DROPINS.name / "zz-test.conf").write_text(
+        "[Service]\nPrivateNetwork=yes\n")
+    assert exposure(unit) < exposure(UNIT)
 
 
 def test_unit_keeps_what_the_daemon_and_cuda_need():
     settings = unit_settings(UNIT.read_text())
     service = {k.split(".", 1)[1]: v[-1] for k, v in settings.items()
                if k.startswith("Service.")}
-    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+    # rank 0 of `serve --nproc N`, a child of the launcher, notifies for every rank;
+    # SIGTERM goes to the launcher alone, which passes it on to each rank once
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "all"
+    assert service["KillMode"] == "mixed" and service["KillSignal"] == "SIGTERM"
     assert service["StateDirectory"] == "streamrnn"  # $STATE_DIRECTORY: checkpoint.dir
     assert service["Restart"] == "on-failure" and service["WatchdogSec"] == "60"
     # stop: finish the update, write the final checkpoint; start: replay the log
@@ -109,6 +162,45 @@ def test_unit_keeps_what_the_daemon_and_cuda_need():
     assert Path(command[0]).name == "streamrnn"
     args = build_parser().parse_args(command[1:])
     assert args.config == "/etc/streamrnn/config.toml"
+
+
+def merged_service(*dropins: str) -> dict[str, list[str]]:
+    """Service.KEY -> values of the unit with these drop-ins, as systemd merges them:
+    later lines add to a list setting, an empty assignment resets it."""
+    merged: dict[str, list[str]] = {}
+    for text in [UNIT.read_text()] + [(DROPINS / d).read_text() for d in dropins]:
+        for key, values in unit_settings(text).items():
+            if key.startswith("Service."):
+                for value in values:
+                    merged[key] = [] if value == "" else merged.get(key, []) + [value]
+    return merged
+
+
+def test_ranks_dropin_runs_the_units_command_as_several_ranks():
+    unit = shlex.split(unit_settings(UNIT.read_text())["Service.ExecStart"][-1])
+    settings = unit_settings((DROPINS / "ranks.conf").read_text())
+    assert settings["Service.ExecStart"][0] == ""  # resets the unit's, then its own
+    service = merged_service("ranks.conf")
+    assert len(service["Service.ExecStart"]) == 1
+    command = shlex.split(service["Service.ExecStart"][0])
+    args = build_parser().parse_args(command[1:])
+    assert args.nproc >= 2 and args.config == "/etc/streamrnn/config.toml"
+    # the same command as the unit's, with --nproc added: the two cannot drift apart
+    assert command[:len(unit)] == unit and command[len(unit):] == ["--nproc", str(args.nproc)]
+    # it changes nothing else: how the service is notified, stopped, hardened stays
+    assert set(settings) == {"Service.ExecStart"}
+    # and without it the daemon is one process
+    assert build_parser().parse_args(unit[1:]).nproc == 1
+
+
+@pytest.mark.parametrize("dropins", DROPIN_SETS, ids=DROPIN_IDS)
+def test_ranks_get_their_final_checkpoint_before_systemd_kills_them(dropins: list[str]):
+    # after SIGTERM the launcher gives the ranks cluster.shutdown_seconds, then kills
+    # them; systemd kills everything left after TimeoutStopSec: that must come later,
+    # with time for the launcher to exit
+    stop = int(merged_service(*dropins)["Service.TimeoutStopSec"][-1])
+    config = streamrnn.load_config(DEPLOY / "config.toml")
+    assert config.cluster.shutdown_seconds + 30 <= stop
 
 
 def test_curve_dropin_loads_the_key_as_a_credential():

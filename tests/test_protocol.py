@@ -467,4 +467,5 @@ def test_every_reply_matches_the_readme_table(tmp_path):
         assert d.stop() == 0
     everything = set(table) - {"every reply", "checkpoint (failed)"}  # that one: above
     assert seen == everything, everything - seen
-    assert nack_reasons == set(wire.REASONS) - {"internal", "ended"}  # those: above
+    # internal, ended: above; moved: only a cluster sends it (test_cluster.py)
+    assert nack_reasons == set(wire.REASONS) - {"internal", "ended", "moved"}

@@ -54,7 +54,14 @@ class Ranks:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=timeout)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun's agent keeps its store across restarts: under a prefix of their own,
+        # restarted ranks cannot read the addresses of the ranks they replace (which
+        # fails their first connect, and costs a restart)
+        attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"streamrnn/attempt-{attempt}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timeout)
         control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" \
             else dist.group.WORLD
         return cls(dist.group.WORLD, control)

@@ -237,6 +237,7 @@ class Daemon:
                 log_blocked=not self.durability.has_room())
             if not go:
                 break  # no window anywhere, or a log that cannot record it
+            faults.maybe_crash("global_step")
             try:
                 self.durability.log_train(num_targets)
             except LogFull:

@@ -6,10 +6,13 @@
     STREAMRNN_HANG_AT=turn:50           the main loop stops forever on its 50th turn
     STREAMRNN_NAN_AT=update:3           the 3rd update's loss is NaN (its head outputs
                                         are), as an overflowing model's would be
+    STREAMRNN_CRASH_AT=global_step:9@1  only rank 1 of a cluster, only before its first
+                                        restart (torchrun's restarts set the same cues)
 
 Points: wal_write, wal_rotate, wal_fsync (crash or fail), checkpoint_write, turn,
-request_<type>, update (NaN). Unset (always, outside tests), each check is one dictionary
-lookup.
+request_<type>, update (NaN), global_step (crash: the ranks agreed on an update, this
+one has not logged it yet). Unset (always, outside tests), each check is one
+dictionary lookup.
 """
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ _hits: dict[str, int] = {}
 def _cue(variable: str) -> tuple[str, int] | None:
     value = os.environ.get(variable)
     if not value:
+        return None
+    value, _, rank = value.partition("@")
+    if rank and (os.environ.get("RANK") != rank or
+                 os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
         return None
     point, _, count = value.partition(":")
     return point, int(count or 1)

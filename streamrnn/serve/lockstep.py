@@ -210,7 +210,7 @@ class ClusterDurability(Durability):
         self.metrics.checkpoint_last_success.set(time.time())
         removed = 0
         self.manifests.prune()
-        ours = [m for m in map(self.manifests.read_manifest, self.manifests.steps())
+        ours = [m for m in self.manifests.readable()
                 if m["world_size"] == self.cluster.world_size]  # older ones: other logs
         if self.wal is not None and ours:
             removed = self.wal.remove_covered(int(ours[-1]["parts"][self.cluster.rank]

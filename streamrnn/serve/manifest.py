@@ -103,6 +103,17 @@ class Manifests:
         steps = [_step_of(p) for p in self.cluster_dir.glob("manifest-*.json")]
         return sorted((s for s in steps if s is not None), reverse=True)
 
+    def readable(self) -> list[dict]:
+        """The committed manifests, newest first, less any removed meanwhile (rank 0
+        prunes them while the other ranks read)."""
+        out = []
+        for step in self.steps():
+            try:
+                out.append(self.read_manifest(step))
+            except CheckpointError:
+                pass
+        return out
+
     def read_manifest(self, step: int) -> dict:
         path = self.manifest_path(step)
         try:

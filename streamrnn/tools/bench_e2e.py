@@ -11,6 +11,11 @@ engine's in-process CPU seconds per token, and the share of the daemon's wall ti
 spent in updates (streamrnn_update_duration_seconds) and outside them (decoding,
 logging, replies, housekeeping, waiting). The CPU ratio holds on a busy machine: the
 daemon's goal is >= 0.9, within 10% of the engine. Plus the producers' ack latency.
+3. `--nproc 1,2`: the same daemon as N ranks (serve --nproc N), the producers routing
+   each stream to its rank. Reported beside tokens/s: each rank's time per update in
+   the two all-reduces (streamrnn_collective_seconds: agree and gradients). On one
+   machine's CPU cores the ranks share the cores: this measures the collectives'
+   overhead, not a speed-up (README, "Scale-out", works out what N GPUs would give).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from .textdata import text_streams
 
 
 def run(base: Config, num_streams: int, num_producers: int, seconds: float,
-        json_path: str | None, echo=print, wal_modes: tuple[str, ...] = ("fsync",)) -> dict:
+        json_path: str | None, echo=print, wal_modes: tuple[str, ...] = ("fsync",),
+        nprocs: tuple[int, ...] = (1,)) -> dict:
     from .bench_engine import _engine, machine_info
     from ..core.learner import resolve_device
     config = widened(base, num_streams)
@@ -40,32 +46,57 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
     for mode in wal_modes:  # the same daemon with each write-ahead-log mode, in turn
         daemon = daemons[mode] = _measure_daemon(config, data, num_producers, seconds,
                                                  (f"wal.mode={mode}",))
-        daemon["vs_engine"] = daemon["tokens_per_s"] / engine_tps if engine_tps else None
-        per_token = daemon["cpu_seconds_per_token"]
-        daemon["cpu_vs_engine"] = engine_cpu_per_token / per_token if per_token else None
-        lat = daemon["ack_latency_s"]
-        echo(f"daemon, wal {mode:6s}  {daemon['tokens_per_s']:12,.0f} tokens/s   "
-             f"{per_token * 1e6:8.1f} CPU us/token: {daemon['cpu_vs_engine']:.2f}x the "
-             f"engine's efficiency ({daemon['vs_engine']:.2f}x its tokens/s); in updates "
-             f"{daemon['update_share']:.0%} of the time, outside "
-             f"{1 - daemon['update_share']:.0%}; ack latency p50 {lat['p50'] * 1e3:.1f} "
-             f"ms, p99 {lat['p99'] * 1e3:.1f} ms over {lat['count']:,} acks")
+        _report(echo, f"daemon, wal {mode:6s}", daemon, engine_tps, engine_cpu_per_token)
+    by_nproc = {}
+    for nproc in nprocs:  # the first wal mode, as N ranks
+        if nproc == 1 and wal_modes[0] in daemons:
+            by_nproc[1] = daemons[wal_modes[0]]
+            continue
+        daemon = by_nproc[nproc] = _measure_daemon(
+            config, data, num_producers, seconds, (f"wal.mode={wal_modes[0]}",), nproc)
+        _report(echo, f"daemon, {nproc} ranks  ", daemon, engine_tps, engine_cpu_per_token)
+    for nproc, daemon in by_nproc.items():
+        one = by_nproc.get(1)
+        daemon["vs_one_rank"] = (daemon["tokens_per_s"] / one["tokens_per_s"]
+                                 if one and one["tokens_per_s"] else None)
+        if nproc > 1:
+            echo(f"{nproc} ranks: {daemon['vs_one_rank'] or 0:.2f}x the tokens/s of one; "
+                 f"per update, agree {daemon['agree_ms_per_update']:.2f} ms, gradient sum "
+                 f"{daemon['gradients_ms_per_update']:.2f} ms of "
+                 f"{daemon['update_ms']:.2f} ms")
     result = {"info": machine_info(device), "streams": num_streams,
               "producers": num_producers, "seconds": seconds,
               "engine_tokens_per_s": engine_tps,
               "engine_cpu_seconds_per_token": engine_cpu_per_token,
               "daemon": daemons[wal_modes[0]],
-              "daemon_by_wal_mode": daemons, "config": config.to_dict()}
+              "daemon_by_wal_mode": daemons, "daemon_by_nproc": by_nproc,
+              "config": config.to_dict()}
     write_json(result, json_path, echo)
     return result
 
 
+def _report(echo, label: str, daemon: dict, engine_tps: float,
+            engine_cpu_per_token: float) -> None:
+    daemon["vs_engine"] = daemon["tokens_per_s"] / engine_tps if engine_tps else None
+    per_token = daemon["cpu_seconds_per_token"]
+    daemon["cpu_vs_engine"] = engine_cpu_per_token / per_token if per_token else None
+    lat = daemon["ack_latency_s"]
+    echo(f"{label}  {daemon['tokens_per_s']:12,.0f} tokens/s   "
+         f"{per_token * 1e6:8.1f} CPU us/token: {daemon['cpu_vs_engine']:.2f}x the "
+         f"engine's efficiency ({daemon['vs_engine']:.2f}x its tokens/s); in updates "
+         f"{daemon['update_share']:.0%} of the time, outside "
+         f"{1 - daemon['update_share']:.0%}; ack latency p50 {lat['p50'] * 1e3:.1f} "
+         f"ms, p99 {lat['p99'] * 1e3:.1f} ms over {lat['count']:,} acks")
+
+
 def _measure_daemon(config: Config, data: list[bytes], num_producers: int, seconds: float,
-                    extra_settings: tuple[str, ...]) -> dict:
-    metrics_port = free_port()
+                    extra_settings: tuple[str, ...], nproc: int = 1) -> dict:
+    metrics_port = free_port(nproc)  # rank r serves on metrics_port + r
     settings = [f"metrics.port={metrics_port}", *extra_settings]
-    scrape = lambda: _daemon_counters(f"http://127.0.0.1:{metrics_port}/metrics")
-    with running("streamrnn-bench-", settings, config) as (daemon, control):
+    scrape = lambda: [_daemon_counters(f"http://127.0.0.1:{metrics_port + r}/metrics")
+                      for r in range(nproc)]
+    with running("streamrnn-bench-", settings, config, nproc) as (daemon, control):
+        totals = (lambda: control.cluster_status()["totals"]) if nproc > 1 else control.status
         endpoint = daemon.endpoint
         context = multiprocessing.get_context("spawn")
         results = context.Queue()
@@ -77,18 +108,26 @@ def _measure_daemon(config: Config, data: list[bytes], num_producers: int, secon
             w.start()
         # measure the training rate once the queue is full, for `seconds`
         time.sleep(min(5.0, seconds / 2))
-        first, first_counters, t0 = control.status(), scrape(), time.monotonic()
+        first, first_counters, t0 = totals(), scrape(), time.monotonic()
         time.sleep(seconds)
-        last, last_counters, t1 = control.status(), scrape(), time.monotonic()
+        last, last_counters, t1 = totals(), scrape(), time.monotonic()
         reports = [results.get(timeout=seconds + 120) for _ in workers]
         for w in workers:
             w.join(timeout=30)
     latencies = [x for r in reports for x in r["latencies"]]
     trained = last["tokens_trained"] - first["tokens_trained"]
-    cpu, in_updates = (b - a for a, b in zip(first_counters, last_counters))
-    return {"tokens_per_s": trained / (t1 - t0),
+    # per rank: counters over the window; CPU adds up, the rest is each rank's own
+    deltas = [{k: b[k] - a[k] for k in a} for a, b in zip(first_counters, last_counters)]
+    cpu = sum(d["cpu"] for d in deltas)
+    updates = max(1.0, deltas[0]["updates"])  # global updates: the same on every rank
+    mean = lambda key: sum(d[key] for d in deltas) / len(deltas)
+    return {"nproc": nproc, "tokens_per_s": trained / (t1 - t0),
             "cpu_seconds_per_token": cpu / trained if trained else None,
-            "update_share": in_updates / (t1 - t0),
+            "update_share": mean("in_updates") / (t1 - t0),
+            "updates_per_s": deltas[0]["updates"] / (t1 - t0),
+            "update_ms": 1e3 * mean("in_updates") / updates,
+            "agree_ms_per_update": 1e3 * mean("agree") / updates,
+            "gradients_ms_per_update": 1e3 * mean("gradients") / updates,
             "tokens_acked": sum(r["acked"] for r in reports),
             "busy_replies": sum(r["busy"] for r in reports),
             "ack_latency_s": latency_summary(latencies)}
@@ -107,14 +146,22 @@ def _produce(endpoint: str, streams: dict[str, bytes], seconds: float, results) 
                      "latencies": producer.stats.ack_latencies})
 
 
-def _daemon_counters(url: str) -> tuple[float, float]:
-    """(CPU seconds of the daemon's process, seconds spent in updates), from /metrics."""
+COUNTERS = {"process_cpu_seconds_total": "cpu",
+            "streamrnn_update_duration_seconds_sum": "in_updates",
+            "streamrnn_updates_total": "updates",
+            'streamrnn_collective_seconds_sum{kind="agree"}': "agree",
+            'streamrnn_collective_seconds_sum{kind="gradients"}': "gradients"}
+
+
+def _daemon_counters(url: str) -> dict[str, float]:
+    """A rank's CPU seconds, seconds in updates, updates and seconds in each kind of
+    collective, from its /metrics."""
     import urllib.request
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     values = {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("process_cpu_seconds_total", "streamrnn_update_duration_seconds_sum"):
-            values[name] = float(value)
-    return values["process_cpu_seconds_total"], values["streamrnn_update_duration_seconds_sum"]
+        name, _, value = line.rpartition(" ")
+        if name in COUNTERS:
+            values[COUNTERS[name]] = float(value)
+    return values
