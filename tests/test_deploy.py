@@ -277,6 +277,25 @@ def test_every_alert_has_a_firing_test():
         assert "summary:" in block and "description:" in block, alert
 
 
+def test_prometheus_config_for_several_ranks_is_valid(tmp_path: Path):
+    # the commented example for `serve --nproc 2`, put in place of the single target
+    config = (PROMETHEUS / "prometheus.yml").read_text()
+    single = '    static_configs:\n      - targets: ["127.0.0.1:9108"]\n'
+    assert config.count(single) == 1
+    example = [line.replace("    # ", "    ", 1) for line in config.splitlines()
+               if re.match(r"^    #( static_configs:|   - targets:|     labels:)", line)]
+    assert example[0] == "    static_configs:"
+    targets = re.findall(r'"127\.0\.0\.1:(\d+)"', "\n".join(example))
+    ranks = re.findall(r'rank: "(\d+)"', "\n".join(example))
+    # rank r on metrics.port + r, labelled r
+    assert [int(p) - 9108 for p in targets] == [int(r) for r in ranks] == [0, 1]
+    (tmp_path / "alerts.yml").write_text((PROMETHEUS / "alerts.yml").read_text())
+    (tmp_path / "prometheus.yml").write_text(
+        config.replace(single, "\n".join(example) + "\n"))
+    out = run(promtool(), "check", "config", tmp_path / "prometheus.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_scrape_job_is_the_one_the_alerts_select():
     config = (PROMETHEUS / "prometheus.yml").read_text()
     assert re.search(r"job_name:\s*streamrnn\b", config)

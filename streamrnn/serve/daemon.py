@@ -137,7 +137,7 @@ class Daemon:
         m.generation.set(self.cluster.agree_generation())
         # before anyone can send: state first (systemd hears that a long replay goes on)
         self.durability.recover(self.fresh, should_stop=lambda: self.stop_requested,
-                                progress=lambda line: self.notifier.extend_start(60, line))
+                                progress=self._recovering)
         faults.poison(learner)
         now = self.clock()
         for stream in learner.streams.ids:  # recovered streams still owe a flush
@@ -165,6 +165,13 @@ class Daemon:
                                if metrics_port else "off"), device=str(learner.device),
                       **({"ranks": self.ranks.world_size, "endpoints": self.cluster.endpoints}
                          if self.cluster.distributed else {}))
+
+    def _recovering(self, line: str) -> None:
+        """A long replay goes on: systemd hears it, at start (the start timeout moves
+        back) and after torchrun restarted the ranks of a running service (the watchdog
+        counts from the last rank 0's last ping)."""
+        self.notifier.extend_start(60, line)
+        self.notifier.ping()
 
     def shutdown(self) -> None:
         started = self.source is not None
