@@ -277,3 +277,32 @@ def test_a_step_one_rank_logged_and_the_other_did_not_is_void(tmp_path):
     replays = [e for e in cluster.events() if e.get("event") == "replayed the log"]
     assert {e["rank"]: e["steps_voided"] for e in replays} == {0: 1, 1: 0}
     assert cluster.stop() == 0
+
+
+def test_a_rank_whose_disk_fills_pauses_the_cluster_then_it_resumes(tmp_path):
+    """Rank 1's log takes no records for a while (ENOSPC): it answers busy, every rank
+    stops training (no step can be logged there), and once it has room again training
+    resumes; nothing is lost, every target is trained once."""
+    import time
+    cluster = ClusterProcess(tmp_path, [f"checkpoint.dir={tmp_path / 'state'}"])
+    cluster.start(env={"STREAMRNN_FAIL_AT": "wal_write:40-60@1"})
+    streams = streams_on_both(4)
+    busy = 0
+    for stream in streams:
+        offset = 0
+        while offset < 2000:
+            reply = send(cluster, stream, offset, TEXT[offset:offset + 100])
+            if reply["type"] == "busy":
+                busy += 1
+                time.sleep(reply["retry_after_ms"] / 1000)
+                continue
+            assert reply["type"] == "ack", reply
+            offset += 100
+    assert busy > 0
+    ranks = wait_trained(cluster)
+    assert sum(r["tokens_trained"] for r in ranks) == 2000 * len(streams) - len(streams)
+    assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
+    events = [(e.get("rank"), e.get("event")) for e in cluster.events()]
+    assert (0, "training paused: a rank's write-ahead log is full") in events
+    assert (0, "training resumes: every rank's log has room") in events
+    assert cluster.stop() == 0

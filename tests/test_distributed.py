@@ -107,10 +107,17 @@ def test_two_gloo_ranks_equal_two_summing_threads_bitwise(tmp_path):
     pair = SummingThreads()
     learners = [streamrnn.Learner(config("fp64"), pair.rank(r)) for r in range(2)]
     threads = [threading.Thread(target=play, args=(learners[r], r)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    # the ranks compute with one thread each (OMP_NUM_THREADS=1): a kernel's sums may
+    # split differently over more threads, and the comparison is bit for bit
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        torch.set_num_threads(num_threads)
     assert learners[0].updates == ranks[0]["updates"]
     for name, p in learners[0].model.state_dict().items():
         assert torch.equal(p, ranks[0]["model"][name]), name

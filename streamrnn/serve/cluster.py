@@ -129,6 +129,11 @@ class Cluster:
             [int(has_window), num_targets, int(log_blocked)])
         return windows > 0 and blocked == 0, targets
 
+    def all_logged(self, logged: bool) -> bool:
+        """Whether every rank logged the step it is about to take (one more small
+        all-reduce per step: a disk fills between the agreement and the record)."""
+        return self.ranks.agree([int(not logged)])[0] == 0
+
     def check_due(self) -> bool:
         """Rank 0 asks for a weights check every CHECK_SECONDS (one clock, so every rank
         checks at the same tick)."""

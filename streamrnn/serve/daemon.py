@@ -83,6 +83,7 @@ class Daemon:
                                    "was not finite (weights and optimizer unchanged)")
         self.training_pending = False
         self.flush_queue: list[str] = []  # idle streams waiting for a flush step
+        self.paused_for_log = False  # a rank's log is full: no rank trains
         self.next_housekeeping = self.next_status = self.next_key_reload = 0.0
         self.next_summary = clock() + config.log.summary_seconds
         self.learner = Learner(config, self.ranks)
@@ -205,10 +206,17 @@ class Daemon:
         if decision.stop:
             self.stop_requested = True
             return True
+        if bool(decision.log_blocked) != self.paused_for_log and self.cluster.distributed:
+            self.paused_for_log = bool(decision.log_blocked)
+            if self.paused_for_log:  # (the full rank's own log says which disk)
+                self.log.warning("training paused: a rank's write-ahead log is full",
+                                 ranks_full=decision.log_blocked)
+            else:
+                self.log.info("training resumes: every rank's log has room")
         self.train()
         if decision.flush and not decision.log_blocked:
-            self._flush(self.flush_queue[:FLUSH_RECORD_STREAMS])
-            del self.flush_queue[:FLUSH_RECORD_STREAMS]
+            if self._flush(self.flush_queue[:FLUSH_RECORD_STREAMS]):
+                del self.flush_queue[:FLUSH_RECORD_STREAMS]  # else: again when there is room
         if decision.check:
             self.cluster.check_weights(self.learner.model)
         self.durability.sync_if_due()
@@ -245,13 +253,8 @@ class Daemon:
             if not go:
                 break  # no window anywhere, or a log that cannot record it
             faults.maybe_crash("global_step")
-            try:
-                self.durability.log_train(num_targets)
-            except LogFull:
-                if distributed:  # the others take this step: restart, replay in step
-                    raise ClusterFault("the write-ahead log could not record a global "
-                                       "step the other ranks take") from None
-                break  # no update the log cannot record: again once it has room
+            if not self._log_step(lambda: self.durability.log_train(num_targets)):
+                break  # no update a log cannot record: again once it has room
             update_started = time.perf_counter()
             # an exception here ends the daemon: the log says this update ran, and the
             # next start replays it, so the model served always matches the log
@@ -396,12 +399,7 @@ class Daemon:
         several ranks every rank flushes at once, some maybe none). False if the log
         cannot record it."""
         started = time.perf_counter()
-        try:
-            self.durability.log_flush(streams)
-        except LogFull:
-            if self.cluster.distributed:
-                raise ClusterFault("the write-ahead log could not record a flush the "
-                                   "other ranks take") from None
+        if not self._log_step(lambda: self.durability.log_flush(streams)):
             return False
         before = len(self.learner.streams.ids)
         result = self.learner.flush_many(streams)  # also forgets ended streams it emptied
@@ -409,6 +407,22 @@ class Daemon:
         self.metrics.flushes.inc(result.streams)
         self.metrics.streams_ended.inc(before - len(self.learner.streams.ids))
         return True
+
+    def _log_step(self, log: Callable[[], None]) -> bool:
+        """Log an update or a flush before it runs; False if it may not run. With
+        several ranks every rank must have logged it (a second small all-reduce): a
+        rank whose disk just filled has not, and the others cancel theirs, so no rank
+        runs a step another could not replay."""
+        try:
+            log()
+            logged = True
+        except LogFull:
+            logged = False
+        if self.cluster.distributed and not self.cluster.all_logged(logged):
+            if logged:
+                self.durability.cancel_step()
+            return False
+        return logged
 
     def _publish(self) -> None:
         """Gauges, set from the loop once per turn: a scrape (on the metrics thread) only

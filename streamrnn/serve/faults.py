@@ -3,6 +3,7 @@
     STREAMRNN_CRASH_AT=wal_fsync:3      SIGKILL this process the 3rd time it reaches
                                         the point (an instant a random kill rarely hits)
     STREAMRNN_FAIL_AT=checkpoint_write:1  raise ENOSPC from the 1st time on (disk full)
+    STREAMRNN_FAIL_AT=wal_write:5-40    the 5th to the 40th time (then there is room)
     STREAMRNN_HANG_AT=turn:50           the main loop stops forever on its 50th turn
     STREAMRNN_NAN_AT=update:3           the 3rd update's loss is NaN (its head outputs
                                         are), as an overflowing model's would be
@@ -33,7 +34,8 @@ def _cue(variable: str) -> tuple[str, int] | None:
                  os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
         return None
     point, _, count = value.partition(":")
-    return point, int(count or 1)
+    first, _, last = count.partition("-")
+    return point, int(first or 1), int(last) if last else None
 
 
 def _reached(variable: str, point: str) -> bool:
@@ -41,7 +43,8 @@ def _reached(variable: str, point: str) -> bool:
     if cue is None or cue[0] != point:
         return False
     _hits[variable + point] = _hits.get(variable + point, 0) + 1
-    return _hits[variable + point] >= cue[1]
+    hits, first, last = _hits[variable + point], cue[1], cue[2]
+    return hits >= first and (last is None or hits <= last)
 
 
 def maybe_crash(point: str) -> None:

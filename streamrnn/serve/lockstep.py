@@ -33,7 +33,7 @@ from ..config import StartupError
 from . import recovery
 from ..core.streams import StreamTable
 from .checkpoint import CheckpointError, Checkpoints, Saved, load
-from .cluster import Cluster, Decision
+from .cluster import Cluster, ClusterFault, Decision
 from .durability import Durability, lock, snapshot
 from .manifest import PART_FORMAT, REPLICATED_FORMAT, Manifests, rank_folder
 from .recovery import IncompatibleState
@@ -78,6 +78,16 @@ class ClusterDurability(Durability):
     def log_flush(self, streams: list[str]) -> None:
         self._log({"t": "flush", "g": self.step + 1, "s": streams})
         self.step += 1
+
+    def cancel_step(self) -> None:
+        """Another rank could not log the step this one just logged: it does not run.
+        A resume record voids it (recovery skips it), and the step's number is free
+        for the next one. If even that cannot be written, this rank ends: the restart
+        voids the step anyway (the other rank never logged it)."""
+        self.step -= 1
+        if not self.append({"t": "resume", "g": self.step}):
+            raise ClusterFault("the write-ahead log could not record that a step was "
+                               "cancelled (the disk is full here too)")
 
     # ---- checkpoints, agreed at ticks --------------------------------------------------
     def tick_fields(self, force: bool = False) -> dict:
