@@ -226,11 +226,11 @@ def test_malformed_messages_say_why_in_words(payload, words):
 
 WORDED = [
     ({"type": "hello"}, "unknown_type", "type 'hello' is not one of: tokens, position, "
-     "status, predict, generate, flush, checkpoint, end"),
+     "status, predict, generate, flush, checkpoint, end, topology"),
     ({"stream": "x"}, "unknown_type", "type is missing: every request has one, one of: "
-     "tokens, position, status, predict, generate, flush, checkpoint, end"),
+     "tokens, position, status, predict, generate, flush, checkpoint, end, topology"),
     ({"type": None}, "unknown_type", "type must be a string, one of: tokens, position, "
-     "status, predict, generate, flush, checkpoint, end; this one is nil"),
+     "status, predict, generate, flush, checkpoint, end, topology; this one is nil"),
     ([1, 2], "malformed", "a request must be a msgpack map; this is an array"),
     (tokens_msg(offset="0", tokens=[]), "bad_field",
      "offset must be an integer in 0 .. 4611686018427387904; this one is a str"),

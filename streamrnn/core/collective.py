@@ -16,7 +16,6 @@ On one process (`Ranks()`) both are identities, so the same loop runs unchanged.
 from __future__ import annotations
 
 import datetime
-import time
 from typing import Any, Callable, Mapping
 
 import torch
@@ -36,8 +35,10 @@ class Ranks:
         self.group, self.control = group, control if control is not None else group
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.world_size = dist.get_world_size(group) if self.distributed else 1
-        # (kind, seconds) of each collective: "agree" or "gradients" (the daemon's
-        # metrics). On NCCL the gradient sum is launched, not waited for: host time
+        # the daemon's metrics: `timer` (its clock, seconds) times each collective, and
+        # `observe(kind, seconds)` hears of it, kind "agree" or "gradients". On NCCL the
+        # gradient sum is launched, not waited for: that is host time
+        self.timer: Callable[[], float] | None = None
         self.observe: Callable[[str, float], None] = lambda kind, seconds: None
 
     @classmethod
@@ -71,13 +72,20 @@ class Ranks:
         all-reduce of int64s."""
         if not self.distributed:
             return list(values)
-        started = time.perf_counter()
+        started = self._now()
         totals = torch.tensor(values, dtype=torch.int64)
         reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                      "max": dist.ReduceOp.MAX}[op]
         dist.all_reduce(totals, op=reduce_op, group=self.control)
-        self.observe("agree", time.perf_counter() - started)
+        self._took("agree", started)
         return totals.tolist()
+
+    def _now(self) -> float:
+        return self.timer() if self.timer is not None else 0.0
+
+    def _took(self, kind: str, started: float) -> None:
+        if self.timer is not None:
+            self.observe(kind, self.timer() - started)
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value` (picklable), in rank order: for what is exchanged once
@@ -94,7 +102,7 @@ class Ranks:
         gradient counts as zeros."""
         if not self.distributed:
             return loss
-        started = time.perf_counter()
+        started = self._now()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
@@ -102,7 +110,7 @@ class Ranks:
         for p, g in zip(params, grads):
             p.grad = flat[offset:offset + g.numel()].view_as(p)  # a view: no copy
             offset += g.numel()
-        self.observe("gradients", time.perf_counter() - started)
+        self._took("gradients", started)
         return flat[-1]
 
 

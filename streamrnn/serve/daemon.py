@@ -88,6 +88,7 @@ class Daemon:
         self.next_summary = clock() + config.log.summary_seconds
         self.learner = Learner(config, self.ranks)
         self.metrics = Metrics()
+        self.ranks.timer = time.perf_counter
         self.ranks.observe = lambda kind, seconds: \
             self.metrics.collective_seconds.labels(kind).observe(seconds)
         self.durability = (
