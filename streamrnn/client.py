@@ -257,6 +257,12 @@ class Producer:
                                   message.get("stream"))
                 if self.cluster is cluster:  # else a new topology came meanwhile
                     self._relearn(rank)
+            elif cluster is not None and self.cluster is cluster:
+                # silence is no `moved`: a restart with fewer ranks may have left this
+                # rank's endpoint dead, and with nothing of the window waiting on it
+                # (all acked) _resend_due would never ask
+                self._ask_another(rank)
+                self._await_topology()
             waited = time.monotonic() - started
             if waited > self.retry_seconds:
                 raise Unreachable(f"no answer from {endpoint} within {waited:.0f} s: "
@@ -384,6 +390,10 @@ class Producer:
     def _relearn(self, rank: int) -> None:
         """Ask `rank` for the topology and wait for it, up to reply_timeout."""
         self._ask_topology(rank)
+        self._await_topology()
+
+    def _await_topology(self) -> None:
+        """Wait for the topology asked for, if any, up to reply_timeout."""
         deadline = time.monotonic() + self.reply_timeout
         while self.asked is not None and time.monotonic() < deadline:
             self._pump(0.05)
@@ -483,6 +493,12 @@ class Producer:
         for entry in self.pending.values():
             if entry.rank == rank:
                 entry.resend_at = now
+        self._ask_another(rank)
+
+    def _ask_another(self, rank: int) -> None:
+        """Ask a rank other than the silent `rank` for the topology (the rank given,
+        unless it is the silent one): a restart with fewer ranks leaves this one's
+        endpoint silent for good, and only another can say so."""
         if self.cluster.world_size > 1:
             self._ask_topology(self.home if rank != self.home else
                                (rank + 1) % self.cluster.world_size)

@@ -19,7 +19,6 @@ keeps a single-process daemon off the same folder.
 """
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,18 +28,11 @@ from typing import Callable
 import torch
 
 from .. import __version__
-from ..config import StartupError
-from . import recovery
-from ..core.streams import StreamTable
-from .checkpoint import CheckpointError, Checkpoints, Saved, load
+from . import lockstep_recovery
+from .checkpoint import Saved
 from .cluster import Cluster, ClusterFault, Decision
 from .durability import Durability, lock, snapshot
-from .manifest import PART_FORMAT, REPLICATED_FORMAT, Manifests, rank_folder
-from .recovery import IncompatibleState
-from .wal import WalDamaged, WriteAheadLog, last_change
-
-GLOBAL_RECORDS = ("train", "flush")
-NO_STEP = -1
+from .manifest import Manifests, rank_folder
 
 
 @dataclass
@@ -236,6 +228,10 @@ class ClusterDurability(Durability):
         self._failed(f"checkpoint of step {p.step} failed on a rank{mine}; the previous "
                      "one stays, the logs keep everything since")
 
+    def recover(self, fresh: bool = False, should_stop: Callable[[], bool] = lambda: False,
+                progress: Callable[[str], None] = lambda line: None) -> None:
+        lockstep_recovery.recover(self, fresh, progress)
+
     def close(self) -> None:
         if self.pending is not None and self.pending.thread is not None:
             self.pending.thread.join()
@@ -244,203 +240,3 @@ class ClusterDurability(Durability):
         self.lock_file.close()
         if self.root_lock is not None:
             self.root_lock.close()
-
-    # ---- recovery ------------------------------------------------------------------------
-    def recover(self, fresh: bool = False, should_stop: Callable[[], bool] = lambda: False,
-                progress: Callable[[str], None] = lambda line: None) -> None:
-        """In lockstep with every rank (collectives: all call it together). A stop
-        request waits until the replay is done: a rank cannot leave it alone."""
-        if fresh:
-            self._set_aside()
-        self.cluster.ranks.agree([0])  # nobody reads before everything is set aside
-        resharded = self._reshard_if_needed()
-        if not resharded:
-            self._load_agreed()
-        try:
-            self.wal = WriteAheadLog(self.root / "wal", self.config.wal.segment_bytes,
-                                     fsync=True, start_after=self.wal_seq)
-        except WalDamaged as e:
-            raise IncompatibleState(str(e)) from e
-        if self.wal.torn_bytes:
-            self.log.warning("cut a torn record off the log's tail (a crash mid-write; it "
-                             "was never acknowledged)", bytes=self.wal.torn_bytes)
-        end = self._agree_replay_end()
-        self._replay(end, progress)
-        recovery._follow_config(self)
-        for record in ({"t": "resume", "g": self.step}, {"t": "config", "c": self.config.to_dict()}):
-            if not self.append(record):
-                raise StartupError(f"the write-ahead log in {self.root / 'wal'} cannot take "
-                                   "a record (see the error above): free space there, then "
-                                   "start again")
-        self.commit()
-        self.updates_at_checkpoint = self.learner.updates
-        if resharded:  # committed before any input: a crash now must not reshard again
-            if self.checkpoint_now() is None:
-                raise StartupError("the first checkpoint after changing the number of "
-                                   "ranks failed (see the error above)")
-            self.cluster.ranks.agree([0])
-
-    def _reshard_if_needed(self) -> bool:
-        """A state left by another number of ranks (or by one process), from a clean
-        stop: take its weights and this rank's key groups' streams. True if it did."""
-        steps = self.manifests.steps()
-        single = Checkpoints(self.state_root / "checkpoints", self.config.checkpoint.keep)
-        if steps:
-            manifest = self.manifests.read_manifest(steps[0])
-            old_world = int(manifest["world_size"])
-            if old_world == self.cluster.world_size:
-                return False
-            replicated = load(self.state_root / manifest["replicated"],
-                              format=REPLICATED_FORMAT)
-            sources = [(load(self.state_root / entry["path"], format=PART_FORMAT),
-                        rank_folder(self.state_root, entry["rank"], old_world) / "wal")
-                       for entry in manifest["parts"]]
-            learner_state, old_step = replicated["learner"], int(manifest["step"])
-            self.cluster.num_groups = int(manifest["num_groups"])
-        elif single.paths():
-            old_world, newest = 1, load(single.paths()[0])
-            learner_state, old_step = newest["learner"], 0
-            sources = [({"streams": learner_state["streams"], "wal_seq": newest["wal_seq"],
-                         "totals": learner_state["totals"]}, self.state_root / "wal")]
-        else:
-            return False
-        unclean = [str(log) for part, log in sources if last_change(log) > part["wal_seq"]]
-        if unclean:
-            raise IncompatibleState(
-                f"the state in {self.state_root} was left by {old_world} rank(s) that did "
-                f"not stop cleanly (their logs hold changes after the last checkpoint: "
-                f"{', '.join(unclean[:2])}), and this start has {self.cluster.world_size}. "
-                f"Start it again as before (--nproc {old_world}; it recovers), stop it with "
-                f"SIGTERM, then start it with --nproc {self.cluster.world_size}")
-        self._set_aside(manifests=False)  # this rank's folder: older than that state
-        streams = self.learner.streams
-        totals = dict(learner_state["totals"])
-        for key in ("tokens_trained", "bits"):  # rank 0 carries the lifetime sums
-            totals[key] = sum(part["totals"][key] for part, _ in sources) \
-                if self.cluster.rank == 0 else 0
-        recovery._load(self, {"learner": {**learner_state, "streams": streams.state_dict(),
-                                          "totals": totals},
-                              "batch_streams": self.config.train.max_batch_streams,
-                              "wal_seq": 0, "created": time.time()},
-                       self.state_root)
-        self.last_checkpoint = None
-        for part, _ in sources:
-            old = StreamTable(streams.k1, streams.k2, streams.state_shape,
-                              streams.num_state_tensors, streams.device, streams.dtype,
-                              streams.max_resident)
-            old.load_state_dict(part["streams"])
-            for stream in old.ids:
-                if self.cluster.owner(stream) == self.cluster.rank:
-                    streams.adopt(stream, old.export(stream))
-        self.step = old_step + 1  # a step of its own: the old one's files keep their names
-        self.log.warning("the number of ranks changed: this rank took its key groups' "
-                         "streams", ranks_before=old_world, ranks=self.cluster.world_size,
-                         streams=len(streams.ids), step=self.step)
-        return True
-
-    def _load_agreed(self) -> None:
-        """The newest committed step that every rank can load."""
-        bound, loaded = 2**62, {}
-        while True:
-            mine = NO_STEP
-            for step in self.manifests.steps():
-                if step > bound:
-                    continue
-                try:
-                    manifest = self.manifests.read_manifest(step)
-                    loaded[step] = manifest, *self.manifests.load(manifest, self.cluster.rank)
-                    mine = step
-                    break
-                except (CheckpointError, KeyError, IndexError) as e:
-                    self.unreadable(self.manifests.manifest_path(step),
-                                    e if isinstance(e, CheckpointError) else
-                                    CheckpointError(f"incomplete: {e!r}"))
-                    bound = step - 1
-            highest, negated_lowest = self.cluster.ranks.agree([mine, -mine], "max")
-            if highest == -negated_lowest:
-                break
-            bound = -negated_lowest
-        if mine == NO_STEP:
-            return
-        manifest, replicated, part = loaded[mine]
-        state = replicated["learner"]
-        state["streams"] = part["streams"]
-        state["totals"].update(part["totals"])
-        recovery._load(self, {"learner": state, "batch_streams": replicated["batch_streams"],
-                              "wal_seq": part["wal_seq"], "created": manifest["created"]},
-                       self.manifests.manifest_path(mine))
-        self.cluster.num_groups = int(manifest["num_groups"])
-        self.step = mine
-
-    def _agree_replay_end(self) -> int:
-        """The last step every rank logged. Checks first that each rank's steps after
-        its checkpoint follow one another (they do unless a log was tampered with):
-        a rank that stopped here alone would leave the others waiting."""
-        resumes, steps = [], []
-        for record in self.wal.records_after(self.wal_seq):
-            if record["t"] == "resume":
-                resumes.append((record["q"], record["g"]))
-            elif record["t"] in GLOBAL_RECORDS:
-                steps.append((record["q"], record["g"]))
-        self.void = {q for q, g in steps if any(qr > q and gr < g for qr, gr in resumes)}
-        valid = [g for q, g in steps if q not in self.void]
-        problem = valid != list(range(self.step + 1, self.step + 1 + len(valid)))
-        last = valid[-1] if valid else self.step
-        lowest, problems = self.cluster.ranks.agree([-last, int(problem)], "max")
-        if problems:
-            raise IncompatibleState(
-                f"the logs do not hold the same global steps after the checkpoint of step "
-                f"{self.step} ({'this rank' if problem else 'another rank'}: steps "
-                f"{valid[:3]}...): the state cannot be rebuilt in step. Restore the logs, "
-                "or " + recovery.FRESH_HINT)
-        return -lowest
-
-    def _replay(self, end: int, progress: Callable[[str], None]) -> None:
-        replayed_tokens = replayed = voided = 0
-        started = next_status = time.monotonic()
-        for record in self.wal.records_after(self.wal_seq):
-            if record["q"] != self.wal_seq + 1:
-                raise IncompatibleState(
-                    f"the log in {self.root / 'wal'} continues at record {record['q']} but "
-                    f"the checkpoint covers records up to {self.wal_seq}: acknowledged "
-                    "input in between would be lost. Restore the missing files, or "
-                    + recovery.FRESH_HINT)
-            kind = record["t"]
-            if kind in GLOBAL_RECORDS:
-                if record["q"] in self.void or record["g"] > end:
-                    voided += 1  # a step the other ranks never took: trained again later
-                elif kind == "train":
-                    self.learner.step(self.learner.next_update(), record["n"])
-                else:
-                    self.learner.flush_many(record["s"])
-                if record["q"] not in self.void and record["g"] <= end:
-                    self.step = record["g"]
-            elif kind != "resume":
-                replayed_tokens += recovery._apply(self, record)
-            replayed += 1
-            self.wal_seq = record["q"]
-            if time.monotonic() >= next_status:
-                next_status = time.monotonic() + recovery.REPLAY_STATUS_SECONDS
-                self.learner.settle()
-                progress(f"replaying the log: step {self.step}, record {self.wal_seq}")
-        self.learner.settle()
-        self.metrics.recovery_replayed_tokens.inc(replayed_tokens)
-        if replayed:
-            self.log.info("replayed the log", records=replayed, tokens=replayed_tokens,
-                          step=self.step, steps_voided=voided, updates=self.learner.updates,
-                          seconds=round(time.monotonic() - started, 3))
-
-    def _set_aside(self, manifests: bool = True) -> None:
-        """--fresh: each rank moves its log and parts aside; rank 0 also the manifests."""
-        parts = [self.root / name for name in ("wal", "parts")
-                 if (self.root / name).is_dir() and any((self.root / name).iterdir())]
-        if manifests and self.cluster.rank == 0 and any(self.manifests.cluster_dir.iterdir()):
-            parts.append(self.manifests.cluster_dir)
-        if parts:
-            aside = Path(tempfile.mkdtemp(
-                prefix=f"previous-{time.strftime('%Y%m%d-%H%M%S')}-", dir=self.root))
-            for part in parts:
-                part.rename(aside / part.name)
-            self.log.warning("fresh start: the previous state was moved aside", to=str(aside))
-        self.manifests = Manifests(self.state_root, self.cluster.rank,
-                                   self.cluster.world_size, self.config.checkpoint.keep)

@@ -1,0 +1,237 @@
+"""Recovery of one rank of several, in lockstep with the others (lockstep.py writes
+what it reads).
+
+    newest step every rank can load   (else: a state of another N after a clean stop is
+                                       resharded; after a crash it is refused)
+    MIN over the ranks of the last step each logged
+    replay to it in lockstep           the same collectives as the first time; a step
+                                       logged beyond it, or cancelled, is void
+    resume + config records            then the daemon takes input
+
+Every function here runs on every rank at once: each contains collectives.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from ..config import StartupError
+from ..core.streams import StreamTable
+from . import recovery
+from .checkpoint import CheckpointError, Checkpoints, load
+from .manifest import PART_FORMAT, REPLICATED_FORMAT, Manifests, rank_folder
+from .recovery import IncompatibleState
+from .wal import WalDamaged, WriteAheadLog, last_change
+
+if TYPE_CHECKING:
+    from .lockstep import ClusterDurability
+
+GLOBAL_RECORDS = ("train", "flush")
+NO_STEP = -1
+
+
+def recover(d: ClusterDurability, fresh: bool, progress: Callable[[str], None]) -> None:
+    """Load, replay and log as above. A stop request waits until the replay is done: a
+    rank cannot leave the lockstep alone."""
+    if fresh:
+        set_aside(d)
+    d.cluster.ranks.agree([0])  # nobody reads before everything is set aside
+    resharded = _reshard_if_needed(d)
+    if not resharded:
+        _load_agreed(d)
+    try:
+        d.wal = WriteAheadLog(d.root / "wal", d.config.wal.segment_bytes,
+                              fsync=True, start_after=d.wal_seq)
+    except WalDamaged as e:
+        raise IncompatibleState(str(e)) from e
+    if d.wal.torn_bytes:
+        d.log.warning("cut a torn record off the log's tail (a crash mid-write; it "
+                      "was never acknowledged)", bytes=d.wal.torn_bytes)
+    end, void = _agree_replay_end(d)
+    _replay(d, end, void, progress)
+    recovery._follow_config(d)
+    for record in ({"t": "resume", "g": d.step}, {"t": "config", "c": d.config.to_dict()}):
+        if not d.append(record):
+            raise StartupError(f"the write-ahead log in {d.root / 'wal'} cannot take "
+                               "a record (see the error above): free space there, then "
+                               "start again")
+    d.commit()
+    d.updates_at_checkpoint = d.learner.updates
+    if resharded:  # committed before any input: a crash now must not reshard again
+        if d.checkpoint_now() is None:
+            raise StartupError("the first checkpoint after changing the number of "
+                               "ranks failed (see the error above)")
+        d.cluster.ranks.agree([0])
+
+
+def _reshard_if_needed(d: ClusterDurability) -> bool:
+    """A state left by another number of ranks (or by one process), from a clean
+    stop: take its weights and this rank's key groups' streams. True if it did."""
+    steps = d.manifests.steps()
+    single = Checkpoints(d.state_root / "checkpoints", d.config.checkpoint.keep)
+    if steps:
+        manifest = d.manifests.read_manifest(steps[0])
+        old_world = int(manifest["world_size"])
+        if old_world == d.cluster.world_size:
+            return False
+        replicated = load(d.state_root / manifest["replicated"],
+                          format=REPLICATED_FORMAT)
+        sources = [(load(d.state_root / entry["path"], format=PART_FORMAT),
+                    rank_folder(d.state_root, entry["rank"], old_world) / "wal")
+                   for entry in manifest["parts"]]
+        learner_state, old_step = replicated["learner"], int(manifest["step"])
+        d.cluster.num_groups = int(manifest["num_groups"])
+    elif single.paths():
+        old_world, newest = 1, load(single.paths()[0])
+        learner_state, old_step = newest["learner"], 0
+        sources = [({"streams": learner_state["streams"], "wal_seq": newest["wal_seq"],
+                     "totals": learner_state["totals"]}, d.state_root / "wal")]
+    else:
+        return False
+    unclean = [str(log) for part, log in sources if last_change(log) > part["wal_seq"]]
+    if unclean:
+        raise IncompatibleState(
+            f"the state in {d.state_root} was left by {old_world} rank(s) that did "
+            f"not stop cleanly (their logs hold changes after the last checkpoint: "
+            f"{', '.join(unclean[:2])}), and this start has {d.cluster.world_size}. "
+            f"Start it again as before (--nproc {old_world}; it recovers), stop it with "
+            f"SIGTERM, then start it with --nproc {d.cluster.world_size}")
+    set_aside(d, manifests=False)  # this rank's folder: older than that state
+    streams = d.learner.streams
+    totals = dict(learner_state["totals"])
+    for key in ("tokens_trained", "bits"):  # rank 0 carries the lifetime sums
+        totals[key] = sum(part["totals"][key] for part, _ in sources) \
+            if d.cluster.rank == 0 else 0
+    recovery._load(d, {"learner": {**learner_state, "streams": streams.state_dict(),
+                                   "totals": totals},
+                          "batch_streams": d.config.train.max_batch_streams,
+                          "wal_seq": 0, "created": time.time()},
+                   d.state_root)
+    d.last_checkpoint = None
+    for part, _ in sources:
+        old = StreamTable(streams.k1, streams.k2, streams.state_shape,
+                          streams.num_state_tensors, streams.device, streams.dtype,
+                          streams.max_resident)
+        old.load_state_dict(part["streams"])
+        for stream in old.ids:
+            if d.cluster.owner(stream) == d.cluster.rank:
+                streams.adopt(stream, old.export(stream))
+    d.step = old_step + 1  # a step of its own: the old one's files keep their names
+    d.log.warning("the number of ranks changed: this rank took its key groups' "
+                  "streams", ranks_before=old_world, ranks=d.cluster.world_size,
+                     streams=len(streams.ids), step=d.step)
+    return True
+
+
+def _load_agreed(d: ClusterDurability) -> None:
+    """The newest committed step that every rank can load."""
+    bound, loaded = 2**62, {}
+    while True:
+        mine = NO_STEP
+        for step in d.manifests.steps():
+            if step > bound:
+                continue
+            try:
+                manifest = d.manifests.read_manifest(step)
+                loaded[step] = manifest, *d.manifests.load(manifest, d.cluster.rank)
+                mine = step
+                break
+            except (CheckpointError, KeyError, IndexError) as e:
+                d.unreadable(d.manifests.manifest_path(step),
+                             e if isinstance(e, CheckpointError) else
+                                CheckpointError(f"incomplete: {e!r}"))
+                bound = step - 1
+        highest, negated_lowest = d.cluster.ranks.agree([mine, -mine], "max")
+        if highest == -negated_lowest:
+            break
+        bound = -negated_lowest
+    if mine == NO_STEP:
+        return
+    manifest, replicated, part = loaded[mine]
+    state = replicated["learner"]
+    state["streams"] = part["streams"]
+    state["totals"].update(part["totals"])
+    recovery._load(d, {"learner": state, "batch_streams": replicated["batch_streams"],
+                       "wal_seq": part["wal_seq"], "created": manifest["created"]},
+                   d.manifests.manifest_path(mine))
+    d.cluster.num_groups = int(manifest["num_groups"])
+    d.step = mine
+
+
+def _agree_replay_end(d: ClusterDurability) -> tuple[int, set[int]]:
+    """The last step every rank logged. Checks first that each rank's steps after
+    its checkpoint follow one another (they do unless a log was tampered with):
+    a rank that stopped here alone would leave the others waiting."""
+    resumes, steps = [], []
+    for record in d.wal.records_after(d.wal_seq):
+        if record["t"] == "resume":
+            resumes.append((record["q"], record["g"]))
+        elif record["t"] in GLOBAL_RECORDS:
+            steps.append((record["q"], record["g"]))
+    void = {q for q, g in steps if any(qr > q and gr < g for qr, gr in resumes)}
+    valid = [g for q, g in steps if q not in void]
+    problem = valid != list(range(d.step + 1, d.step + 1 + len(valid)))
+    last = valid[-1] if valid else d.step
+    lowest, problems = d.cluster.ranks.agree([-last, int(problem)], "max")
+    if problems:
+        raise IncompatibleState(
+            f"the logs do not hold the same global steps after the checkpoint of step "
+            f"{d.step} ({'this rank' if problem else 'another rank'}: steps "
+            f"{valid[:3]}...): the state cannot be rebuilt in step. Restore the logs, "
+            "or " + recovery.FRESH_HINT)
+    return -lowest, void
+
+
+def _replay(d: ClusterDurability, end: int, void: set[int],
+            progress: Callable[[str], None]) -> None:
+    replayed_tokens = replayed = voided = 0
+    started = next_status = time.monotonic()
+    for record in d.wal.records_after(d.wal_seq):
+        if record["q"] != d.wal_seq + 1:
+            raise IncompatibleState(
+                f"the log in {d.root / 'wal'} continues at record {record['q']} but "
+                f"the checkpoint covers records up to {d.wal_seq}: acknowledged "
+                "input in between would be lost. Restore the missing files, or "
+                + recovery.FRESH_HINT)
+        kind = record["t"]
+        if kind in GLOBAL_RECORDS:
+            if record["q"] in void or record["g"] > end:
+                voided += 1  # a step the other ranks never took: trained again later
+            elif kind == "train":
+                d.learner.step(d.learner.next_update(), record["n"])
+            else:
+                d.learner.flush_many(record["s"])
+            if record["q"] not in void and record["g"] <= end:
+                d.step = record["g"]
+        elif kind != "resume":
+            replayed_tokens += recovery._apply(d, record)
+        replayed += 1
+        d.wal_seq = record["q"]
+        if time.monotonic() >= next_status:
+            next_status = time.monotonic() + recovery.REPLAY_STATUS_SECONDS
+            d.learner.settle()
+            progress(f"replaying the log: step {d.step}, record {d.wal_seq}")
+    d.learner.settle()
+    d.metrics.recovery_replayed_tokens.inc(replayed_tokens)
+    if replayed:
+        d.log.info("replayed the log", records=replayed, tokens=replayed_tokens,
+                   step=d.step, steps_voided=voided, updates=d.learner.updates,
+                      seconds=round(time.monotonic() - started, 3))
+
+
+def set_aside(d: ClusterDurability, manifests: bool = True) -> None:
+    """--fresh: each rank moves its log and parts aside; rank 0 also the manifests."""
+    parts = [d.root / name for name in ("wal", "parts")
+             if (d.root / name).is_dir() and any((d.root / name).iterdir())]
+    if manifests and d.cluster.rank == 0 and any(d.manifests.cluster_dir.iterdir()):
+        parts.append(d.manifests.cluster_dir)
+    if parts:
+        aside = Path(tempfile.mkdtemp(
+            prefix=f"previous-{time.strftime('%Y%m%d-%H%M%S')}-", dir=d.root))
+        for part in parts:
+            part.rename(aside / part.name)
+        d.log.warning("fresh start: the previous state was moved aside", to=str(aside))
+    d.manifests = Manifests(d.state_root, d.cluster.rank,
+                            d.cluster.world_size, d.config.checkpoint.keep)
