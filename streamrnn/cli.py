@@ -382,18 +382,17 @@ def _keys(args) -> int:
 
 
 def _serve(args) -> int:
-    from .serve import daemon
+    from .serve import launch
     config = _load(args)
     if config is None:
         return 0
     if args.nproc > 1:
-        from .serve import launch
         serve_args = (["--config", args.config] if args.config else []) + \
             [item for override in args.overrides for item in ("--set", override)] + \
             (["--fresh"] if args.fresh else [])
         return launch.launch(args.nproc, args.max_restarts,
                              int(config.cluster.shutdown_seconds), serve_args)
-    return daemon.serve(config, fresh=args.fresh)
+    return launch.serve(config, fresh=args.fresh)
 
 
 def _checkpoint_save(args) -> int:

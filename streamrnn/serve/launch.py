@@ -1,4 +1,8 @@
-"""`streamrnn serve --nproc N`: torchrun's launcher, in this process, on one machine.
+"""How a process becomes the daemon: alone, or as one of N ranks (`serve --nproc N`).
+
+`serve` runs the daemon in this process: one process, or the rank torchrun started it
+as (its environment says which). `launch` is `serve --nproc N`: torchrun's launcher, in
+this process, on one machine.
 
 It is `torchrun --standalone --nproc-per-node N --max-restarts R -m streamrnn serve ...`
 without a second command to learn: this process is the agent (systemd's main process),
@@ -11,7 +15,22 @@ Several machines: run torchrun itself on each, with its c10d rendezvous (README)
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
+
+import prometheus_client
+import torch
+import torch.distributed
+
+from ..config import Config, ConfigError, StartupError
+from ..core.collective import Ranks
+from ..core.learner import resolve_device
+from ..keys import KeyError_
+from . import logs
+from .cluster import ClusterFault
+from .daemon import Daemon
+from .recovery import IncompatibleState
 
 
 def launch(nproc: int, max_restarts: int, shutdown_seconds: int,
@@ -37,3 +56,55 @@ def launch(nproc: int, max_restarts: int, shutdown_seconds: int,
         return 2 if any(f.exitcode == 2 for f in e.failures.values()) else 1
     return 0
 
+def serve(config: Config, fresh: bool = False) -> int:
+    """One process, or the rank torchrun started this process as (its environment)."""
+    logs.configure(config.log.format, config.log.level)
+    prometheus_client.disable_created_metrics()  # no *_created series: noise for dashboards
+    try:
+        device = resolve_device(config.train.device)
+        if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # a GPU per rank
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _end_with_launcher()
+        ranks = Ranks.from_environment(os.environ, config.cluster, device)
+    except (StartupError, ConfigError) as e:
+        logs.get().error("refusing to start", reason=str(e))
+        return 2
+    try:
+        # a restart by torchrun after a crash must recover, not start afresh again
+        fresh = fresh and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        return Daemon(config, fresh, ranks=ranks).run()
+    except (IncompatibleState, StartupError, KeyError_) as e:
+        logs.get().error("refusing to start", reason=str(e))
+        return 2
+    except ClusterFault as e:
+        logs.get().error("stopping this rank; torchrun restarts every rank", reason=str(e))
+        return 1
+    except Exception as e:
+        if not ranks.distributed:
+            raise
+        # usually a rank died or hangs, and a collective failed or timed out
+        # (cluster.timeout_seconds); the traceback tells another error from that
+        logs.get().exception("stopping this rank (a collective failed: a rank stopped or "
+                             "hangs; or an error here); torchrun restarts every rank",
+                             error=f"{type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}"[:300])
+        return 1
+    finally:
+        if ranks.distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _end_with_launcher() -> None:
+    """A rank ends when torchrun's agent, its parent, dies (SIGKILL'd, or the OOM
+    killer): torchrun puts each rank in a session of its own, so nothing else would
+    stop it, and it would hold its state folder and port against the restarted ones.
+    What it acknowledged is in its log. (Linux; elsewhere nothing.)"""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before that took hold
+        os._exit(1)
