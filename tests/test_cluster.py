@@ -306,3 +306,28 @@ def test_a_rank_whose_disk_fills_pauses_the_cluster_then_it_resumes(tmp_path):
     assert (0, "training paused: a rank's write-ahead log is full") in events
     assert (0, "training resumes: every rank's log has room") in events
     assert cluster.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_hung_rank_times_out_and_torchrun_restarts_every_rank(tmp_path):
+    """Rank 1's loop stops forever: rank 0's next collective fails after
+    cluster.timeout_seconds, torchrun stops both (the hung one killed after
+    cluster.shutdown_seconds) and starts both again, which recover from their logs."""
+    cluster = ClusterProcess(tmp_path, [f"checkpoint.dir={tmp_path / 'state'}",
+                                        "cluster.timeout_seconds=5",
+                                        "cluster.shutdown_seconds=5"], max_restarts=1)
+    cluster.start(env={"STREAMRNN_HANG_AT": "turn:200@1"})
+    generation = cluster.wait_ready()
+    streams = streams_on_both(4)
+    for stream in streams:
+        assert send(cluster, stream, 0, TEXT[:500])["type"] == "ack"
+    restarted = cluster.wait_ready(timeout=120, after_generation=generation)
+    assert restarted > generation
+    for stream in streams:
+        assert send(cluster, stream, 500, TEXT[500:1000])["type"] == "ack"
+    ranks = wait_trained(cluster)
+    assert sum(r["tokens_trained"] for r in ranks) == 1000 * len(streams) - len(streams)
+    assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
+    failed = [e for e in cluster.events() if e.get("event", "").startswith("stopping this rank")]
+    assert failed, "rank 0's collective should have failed"
+    assert cluster.stop() == 0
