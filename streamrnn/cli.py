@@ -422,12 +422,40 @@ def _checkpoint_list(args) -> int:
               f"{SERVICE_CHECKPOINTS}` for the systemd service" if origin else ""),
               file=sys.stderr)
         return 1
+    manifests = sorted((folder.parent / "cluster").glob("manifest-*.json"), reverse=True)
+    if manifests and not any(folder.glob("checkpoint-*.pt")):
+        return _cluster_checkpoint_list(manifests, args.json)
     rows = _checkpoint_rows(sorted(folder.glob("checkpoint-*.pt"), reverse=True))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         print("\n".join(format_checkpoint(row, full=False) for row in rows) if rows
               else f"no checkpoints in {folder}")
+    return 1 if any("error" in row for row in rows) else 0
+
+
+def _cluster_checkpoint_list(manifests: list, as_json: bool) -> int:
+    """A cluster's checkpoints (serve --nproc): its committed manifests, newest first."""
+    import time as _time
+    rows = []
+    for path in manifests:
+        try:
+            manifest = json.loads(path.read_text())
+            rows.append({"path": str(path), "step": manifest["step"],
+                         "created": manifest["created"], "ranks": manifest["world_size"],
+                         "updates": manifest["updates"],
+                         "wal_seqs": [p["wal_seq"] for p in manifest["parts"]]})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            rows.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    for row in rows if not as_json else ():
+        if "error" in row:
+            print(f"{row['path']}: UNREADABLE: {row['error']}")
+            continue
+        created = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(row["created"]))
+        print(f"{row['path']}: {created}, step {row['step']:,}, {row['ranks']} ranks, "
+              f"{row['updates']:,} updates, log positions {row['wal_seqs']}")
     return 1 if any("error" in row for row in rows) else 0
 
 

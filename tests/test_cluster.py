@@ -104,6 +104,11 @@ def test_two_ranks_share_streams_route_checkpoint_and_recover(tmp_path):
     totals = committed_totals(tmp_path / "state")
     assert totals["tokens_trained"] == trained and totals["streams"] == 6
     assert totals["updates"] == ranks[0]["updates"]
+    listed = subprocess.run([sys.executable, "-m", "streamrnn", "checkpoint", "list",
+                             str(tmp_path / "state" / "checkpoints")],
+                            capture_output=True, text=True)
+    assert listed.returncode == 0 and "manifest-" in listed.stdout
+    assert f"2 ranks, {totals['updates']:,} updates" in listed.stdout.splitlines()[0]
 
     again = ClusterProcess(tmp_path, [f"checkpoint.dir={tmp_path / 'state'}"]).start()
     ranks_after = statuses(again)

@@ -120,6 +120,11 @@ class FakeCluster:
         return {"type": "ack", "stream": stream, "next_offset": len(data),
                 "accepted": len(new), "duplicates": len(tokens) - len(new)}
 
+    def restart(self) -> None:
+        """A restart now, between the producer's requests, not at a tokens message."""
+        with self.lock:
+            self._restart()
+
     def _restart(self) -> None:
         self.generation += 1
         if self.shrink:
@@ -228,6 +233,23 @@ def test_a_rank_gone_silent_makes_the_producer_ask_another(make_cluster):
         assert producer.topology().endpoints == (cluster.bound[0],)
         assert_landed_once(cluster, {s: d.tobytes() for s, d in sent.items()})
         assert producer.stats.tokens_acked == 8 * 1000
+
+
+def test_a_request_to_a_rank_gone_silent_makes_the_producer_ask_another(make_cluster):
+    # the same restart, but after every message was acked: nothing in the window waits
+    # on rank 1, so only a request's own silence can tell the producer it is gone
+    cluster = make_cluster(shrink=True)
+    streams = streams_of_both_ranks()
+    with Producer(cluster.bound[0], max_tokens_per_message=30, reply_timeout=0.3,
+                  retry_seconds=5) as producer:
+        sent = send_all(producer, streams, 200, seed=8)
+        cluster.restart()
+        of_rank_1 = next(s for s in streams if keygroups.owner(s, 2) == 1)
+        assert producer.position(of_rank_1) == 200  # asked of its new owner, rank 0
+        assert producer.topology().endpoints == (cluster.bound[0],)
+        more = send_all(producer, streams, 100, seed=9)
+        assert_landed_once(cluster, {s: sent[s].tobytes() + more[s].tobytes()
+                                     for s in streams})
 
 
 def test_a_daemon_from_before_clusters_is_one_process(make_cluster):
