@@ -108,13 +108,14 @@ class Checkpoints:
         return None
 
 
-def write_atomically(path: Path, state) -> None:
-    """torch.save to a temp file beside `path`, fsync, rename over it, fsync the folder:
-    a crash leaves the old file or the new one, never half of one."""
+def write_atomically(path: Path, state, save=torch.save) -> None:
+    """save(state, file) to a temp file beside `path` (torch.save unless told), fsync,
+    rename over it, fsync the folder: a crash leaves the old file or the new one, never
+    half of one."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            save(state, f)
             faults.maybe_fail("checkpoint_write")
             faults.maybe_crash("checkpoint_write")
             f.flush()

@@ -197,9 +197,7 @@ class Durability:
         self.commit()
         if self.wal is not None:
             self.wal.sync()
-        model = self.learner.model
-        # note: a device sync, once per checkpoint
-        if not bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
+        if not self.weights_finite():
             self._failed("the model's weights are not finite: nothing is written from them "
                          "(the older checkpoints and the log stay)")
             return
@@ -208,6 +206,12 @@ class Durability:
         self.pending_changes = self.num_changes
         self.pending_updates = self.learner.updates
         self.checkpoints.save_in_background(state, self.wal_seq)
+
+    def weights_finite(self) -> bool:
+        """Whether every weight is finite: none are written otherwise. Note: a device
+        sync, once per checkpoint."""
+        params = self.learner.model.parameters()
+        return bool(torch.stack([p.isfinite().all() for p in params]).all())
 
     def _collect(self) -> None:
         """Account for the background write that finished, if any."""

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from .. import __version__
 from . import lockstep_recovery
 from .checkpoint import Saved
@@ -160,9 +158,7 @@ class ClusterDurability(Durability):
             self.wal.sync()  # the part says the log holds up to wal_seq
         p = self.pending = _Pending(self.step, self.wal_seq, self.num_changes,
                                     self.learner.updates, time.monotonic())
-        model = self.learner.model
-        # note: a device sync, once per checkpoint
-        if not bool(torch.stack([q.isfinite().all() for q in model.parameters()]).all()):
+        if not self.weights_finite():
             p.outcome, p.error = False, "the model's weights are not finite"
             return
         state = snapshot(self.learner.state_dict())

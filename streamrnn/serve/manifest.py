@@ -13,13 +13,11 @@ parts and log segments older than the oldest kept are removed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from .. import __version__
 from .checkpoint import CheckpointError, load, write_atomically
-from .wal import fsync_dir
 
 MANIFEST_FORMAT = "streamrnn.manifest/1"
 REPLICATED_FORMAT = "streamrnn.replicated/1"
@@ -71,13 +69,8 @@ class Manifests:
                       for r, seq in enumerate(wal_seqs)],
         }
         path = self.manifest_path(step)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.cluster_dir)
+        write_atomically(path, manifest,
+                         save=lambda m, f: f.write(json.dumps(m, indent=1).encode()))
         return path
 
     def prune(self) -> int | None:
