@@ -234,7 +234,7 @@ class Feeder(threading.Thread):
                             assert reply.get("reason") == reason, reply
                             self.refused[reason] = self.refused.get(reason, 0) + 1
                     round_ += 1
-                    time.sleep(0.02)
+                    time.sleep(0.05)
                 producer.flush(timeout=30)
         except BaseException as e:  # reported by the test, not lost in the thread
             self.errors.append(e)
