@@ -43,17 +43,21 @@ def statuses(cluster: ClusterProcess) -> list[dict]:
     return [cluster.ask(r, {"type": "status"}) for r in range(cluster.nproc)]
 
 
-def wait_trained(cluster: ClusterProcess, timeout: float = 60) -> list[dict]:
+def wait_trained(cluster: ClusterProcess, stall_seconds: float = 45) -> list[dict]:
+    """Until every rank's queue is empty. A slow machine may take minutes; what fails
+    is a cluster that stops training: no token trained for `stall_seconds`."""
     import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    trained, last_progress = -1, time.monotonic()
+    while time.monotonic() - last_progress < stall_seconds:
         s = statuses(cluster)
         if all(r["queued_tokens"] == 0 for r in s):
             return s
+        if sum(r["tokens_trained"] for r in s) > trained:
+            trained, last_progress = sum(r["tokens_trained"] for r in s), time.monotonic()
         for r in range(cluster.nproc):
             cluster.ask(r, {"type": "flush"})
         time.sleep(0.3)
-    raise TimeoutError(f"not trained: {statuses(cluster)}")
+    raise TimeoutError(f"training stalled for {stall_seconds} s: {statuses(cluster)}")
 
 
 def committed_totals(state: Path) -> dict:
