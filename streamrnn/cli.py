@@ -7,6 +7,7 @@ import os
 import sys
 
 from .config import ConfigError, IngestConfig, endpoint_problem, format_config, load_config
+from .report import format_checkpoint, format_cluster_status, format_manifest, format_status
 from .wire import REQUEST_TYPES
 
 DEFAULT_ENDPOINT = IngestConfig().endpoint
@@ -74,6 +75,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-restarts", type=int, default=3, metavar="R",
                    help="with --nproc: when a rank dies, restart all ranks up to R times; "
                    "they recover from their logs (3)")
+    p.add_argument("--nnodes", type=_positive_int, default=1, metavar="M",
+                   help="run on M machines, --nproc ranks on each: start this same command "
+                   "on every machine, checkpoint.dir on storage they share (1)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="with --nnodes: where the machines meet (torchrun's c10d "
+                   "rendezvous): a port on one of them that the others reach")
     p.set_defaults(run=_serve)
 
 
@@ -386,12 +393,17 @@ def _serve(args) -> int:
     config = _load(args)
     if config is None:
         return 0
-    if args.nproc > 1:
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        print("streamrnn serve: --nnodes needs --rdzv-endpoint HOST:PORT, where the "
+              "machines meet", file=sys.stderr)
+        return 2
+    if args.nproc > 1 or args.nnodes > 1:
         serve_args = (["--config", args.config] if args.config else []) + \
             [item for override in args.overrides for item in ("--set", override)] + \
             (["--fresh"] if args.fresh else [])
         return launch.launch(args.nproc, args.max_restarts,
-                             int(config.cluster.shutdown_seconds), serve_args)
+                             int(config.cluster.shutdown_seconds), serve_args,
+                             nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint)
     return launch.serve(config, fresh=args.fresh)
 
 
@@ -436,7 +448,6 @@ def _checkpoint_list(args) -> int:
 
 def _cluster_checkpoint_list(manifests: list, as_json: bool) -> int:
     """A cluster's checkpoints (serve --nproc): its committed manifests, newest first."""
-    import time as _time
     rows = []
     for path in manifests:
         try:
@@ -447,15 +458,8 @@ def _cluster_checkpoint_list(manifests: list, as_json: bool) -> int:
                          "wal_seqs": [p["wal_seq"] for p in manifest["parts"]]})
         except (OSError, ValueError, KeyError, TypeError) as e:
             rows.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
-    if as_json:
-        print(json.dumps(rows, indent=1))
-    for row in rows if not as_json else ():
-        if "error" in row:
-            print(f"{row['path']}: UNREADABLE: {row['error']}")
-            continue
-        created = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(row["created"]))
-        print(f"{row['path']}: {created}, step {row['step']:,}, {row['ranks']} ranks, "
-              f"{row['updates']:,} updates, log positions {row['wal_seqs']}")
+    print(json.dumps(rows, indent=1) if as_json
+          else "\n".join(format_manifest(row) for row in rows))
     return 1 if any("error" in row for row in rows) else 0
 
 
@@ -491,26 +495,6 @@ def _checkpoint_folder(args):
     return folder, f"; it is {origin} plus /checkpoints"
 
 
-def format_checkpoint(row: dict, full: bool) -> str:
-    if "error" in row:
-        return f"{row['path']}: UNREADABLE: {row['error']}"
-    import time as _time
-    created = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(row["created"]))
-    bpt = f"{row['bits_per_token']:.3f}" if row["bits_per_token"] is not None else "-"
-    line = (f"{row['path']}: {created}, {row['updates']:,} updates, {row['streams']:,} "
-            f"streams, {row['tokens_trained']:,} tokens trained, {bpt} bits/token, log "
-            f"position {row['wal_seq']}")
-    if not full:
-        return line
-    model, train = row["config"]["model"], row["config"]["train"]
-    return "\n".join([line, f"  model: {model['kind']} {model['num_layers']}x"
-                      f"{model['hidden_size']}, vocab {model['vocab_size']}, embed "
-                      f"{model['embed_dim']}" + (", skip connections" if model.get("skip")
-                                                 else "")  # absent before 0.2
-                      + f"; TBPTT({train['k1']}, {train['k2']}), {train['optimizer']} lr "
-                      f"{train['lr']}", f"  version {row['version']}"])
-
-
 def _feed(args) -> int:
     from . import feed
     return feed.run(args.endpoint, args.files, args.stream, args.retry_seconds, args.chunk,
@@ -540,89 +524,6 @@ def _status(args) -> int:
 def _cluster_status(cluster: dict, as_json: bool) -> int:
     print(json.dumps(cluster, indent=1) if as_json else format_cluster_status(cluster))
     return 1 if any("error" in rank for rank in cluster["ranks"]) else 0
-
-
-def format_status(s: dict) -> str:
-    return "\n".join([
-        f"streamrnn {s['version']} on {s['device']}, up {_uptime(s['uptime_seconds'])}: "
-        f"{s['model']}, TBPTT({s['tbptt'][0]}, {s['tbptt'][1]})",
-        *_status_counts(s),
-        f"last checkpoint {format_saved(s['last_checkpoint'])}",
-    ])
-
-
-def format_cluster_status(cluster: dict) -> str:
-    """A line per rank, then the cluster's totals (Producer.cluster_status())."""
-    answered = [r for r in cluster["ranks"] if "error" not in r]
-    size = f"a cluster of {cluster['world_size']} ranks (generation {cluster['generation']})"
-    ranks = [_rank_line(r) for r in cluster["ranks"]]
-    if not answered:
-        return "\n".join([f"{size}: no rank answered", *ranks])
-    s = answered[0]  # every rank runs the same config
-    return "\n".join([f"streamrnn {s['version']}, {size}: {s['model']}, "
-                      f"TBPTT({s['tbptt'][0]}, {s['tbptt'][1]})",
-                      *ranks, *_status_counts(cluster["totals"])])
-
-
-def _rank_line(r: dict) -> str:
-    where = f"rank {r['rank']}  {r['endpoint']}  "
-    if "error" in r:
-        return where + r["error"]
-    bits = r.get("recent_bits_per_token")
-    return (where + f"{r['device']}, up {_uptime(r['uptime_seconds'])}, {r['streams']:,} "
-            f"streams, {r['tokens_received']:,} tokens received ({r['queued_tokens']:,} "
-            f"queued), {r['tokens_trained']:,} trained, "
-            f"{r['recent_tokens_per_second']:,.0f} tokens/s"
-            + (f", {bits:.3f} bits/token" if bits is not None else ""))
-
-
-def _status_counts(s: dict) -> list[str]:
-    bits = s.get("recent_bits_per_token")
-    return [
-        f"updates         {s['updates']:,}",
-        f"streams         {s['streams']:,}",
-        f"tokens received {s['tokens_received']:,}  (queued, not trained yet: "
-        f"{s['queued_tokens']:,})",
-        f"tokens trained  {s['tokens_trained']:,}  ({s['bits'] / max(1, s['tokens_trained']):.3f}"
-        f" bits/token over the model's life)",
-        f"recent          {s['recent_tokens_per_second']:,.0f} tokens/s, "
-        + (f"{bits:.3f} bits/token" if bits is not None else "no training in the last minute"),
-    ]
-
-
-def _uptime(seconds: float) -> str:
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s"
-
-
-def format_saved(saved: dict | None) -> str:
-    """The status's last checkpoint: path, log position and how long ago it was written.
-    The age comes from the daemon when it says (`created`), else from the file itself,
-    which is found when status runs on the daemon's host (a relative path: in the
-    daemon's working folder)."""
-    if not saved:
-        return "none yet"
-    import time as _time
-    created = saved.get("created")
-    if created is None:
-        try:
-            created = os.stat(saved["path"]).st_mtime
-        except OSError:
-            pass
-    age = ("age unknown: the file is not readable from here" if created is None
-           else f"written {_duration(_time.time() - created)} ago")
-    return f"{saved['path']} (log position {saved['wal_seq']:,}, {age})"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 def _demo(args) -> int:

@@ -142,30 +142,37 @@ def free_ports(count: int) -> int:
 
 class ClusterProcess:
     """`streamrnn serve --nproc N` in its own session (its ranks are its children; a
-    test that fails must not leave them behind)."""
+    test that fails must not leave them behind). `nnodes` M > 1: M such launchers, as
+    on M machines, meeting at a rendezvous port on loopback, with one state folder."""
 
     def __init__(self, workdir: Path, overrides: list[str], nproc: int = 2,
-                 max_restarts: int = 0):
+                 max_restarts: int = 0, nnodes: int = 1):
         self.workdir, self.nproc, self.max_restarts = workdir, nproc, max_restarts
-        self.port = free_ports(nproc)
-        self.endpoints = [f"tcp://127.0.0.1:{self.port + r}" for r in range(nproc)]
+        self.nnodes, self.world_size = nnodes, nproc * nnodes
+        self.port = free_ports(self.world_size)
+        self.endpoints = [f"tcp://127.0.0.1:{self.port + r}" for r in range(self.world_size)]
         self.overrides = [*TINY, f"ingest.endpoint={self.endpoints[0]}", "metrics.port=0",
                           "train.cpu_threads=1", *overrides]
-        self.log_path = workdir / f"cluster-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
+        self.log_paths = [workdir / f"cluster-{self.port}-{n}.log" for n in range(nnodes)]
+        self.procs: list[subprocess.Popen] = []
 
     def start(self, wait: bool = True, args: tuple[str, ...] = (),
               env: dict | None = None) -> "ClusterProcess":
         command = [sys.executable, "-m", "streamrnn", "serve", "--nproc", str(self.nproc),
                    "--max-restarts", str(self.max_restarts), *args]
+        if self.nnodes > 1:
+            command += ["--nnodes", str(self.nnodes), "--rdzv-endpoint",
+                        f"127.0.0.1:{free_port()}"]
         for item in self.overrides:
             command += ["--set", item]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.workdir, start_new_session=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                              **(env or {})})
-        STARTED_GROUPS.append(self.proc)
+        self.procs = []
+        for log_path in self.log_paths:
+            with open(log_path, "ab") as log:
+                self.procs.append(subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                    start_new_session=True,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}))
+        STARTED_GROUPS.extend(self.procs)
         if wait:
             self.wait_ready()
         return self
@@ -183,9 +190,11 @@ class ClusterProcess:
         returns it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"cluster exited:\n{self.log()[-5000:]}"
+            assert all(p.poll() is None for p in self.procs), \
+                f"cluster exited:\n{self.log()[-5000:]}"
             try:
-                generations = {self.topology(r)["generation"] for r in range(self.nproc)}
+                generations = {self.topology(r)["generation"]
+                               for r in range(self.world_size)}
             except TimeoutError:
                 continue
             if len(generations) == 1 and min(generations) > after_generation:
@@ -193,26 +202,29 @@ class ClusterProcess:
             time.sleep(0.2)
         raise TimeoutError(f"cluster not ready:\n{self.log()[-5000:]}")
 
-    def rank_pids(self) -> list[int]:
-        """The ranks' processes (the launcher's children)."""
-        pid = self.proc.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return [int(c) for c in children]
+    def rank_pids(self, node: int | None = None) -> list[int]:
+        """The ranks' processes (the launchers' children; of one launcher's if given)."""
+        procs = self.procs if node is None else [self.procs[node]]
+        return [int(c) for p in procs
+                for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
+        """Signal every launcher; the exit status of each (0 when all are 0)."""
+        running = [p for p in self.procs if p.poll() is None]
+        for p in running:
+            p.send_signal(sig)
+        codes = [p.wait(timeout=timeout) for p in self.procs]
+        return next((c for c in codes if c), 0)
 
     def kill_all(self) -> None:
-        """SIGKILL every rank, then the launcher (a power cut, as far as the processes
+        """SIGKILL every rank, then the launchers (a power cut, as far as the processes
         can tell); returns once they are gone."""
         ranks = self.rank_pids()
         for pid in ranks:
             os.kill(pid, signal.SIGKILL)
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        for p in self.procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
         deadline = time.monotonic() + 30
         while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -230,7 +242,7 @@ class ClusterProcess:
         return out
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "".join(p.read_text(errors="replace") for p in self.log_paths if p.exists())
 
 
 def _alive(pid: int) -> bool:

@@ -381,7 +381,7 @@ def test_status_shows_the_last_checkpoint_readably(tmp_path):
 
 
 def test_a_checkpoint_elsewhere_has_no_age_but_says_why():
-    from streamrnn.cli import format_saved
+    from streamrnn.report import format_saved
     text = format_saved({"path": "/nowhere/checkpoint-1.pt", "wal_seq": 1234, "seconds": 0.1})
     assert text == ("/nowhere/checkpoint-1.pt (log position 1,234, age unknown: the file is "
                     "not readable from here)")

@@ -40,7 +40,7 @@ def send(cluster: ClusterProcess, stream: str, offset: int, data: bytes,
 
 
 def statuses(cluster: ClusterProcess) -> list[dict]:
-    return [cluster.ask(r, {"type": "status"}) for r in range(cluster.nproc)]
+    return [cluster.ask(r, {"type": "status"}) for r in range(cluster.world_size)]
 
 
 def wait_trained(cluster: ClusterProcess, stall_seconds: float = 45) -> list[dict]:
@@ -54,7 +54,7 @@ def wait_trained(cluster: ClusterProcess, stall_seconds: float = 45) -> list[dic
             return s
         if sum(r["tokens_trained"] for r in s) > trained:
             trained, last_progress = sum(r["tokens_trained"] for r in s), time.monotonic()
-        for r in range(cluster.nproc):
+        for r in range(cluster.world_size):
             cluster.ask(r, {"type": "flush"})
         time.sleep(0.3)
     raise TimeoutError(f"training stalled for {stall_seconds} s: {statuses(cluster)}")
@@ -180,17 +180,64 @@ def test_sigkill_ranks_twice_loses_nothing_and_recovery_is_deterministic(tmp_pat
     assert totals["tokens_trained"] == sum(sizes.values()) - len(names)
 
 
+def test_two_machines_meet_at_a_rendezvous_and_recover_together(tmp_path):
+    """`serve --nnodes 2 --rdzv-endpoint HOST:PORT` on each of two machines (here two
+    launchers on loopback, one rank each, one state folder). Ranks bound to every
+    interface list the host STREAMRNN_ADVERTISE_HOST names. A rank killed on one
+    machine makes both launchers restart their ranks, though only one counts a restart
+    (the other restarts for the new rendezvous round): they must still meet, and
+    `--fresh`, passed to both again, must not set anything aside."""
+    import time
+    state = tmp_path / "state"
+    cluster = ClusterProcess(tmp_path, [f"checkpoint.dir={state}",
+                                        "checkpoint.interval_seconds=2",
+                                        "cluster.timeout_seconds=15"],
+                             nproc=1, nnodes=2, max_restarts=2)
+    cluster.overrides.append(f"ingest.endpoint=tcp://*:{cluster.port}")
+    cluster.start(args=("--fresh",), env={"STREAMRNN_ADVERTISE_HOST": "127.0.0.1"})
+    topologies = [cluster.topology(r) for r in (0, 1)]
+    assert all(t["world_size"] == 2 and t["endpoints"] == cluster.endpoints
+               for t in topologies)
+    names = [f"file-{i}.txt" for i in range(40)]
+    names = [n for n in names if owner(n, 2) == 0][:2] + [n for n in names if owner(n, 2) == 1][:2]
+    sizes = {}
+    for i, name in enumerate(names):
+        data = TEXT[i * 1000:][:8_000 + 1_000 * i]
+        (tmp_path / name).write_bytes(data)
+        sizes[name] = len(data)
+    feed = subprocess.Popen(
+        [sys.executable, "-m", "streamrnn", "feed", "--endpoint", cluster.endpoints[1],
+         "--retry-seconds", "180", "--chunk", "1000", *names], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    generation = cluster.wait_ready()
+    time.sleep(1.5)
+    os.kill(cluster.rank_pids(node=1)[0], signal.SIGKILL)
+    cluster.wait_ready(after_generation=generation)
+    output = feed.communicate(timeout=300)[0].decode()
+    assert feed.returncode == 0, output
+    ranks = wait_trained(cluster)
+    for name, size in sizes.items():
+        assert cluster.ask(owner(name, 2), {"type": "position", "stream": name}
+                           )["next_offset"] == size
+    assert sum(r["tokens_trained"] for r in ranks) == sum(sizes.values()) - len(names)
+    assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
+    assert len([e for e in cluster.events() if e.get("event") == "listening"]) == 4
+    assert not [e for e in cluster.events() if e.get("event", "").startswith("fresh start")]
+    assert cluster.stop() == 0
+    assert committed_totals(state)["tokens_trained"] == sum(sizes.values()) - len(names)
+
+
 def positions(cluster: ClusterProcess, streams: list[str]) -> dict[str, int]:
-    return {s: cluster.ask(owner(s, cluster.nproc), {"type": "position", "stream": s}
+    return {s: cluster.ask(owner(s, cluster.world_size), {"type": "position", "stream": s}
                            )["next_offset"] for s in streams}
 
 
 @pytest.mark.slow
 def test_a_clean_stop_lets_the_next_start_change_the_number_of_ranks(tmp_path):
-    """1 process -> 2 ranks -> 3 ranks, each after a clean stop: key groups move with
-    their streams' state, every stream continues where it was, totals carry over. A
-    crash followed by a start with another number of ranks is refused, saying what to
-    do."""
+    """1 process -> 2 ranks -> 3 ranks -> 1 process, each after a clean stop: key groups
+    move with their streams' state, every stream continues where it was, totals carry
+    over. A crash followed by a start with another number of ranks (or one process) is
+    refused, saying what to do."""
     import time
     from harness import DaemonProcess
     state = tmp_path / "state"
@@ -231,12 +278,32 @@ def test_a_clean_stop_lets_the_next_start_change_the_number_of_ranks(tmp_path):
     assert totals["tokens_trained"] == sum(sent.values()) - len(streams)
 
     crashed = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=3).start()
-    assert crashed.ask(0, {"type": "tokens", "stream": "late", "offset": 0,
-                           "tokens": TEXT[:10], "width": 1})["type"] in ("ack", "nack")
+    assert crashed.ask(owner("late", 3), {"type": "tokens", "stream": "late", "offset": 0,
+                                          "tokens": TEXT[:10], "width": 1})["type"] == "ack"
+    sent["late"] = 10
     crashed.kill_all()
     refused = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=2).start(wait=False)
-    assert refused.proc.wait(timeout=120) == 2
+    assert refused.procs[0].wait(timeout=120) == 2
     assert "did not stop cleanly" in refused.log() and "--nproc 3" in refused.log()
+    alone = DaemonProcess(tmp_path, [f"checkpoint.dir={state}"]).start(wait=False)
+    assert alone.proc.wait(timeout=60) == 2
+    assert "did not stop cleanly" in alone.log() and "--nproc 3" in alone.log()
+
+    # as the message says: start as before, stop cleanly; then one process takes over
+    again = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=3).start()
+    ranks = wait_trained(again)
+    assert again.stop() == 0
+    single = DaemonProcess(tmp_path, [f"checkpoint.dir={state}", "train.cpu_threads=1"]).start()
+    with RawClient(single.endpoint) as client:
+        status = client.ask({"type": "status"})
+        assert {s: client.ask({"type": "position", "stream": s})["next_offset"]
+                for s in sent} == sent
+    assert status["streams"] == len(sent) and status["updates"] == ranks[0]["updates"]
+    assert status["weights_checksum"] == ranks[0]["weights_checksum"]
+    assert status["tokens_trained"] == sum(r["tokens_trained"] for r in ranks)
+    assert single.stop() == 0
+    assert not (state / "cluster").exists() and not list(state.glob("rank-*"))
+    assert any(state.glob("previous-*/cluster/manifest-*.json"))  # set aside, not deleted
 
 
 def test_ranks_started_with_different_configs_are_refused(tmp_path):

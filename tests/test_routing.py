@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zmq
 
-from streamrnn import cli, feed, keygroups
+from streamrnn import cli, feed, keygroups, report
 from streamrnn.client import Producer
 from streamrnn.routing import cluster_totals, parse_topology, reachable
 from streamrnn.wire import WIDTHS
@@ -316,7 +316,7 @@ def test_streamrnn_status_of_one_daemon_prints_what_it_always_did(make_cluster, 
     cluster = make_cluster(world_size=1, knows_topology=False)
     assert cli.main(["status", "--endpoint", cluster.bound[0]]) == 0
     status = {k: v for k, v in cluster._status(0).items() if k != "type"}
-    assert capsys.readouterr().out == cli.format_status(status) + "\n"
+    assert capsys.readouterr().out == report.format_status(status) + "\n"
     assert cli.main(["status", "--endpoint", cluster.bound[0], "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == status
 
@@ -374,3 +374,37 @@ def test_totals_skip_ranks_that_did_not_answer():
     totals = cluster_totals([{"rank": 0, "error": "no answer"}])
     assert totals["streams"] is None and totals["updates"] == 0
     assert totals["recent_bits_per_token"] is None
+
+
+def test_a_rank_bound_to_every_interface_lists_a_host_producers_can_reach():
+    from streamrnn.serve.cluster import advertised
+    one_machine = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    two_machines = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}
+    hostname = lambda: "node-7.example"  # noqa: E731
+    # one machine: the wildcard stays; the Producer puts in the host it reached
+    assert advertised("tcp://0.0.0.0:5558", one_machine, hostname) == "tcp://0.0.0.0:5558"
+    assert advertised("tcp://0.0.0.0:5558", two_machines, hostname) == \
+        "tcp://node-7.example:5558"
+    assert advertised("tcp://[::]:5558", two_machines, hostname) == \
+        "tcp://node-7.example:5558"
+    named = {**two_machines, "STREAMRNN_ADVERTISE_HOST": "10.0.0.7"}
+    assert advertised("tcp://0.0.0.0:5558", named, hostname) == "tcp://10.0.0.7:5558"
+    assert advertised("tcp://0.0.0.0:5558", {**named, "STREAMRNN_ADVERTISE_HOST": "fd00::7"},
+                      hostname) == "tcp://[fd00::7]:5558"
+    # a host of its own, or ipc: listed as bound
+    assert advertised("tcp://10.1.2.3:5558", two_machines, hostname) == "tcp://10.1.2.3:5558"
+    assert advertised("ipc:///run/s.1", named, hostname) == "ipc:///run/s.1"
+
+
+def test_ranks_on_several_machines_refuse_torchruns_shared_store():
+    """torchrun's agents keep one store across restarts and count restarts apart, so
+    ranks on several machines could not find each other's attempt: they say what to
+    set instead of hanging."""
+    from streamrnn.config import StartupError
+    from streamrnn.core.collective import _attempt_prefix
+    assert _attempt_prefix({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                            "TORCHELASTIC_RESTART_COUNT": "3"}) == "streamrnn/attempt-3/"
+    with pytest.raises(StartupError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        _attempt_prefix({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+                         "TORCHELASTIC_RESTART_COUNT": "0"})
+

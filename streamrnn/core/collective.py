@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from ..config import ClusterConfig
+from ..config import ClusterConfig, StartupError
 
 
 class Ranks:
@@ -56,11 +56,8 @@ class Ranks:
         if backend == "nccl":
             torch.cuda.set_device(device)
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-        # torchrun's agent keeps its store across restarts: under a prefix of their own,
-        # restarted ranks cannot read the addresses of the ranks they replace (which
-        # fails their first connect, and costs a restart)
-        attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"streamrnn/attempt-{attempt}/", store)
+        if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.PrefixStore(_attempt_prefix(environ), store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timeout)
         control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" \
@@ -125,3 +122,18 @@ def weights_checksum(params: list[torch.Tensor]) -> int:
         bits = bits.to(torch.int64)
         total += index * ((bits * bits).sum() * 31 + bits.sum())
     return int(total)
+
+
+def _attempt_prefix(environ: Mapping[str, str]) -> str:
+    """Where the ranks of this attempt meet in torchrun's agent store, which outlives
+    restarts: restarted ranks must not read the addresses of the ranks they replace
+    (their first connect fails, and that costs a restart). On one machine the agent's
+    restart count names the attempt. On several, an agent that restarts its ranks for
+    another machine's failure does not count it, so the counts differ and the ranks
+    would never meet: there torchrun must give each attempt a store of its own."""
+    if int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])) < int(environ["WORLD_SIZE"]):
+        raise StartupError(
+            "ranks on several machines need a store of their own for each attempt: start "
+            "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment on "
+            "every machine")
+    return f"streamrnn/attempt-{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"

@@ -16,8 +16,11 @@ restarts every rank.
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
 from ..config import Config, StartupError
 from ..core.collective import Ranks, weights_checksum
@@ -43,6 +46,30 @@ class Decision:
     part_failed: int = 0
     committed: int = 0
     check: int = 0       # compare the ranks' weights now (rank 0's clock says when)
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "[::]")  # how ZeroMQ reports a tcp://*:PORT it bound
+
+
+def advertised(bound: str, environ: Mapping[str, str],
+               hostname: Callable[[], str] = socket.getfqdn) -> str:
+    """The endpoint a rank lists in `topology` for producers: the one it bound, but
+    bound to every interface (tcp://*:PORT) on a cluster of several machines, where a
+    producer could not tell which machine that is, its host is STREAMRNN_ADVERTISE_HOST
+    when set (per machine: the configs must be equal), else this machine's name, as
+    Kafka's brokers advertise theirs. On one machine the wildcard stays, and the
+    Producer puts in the host it reached the cluster at."""
+    head, _, port = bound.rpartition(":")
+    if not head.startswith("tcp://") or head[len("tcp://"):] not in WILDCARD_HOSTS:
+        return bound
+    host = environ.get("STREAMRNN_ADVERTISE_HOST")
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    if not host and int(environ.get("LOCAL_WORLD_SIZE", world_size)) < world_size:
+        host = hostname()
+    if not host:
+        return bound
+    return f"tcp://[{host}]:{port}" if ":" in host and not host.startswith("[") \
+        else f"tcp://{host}:{port}"
 
 
 class ClusterFault(Exception):
@@ -100,7 +127,7 @@ class Cluster:
         return port + self.rank if port else 0
 
     def share_endpoints(self, bound: str) -> None:
-        self.endpoints = self.ranks.gather(bound)
+        self.endpoints = self.ranks.gather(advertised(bound, os.environ))
 
     # ---- ownership ---------------------------------------------------------------------
     def owner(self, stream: str) -> int:

@@ -60,12 +60,13 @@ class Daemon:
             self.log = self.log.bind(rank=self.ranks.rank)
             self.cluster.check_configs()  # before any rank touches its state
         self.stop_requested = False
-        # one voice to systemd: rank 0, whose loop is in step with every rank's (a rank
-        # that hangs stalls it at the next collective, so its watchdog pings stop too)
+        # one voice to each machine's systemd: its first rank (rank 0 on one machine),
+        # whose loop is in step with every rank's (a rank that hangs stalls it at the
+        # next collective, so its watchdog pings stop too)
         environ = dict(os.environ)
         if self.cluster.distributed:
-            environ.pop("WATCHDOG_PID", None)  # the launcher's pid: rank 0 pings instead
-            if self.ranks.rank:
+            environ.pop("WATCHDOG_PID", None)  # the launcher's pid: that rank pings instead
+            if environ.get("LOCAL_RANK", str(self.ranks.rank)) != "0":
                 environ.pop("NOTIFY_SOCKET", None)
         self.notifier = Notifier(environ)
         self.limits = wire.Limits(config.model.vocab_size, config.ingest.max_message_bytes,

@@ -11,7 +11,8 @@ all N again, up to R times; they recover in lockstep from their logs. SIGTERM is
 on to every rank, which stop at the same tick and write a final checkpoint; the agent
 waits `shutdown_seconds` for that before it kills them.
 
-Several machines: run torchrun itself on each, with its c10d rendezvous (README).
+Several machines: the same with --nnodes M --rdzv-endpoint HOST:PORT on each (torchrun's
+c10d rendezvous), or torchrun itself (README).
 """
 from __future__ import annotations
 
@@ -33,15 +34,23 @@ from .daemon import Daemon
 from .recovery import IncompatibleState
 
 
-def launch(nproc: int, max_restarts: int, shutdown_seconds: int,
-           serve_args: list[str]) -> int:
-    """Run `streamrnn serve SERVE_ARGS` as `nproc` ranks; the exit status to return."""
+def launch(nproc: int, max_restarts: int, shutdown_seconds: int, serve_args: list[str],
+           nnodes: int = 1, rdzv_endpoint: str | None = None) -> int:
+    """Run `streamrnn serve SERVE_ARGS` as `nproc` ranks on this machine, of `nnodes`
+    machines that meet at `rdzv_endpoint`; the exit status to return."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    where = ["--standalone"]
+    if nnodes > 1:
+        where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=streamrnn"]
+        # a store of its own for each attempt (collective._attempt_prefix says why);
+        # read by this process's agent, and passed on to the ranks
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     args = torchrun.get_args_parser().parse_args([
-        "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+        *where, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
         f"--shutdown_timeout={shutdown_seconds}", "--module", "streamrnn", "serve",
         *serve_args])
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -35,7 +36,12 @@ NO_STEP = -1
 def recover(d: ClusterDurability, fresh: bool, progress: Callable[[str], None]) -> None:
     """Load, replay and log as above. A stop request waits until the replay is done: a
     rank cannot leave the lockstep alone."""
-    if fresh:
+    # every rank or none. On several machines an agent that restarts its ranks for
+    # another machine's failure does not count a restart, and passes --fresh again
+    everyone = bool(d.cluster.ranks.agree([int(fresh)], op="min")[0])
+    if fresh and not everyone:
+        d.log.warning("--fresh ignored: the other ranks recover (this is a restart)")
+    if everyone:
         set_aside(d)
     d.cluster.ranks.agree([0])  # nobody reads before everything is set aside
     resharded = _reshard_if_needed(d)
@@ -66,63 +72,122 @@ def recover(d: ClusterDurability, fresh: bool, progress: Callable[[str], None]) 
         d.cluster.ranks.agree([0])
 
 
-def _reshard_if_needed(d: ClusterDurability) -> bool:
-    """A state left by another number of ranks (or by one process), from a clean
-    stop: take its weights and this rank's key groups' streams. True if it did."""
-    steps = d.manifests.steps()
-    single = Checkpoints(d.state_root / "checkpoints", d.config.checkpoint.keep)
+@dataclass
+class LeftState:
+    """The newest state another number of ranks (or one process) left."""
+    learner: dict                      # weights, optimizer, totals: the replicated part
+    sources: list[tuple[dict, Path]]   # each old rank's part (its streams) and its log
+    world_size: int
+    step: int                          # the old layout's global step (0: one process)
+    num_groups: int | None
+    path: Path                         # its manifest or checkpoint, for the log
+
+
+def _left_state(root: Path, manifests: Manifests, single: Checkpoints | None,
+                world_size_now: int) -> LeftState | None:
+    """None when there is none, or when it is a cluster's of `world_size_now` ranks (a
+    restart: recovered as usual, with its fallbacks to older steps)."""
+    steps = manifests.steps()
     if steps:
-        manifest = d.manifests.read_manifest(steps[0])
-        old_world = int(manifest["world_size"])
-        if old_world == d.cluster.world_size:
-            return False
-        replicated = load(d.state_root / manifest["replicated"],
-                          format=REPLICATED_FORMAT)
-        sources = [(load(d.state_root / entry["path"], format=PART_FORMAT),
-                    rank_folder(d.state_root, entry["rank"], old_world) / "wal")
+        manifest = manifests.read_manifest(steps[0])
+        world_size = int(manifest["world_size"])
+        if world_size == world_size_now:
+            return None
+        replicated = load(root / manifest["replicated"], format=REPLICATED_FORMAT)
+        sources = [(load(root / entry["path"], format=PART_FORMAT),
+                    rank_folder(root, entry["rank"], world_size) / "wal")
                    for entry in manifest["parts"]]
-        learner_state, old_step = replicated["learner"], int(manifest["step"])
-        d.cluster.num_groups = int(manifest["num_groups"])
-    elif single.paths():
-        old_world, newest = 1, load(single.paths()[0])
-        learner_state, old_step = newest["learner"], 0
-        sources = [({"streams": learner_state["streams"], "wal_seq": newest["wal_seq"],
-                     "totals": learner_state["totals"]}, d.state_root / "wal")]
-    else:
-        return False
-    unclean = [str(log) for part, log in sources if last_change(log) > part["wal_seq"]]
+        return LeftState(replicated["learner"], sources, world_size, int(manifest["step"]),
+                         int(manifest["num_groups"]), manifests.manifest_path(steps[0]))
+    if single is not None and single.paths():
+        newest = load(single.paths()[0])
+        learner_state = newest["learner"]
+        return LeftState(learner_state, [({"streams": learner_state["streams"],
+                                            "wal_seq": newest["wal_seq"],
+                                            "totals": learner_state["totals"]},
+                                           root / "wal")], 1, 0, None, single.paths()[0])
+    return None
+
+
+def _refuse_unless_clean(left: LeftState, root: Path, world_size: int) -> None:
+    unclean = [str(log) for part, log in left.sources if last_change(log) > part["wal_seq"]]
     if unclean:
         raise IncompatibleState(
-            f"the state in {d.state_root} was left by {old_world} rank(s) that did "
+            f"the state in {root} was left by {left.world_size} rank(s) that did "
             f"not stop cleanly (their logs hold changes after the last checkpoint: "
-            f"{', '.join(unclean[:2])}), and this start has {d.cluster.world_size}. "
-            f"Start it again as before (--nproc {old_world}; it recovers), stop it with "
-            f"SIGTERM, then start it with --nproc {d.cluster.world_size}")
-    set_aside(d, manifests=False)  # this rank's folder: older than that state
+            f"{', '.join(unclean[:2])}), and this start has {world_size}. "
+            f"Start it again as before (--nproc {left.world_size}; it recovers), stop it "
+            f"with SIGTERM, then start it with --nproc {world_size}")
+
+
+def _take_over(d, left: LeftState, owns: Callable[[str], bool], carries_totals: bool,
+               ) -> None:
+    """Load the left state's weights into d.learner, and the streams `owns` names.
+    The lifetime sums go to one process or rank (`carries_totals`), the others count
+    from 0."""
     streams = d.learner.streams
-    totals = dict(learner_state["totals"])
-    for key in ("tokens_trained", "bits"):  # rank 0 carries the lifetime sums
-        totals[key] = sum(part["totals"][key] for part, _ in sources) \
-            if d.cluster.rank == 0 else 0
-    recovery._load(d, {"learner": {**learner_state, "streams": streams.state_dict(),
+    totals = dict(left.learner["totals"])
+    for key in ("tokens_trained", "bits"):
+        totals[key] = sum(part["totals"][key] for part, _ in left.sources) \
+            if carries_totals else 0
+    recovery._load(d, {"learner": {**left.learner, "streams": streams.state_dict(),
                                    "totals": totals},
                           "batch_streams": d.config.train.max_batch_streams,
-                          "wal_seq": 0, "created": time.time()},
-                   d.state_root)
+                          "wal_seq": 0, "created": time.time()}, left.path)
     d.last_checkpoint = None
-    for part, _ in sources:
+    for part, _ in left.sources:
         old = StreamTable(streams.k1, streams.k2, streams.state_shape,
                           streams.num_state_tensors, streams.device, streams.dtype,
                           streams.max_resident)
         old.load_state_dict(part["streams"])
         for stream in old.ids:
-            if d.cluster.owner(stream) == d.cluster.rank:
+            if owns(stream):
                 streams.adopt(stream, old.export(stream))
-    d.step = old_step + 1  # a step of its own: the old one's files keep their names
+
+
+def _reshard_if_needed(d: ClusterDurability) -> bool:
+    """A state left by another number of ranks (or by one process), from a clean
+    stop: take its weights and this rank's key groups' streams. True if it did."""
+    single = Checkpoints(d.state_root / "checkpoints", d.config.checkpoint.keep)
+    left = _left_state(d.state_root, d.manifests, single, d.cluster.world_size)
+    if left is None:
+        return False
+    _refuse_unless_clean(left, d.state_root, d.cluster.world_size)
+    if left.num_groups is not None:
+        d.cluster.num_groups = left.num_groups
+    set_aside(d, manifests=False)  # this rank's folder: older than that state
+    _take_over(d, left, lambda stream: d.cluster.owner(stream) == d.cluster.rank,
+               carries_totals=d.cluster.rank == 0)
+    d.step = left.step + 1  # a step of its own: the old one's files keep their names
     d.log.warning("the number of ranks changed: this rank took its key groups' "
-                  "streams", ranks_before=old_world, ranks=d.cluster.world_size,
-                     streams=len(streams.ids), step=d.step)
+                  "streams", ranks_before=left.world_size, ranks=d.cluster.world_size,
+                  streams=len(d.learner.streams.ids), step=d.step)
     return True
+
+
+def leave_cluster(d) -> None:
+    """One process (no --nproc) started on a cluster's state: after a clean stop it
+    takes every stream, the weights and the lifetime totals, and writes them as its
+    own checkpoint; then the cluster's files are set aside (a crash before that only
+    repeats this). After a crash: refused, as for another N."""
+    left = _left_state(d.root, Manifests(d.root, 0, 1, d.config.checkpoint.keep), None,
+                       world_size_now=0)
+    _refuse_unless_clean(left, d.root, 1)
+    aside = Path(tempfile.mkdtemp(prefix=f"previous-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                  dir=d.root))
+    for name in ("checkpoints", "wal"):  # one process's, from before the cluster
+        for path in sorted((d.root / name).glob("*")):
+            (aside / name).mkdir(exist_ok=True)
+            path.rename(aside / name / path.name)
+    _take_over(d, left, lambda stream: True, carries_totals=True)
+    if d.checkpoint_now() is None:
+        raise StartupError("the first checkpoint of one process taking over a cluster's "
+                           "state failed (see the error above); the cluster's state stays")
+    for path in [d.root / "cluster", *d.root.glob("rank-*-of-*")]:
+        path.rename(aside / path.name)
+    d.log.warning("the number of ranks changed: one process took every stream",
+                  ranks_before=left.world_size, streams=len(d.learner.streams.ids),
+                  set_aside=str(aside))
 
 
 def _load_agreed(d: ClusterDurability) -> None:

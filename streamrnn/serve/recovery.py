@@ -39,13 +39,9 @@ def recover(d: Durability, fresh: bool, should_stop: Callable[[], bool],
     `progress` gets a status line every few seconds of replay."""
     if fresh:
         _set_aside(d)
-    cluster = sorted((d.root / "cluster").glob("manifest-*.json"))
-    if cluster:
-        raise IncompatibleState(
-            f"{d.root} holds the state of a cluster ({cluster[-1].name}): start it with "
-            "`streamrnn serve --nproc N`, N as many ranks as it had (or another N after a "
-            "clean stop); going back to one process is not supported yet. Or "
-            + FRESH_HINT)
+    if any((d.root / "cluster").glob("manifest-*.json")):
+        from .lockstep_recovery import leave_cluster  # (which imports this module)
+        leave_cluster(d)  # the state of several ranks: taken over, or refused
     loaded = d.checkpoints.load_newest(d.unreadable)
     if loaded is not None:
         _load(d, *loaded)
@@ -192,6 +188,7 @@ def _set_aside(d: Durability) -> None:
     folder itself may be a mount point, as systemd's StateDirectory is)."""
     parts = [d.root / name for name in ("checkpoints", "wal", "cluster")
              if (d.root / name).is_dir() and any((d.root / name).iterdir())]
+    parts += sorted(d.root.glob("rank-*-of-*"))  # a cluster's, (serve --nproc) before
     if not parts:
         return
     aside = Path(tempfile.mkdtemp(prefix=f"previous-{time.strftime('%Y%m%d-%H%M%S')}-",
