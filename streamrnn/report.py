@@ -61,8 +61,9 @@ def _rank_line(r: dict) -> str:
     if "error" in r:
         return where + r["error"]
     bits = r.get("recent_bits_per_token")
-    return (where + f"{r['device']}, up {_uptime(r['uptime_seconds'])}, {r['streams']:,} "
-            f"streams, {r['tokens_received']:,} tokens received ({r['queued_tokens']:,} "
+    streams = f"{r['streams']:,} stream" + ("" if r["streams"] == 1 else "s")
+    return (where + f"{r['device']}, up {_uptime(r['uptime_seconds'])}, {streams}, "
+            f"{r['tokens_received']:,} tokens received ({r['queued_tokens']:,} "
             f"queued), {r['tokens_trained']:,} trained, "
             f"{r['recent_tokens_per_second']:,.0f} tokens/s"
             + (f", {bits:.3f} bits/token" if bits is not None else ""))
