@@ -73,8 +73,8 @@ def _add_serve(sub) -> None:
                    "group (torchrun's launcher in this process; one per GPU). 1: one "
                    "process, no torchrun (1)")
     p.add_argument("--max-restarts", type=int, default=3, metavar="R",
-                   help="with --nproc: when a rank dies, restart all ranks up to R times; "
-                   "they recover from their logs (3)")
+                   help="with --nproc: when a rank dies, restart all ranks up to R times "
+                   "(each machine counts its own); they recover from their logs (3)")
     p.add_argument("--nnodes", type=_positive_int, default=1, metavar="M",
                    help="run on M machines, --nproc ranks on each: start this same command "
                    "on every machine, checkpoint.dir on storage they share (1)")
@@ -393,16 +393,15 @@ def _serve(args) -> int:
     config = _load(args)
     if config is None:
         return 0
-    if args.nnodes > 1 and not args.rdzv_endpoint:
-        print("streamrnn serve: --nnodes needs --rdzv-endpoint HOST:PORT, where the "
-              "machines meet", file=sys.stderr)
+    if (args.nnodes > 1) != bool(args.rdzv_endpoint):
+        print("streamrnn serve: --nnodes M (more than 1) and --rdzv-endpoint HOST:PORT, "
+              "where the machines meet, go together", file=sys.stderr)
         return 2
     if args.nproc > 1 or args.nnodes > 1:
         serve_args = (["--config", args.config] if args.config else []) + \
             [item for override in args.overrides for item in ("--set", override)] + \
             (["--fresh"] if args.fresh else [])
-        return launch.launch(args.nproc, args.max_restarts,
-                             int(config.cluster.shutdown_seconds), serve_args,
+        return launch.launch(args.nproc, args.max_restarts, config.cluster, serve_args,
                              nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint)
     return launch.serve(config, fresh=args.fresh)
 

@@ -263,9 +263,11 @@ class ClusterConfig:
     shutdown_seconds: float = _opt(120.0, "serve --nproc: after SIGTERM, how long the ranks "
                                    "get for their final checkpoint before they are killed "
                                    "(the log keeps what a killed one did not write)")
+    join_seconds: float = _opt(600.0, "serve --nnodes: how long the machines wait for each "
+                               "other at the rendezvous, at start and after a restart")
 
     def check(self) -> None:
-        _positive(self, "timeout_seconds", "shutdown_seconds")
+        _positive(self, "timeout_seconds", "shutdown_seconds", "join_seconds")
 
 
 @dataclass(frozen=True)

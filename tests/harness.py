@@ -149,7 +149,7 @@ class ClusterProcess:
                  max_restarts: int = 0, nnodes: int = 1):
         self.workdir, self.nproc, self.max_restarts = workdir, nproc, max_restarts
         self.nnodes, self.world_size = nnodes, nproc * nnodes
-        self.port = free_ports(self.world_size)
+        self.port = free_ports(self.world_size + 1)  # and the rendezvous's, when nnodes > 1
         self.endpoints = [f"tcp://127.0.0.1:{self.port + r}" for r in range(self.world_size)]
         self.overrides = [*TINY, f"ingest.endpoint={self.endpoints[0]}", "metrics.port=0",
                           "train.cpu_threads=1", *overrides]
@@ -162,7 +162,7 @@ class ClusterProcess:
                    "--max-restarts", str(self.max_restarts), *args]
         if self.nnodes > 1:
             command += ["--nnodes", str(self.nnodes), "--rdzv-endpoint",
-                        f"127.0.0.1:{free_port()}"]
+                        f"127.0.0.1:{self.port + self.world_size}"]
         for item in self.overrides:
             command += ["--set", item]
         self.procs = []

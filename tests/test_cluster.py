@@ -184,9 +184,9 @@ def test_two_machines_meet_at_a_rendezvous_and_recover_together(tmp_path):
     """`serve --nnodes 2 --rdzv-endpoint HOST:PORT` on each of two machines (here two
     launchers on loopback, one rank each, one state folder). Ranks bound to every
     interface list the host STREAMRNN_ADVERTISE_HOST names. A rank killed on one
-    machine makes both launchers restart their ranks, though only one counts a restart
-    (the other restarts for the new rendezvous round): they must still meet, and
-    `--fresh`, passed to both again, must not set anything aside."""
+    machine makes both launchers restart their ranks (one of them may count no restart:
+    it restarts for the new rendezvous round): they must still meet, and `--fresh`,
+    passed to both again, must not set anything aside."""
     import time
     state = tmp_path / "state"
     cluster = ClusterProcess(tmp_path, [f"checkpoint.dir={state}",
@@ -221,10 +221,28 @@ def test_two_machines_meet_at_a_rendezvous_and_recover_together(tmp_path):
                            )["next_offset"] == size
     assert sum(r["tokens_trained"] for r in ranks) == sum(sizes.values()) - len(names)
     assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
-    assert len([e for e in cluster.events() if e.get("event") == "listening"]) == 4
+    # both ranks started again (torchrun may take more than one round for it)
+    assert len([e for e in cluster.events() if e.get("event") == "listening"]) >= 4
+    assert len(list(state.joinpath("fresh-done").read_text().split())) == 2  # its ids
     assert not [e for e in cluster.events() if e.get("event", "").startswith("fresh start")]
     assert cluster.stop() == 0
     assert committed_totals(state)["tokens_trained"] == sum(sizes.values()) - len(names)
+
+
+def test_a_machine_that_never_joins_is_named_after_join_seconds(tmp_path):
+    """One launcher of two: it waits cluster.join_seconds at the rendezvous, then says
+    where it waited and for what, and starts no rank."""
+    from harness import free_ports
+    port = free_ports(2)
+    command = [sys.executable, "-m", "streamrnn", "serve", "--nproc", "1", "--nnodes", "2",
+               "--rdzv-endpoint", f"127.0.0.1:{port + 1}"]
+    for item in [*TINY, f"checkpoint.dir={tmp_path / 'state'}", "cluster.join_seconds=3",
+                 f"ingest.endpoint=tcp://127.0.0.1:{port}", "metrics.port=0"]:
+        command += ["--set", item]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"did not all meet at 127.0.0.1:{port + 1} within 3 s" in done.stderr
+    assert not (tmp_path / "state").exists()
 
 
 def positions(cluster: ClusterProcess, streams: list[str]) -> dict[str, int]:
@@ -293,6 +311,23 @@ def test_a_clean_stop_lets_the_next_start_change_the_number_of_ranks(tmp_path):
     again = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=3).start()
     ranks = wait_trained(again)
     assert again.stop() == 0
+    # refused with a message, touching nothing: a damaged newest step, or a rank that
+    # still runs (it holds its folder's lock)
+    damaged, running = tmp_path / "damaged", tmp_path / "running"
+    for copy in (damaged, running):
+        shutil.copytree(state, copy)
+        (copy / "lock").unlink()
+    replicated = sorted((damaged / "cluster").glob("replicated-*.pt"))[-1]
+    replicated.write_bytes(replicated.read_bytes()[:100])
+    import fcntl
+    with open(running / "rank-1-of-3" / "lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for copy, reason in ((damaged, "cannot be read"), (running, "is in use")):
+            refused_alone = DaemonProcess(tmp_path, [f"checkpoint.dir={copy}"]).start(wait=False)
+            assert refused_alone.proc.wait(timeout=60) == 2
+            assert reason in refused_alone.log(), refused_alone.log()[-2000:]
+            assert (copy / "cluster").is_dir() and not list(copy.glob("previous-*"))
+
     single = DaemonProcess(tmp_path, [f"checkpoint.dir={state}", "train.cpu_threads=1"]).start()
     with RawClient(single.endpoint) as client:
         status = client.ask({"type": "status"})

@@ -377,6 +377,7 @@ def test_totals_skip_ranks_that_did_not_answer():
 
 
 def test_a_rank_bound_to_every_interface_lists_a_host_producers_can_reach():
+    from streamrnn.config import StartupError
     from streamrnn.serve.cluster import advertised
     one_machine = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
     two_machines = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}
@@ -391,6 +392,8 @@ def test_a_rank_bound_to_every_interface_lists_a_host_producers_can_reach():
     assert advertised("tcp://0.0.0.0:5558", named, hostname) == "tcp://10.0.0.7:5558"
     assert advertised("tcp://0.0.0.0:5558", {**named, "STREAMRNN_ADVERTISE_HOST": "fd00::7"},
                       hostname) == "tcp://[fd00::7]:5558"
+    with pytest.raises(StartupError, match="STREAMRNN_ADVERTISE_HOST"):
+        advertised("tcp://0.0.0.0:5558", two_machines, lambda: "localhost")
     # a host of its own, or ipc: listed as bound
     assert advertised("tcp://10.1.2.3:5558", two_machines, hostname) == "tcp://10.1.2.3:5558"
     assert advertised("ipc:///run/s.1", named, hostname) == "ipc:///run/s.1"

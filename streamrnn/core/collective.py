@@ -133,7 +133,7 @@ def _attempt_prefix(environ: Mapping[str, str]) -> str:
     would never meet: there torchrun must give each attempt a store of its own."""
     if int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])) < int(environ["WORLD_SIZE"]):
         raise StartupError(
-            "ranks on several machines need a store of their own for each attempt: start "
-            "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment on "
-            "every machine")
+            "ranks on several machines need a store of their own for each attempt: use "
+            "`streamrnn serve --nnodes`, or start torchrun with --rdzv-backend c10d and "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment on every machine")
     return f"streamrnn/attempt-{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"

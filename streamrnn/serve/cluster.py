@@ -16,6 +16,7 @@ restarts every rank.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import time
@@ -54,11 +55,12 @@ WILDCARD_HOSTS = ("0.0.0.0", "[::]")  # how ZeroMQ reports a tcp://*:PORT it bou
 def advertised(bound: str, environ: Mapping[str, str],
                hostname: Callable[[], str] = socket.getfqdn) -> str:
     """The endpoint a rank lists in `topology` for producers: the one it bound, but
-    bound to every interface (tcp://*:PORT) on a cluster of several machines, where a
-    producer could not tell which machine that is, its host is STREAMRNN_ADVERTISE_HOST
-    when set (per machine: the configs must be equal), else this machine's name, as
-    Kafka's brokers advertise theirs. On one machine the wildcard stays, and the
-    Producer puts in the host it reached the cluster at."""
+    bound to every interface (tcp://*:PORT), with STREAMRNN_ADVERTISE_HOST as its host
+    when set (per machine: the configs must be equal). Else, on a cluster of several
+    machines, where a producer could not tell which machine a wildcard means: this
+    machine's name, as Kafka's brokers advertise theirs (refused if it names this
+    machine's loopback only). Else the wildcard stays, and the Producer puts in the
+    host it reached the cluster at."""
     head, _, port = bound.rpartition(":")
     if not head.startswith("tcp://") or head[len("tcp://"):] not in WILDCARD_HOSTS:
         return bound
@@ -66,10 +68,24 @@ def advertised(bound: str, environ: Mapping[str, str],
     world_size = int(environ.get("WORLD_SIZE", "1"))
     if not host and int(environ.get("LOCAL_WORLD_SIZE", world_size)) < world_size:
         host = hostname()
+        if _loopback_only(host):
+            raise StartupError(
+                f"this machine's name {host!r} resolves to loopback only, so producers on "
+                "other machines could not reach this rank: set STREAMRNN_ADVERTISE_HOST "
+                "in its environment to a name or address they reach")
     if not host:
         return bound
     return f"tcp://[{host}]:{port}" if ":" in host and not host.startswith("[") \
         else f"tcp://{host}:{port}"
+
+
+def _loopback_only(host: str) -> bool:
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False  # it may resolve where the producers are
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback
+                                   for a in addresses)
 
 
 class ClusterFault(Exception):

@@ -19,12 +19,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import uuid
 
 import prometheus_client
 import torch
 import torch.distributed
 
-from ..config import Config, ConfigError, StartupError
+from ..config import ClusterConfig, Config, ConfigError, StartupError
 from ..core.collective import Ranks
 from ..core.learner import resolve_device
 from ..keys import KeyError_
@@ -34,25 +35,29 @@ from .daemon import Daemon
 from .recovery import IncompatibleState
 
 
-def launch(nproc: int, max_restarts: int, shutdown_seconds: int, serve_args: list[str],
+def launch(nproc: int, max_restarts: int, cluster: ClusterConfig, serve_args: list[str],
            nnodes: int = 1, rdzv_endpoint: str | None = None) -> int:
     """Run `streamrnn serve SERVE_ARGS` as `nproc` ranks on this machine, of `nnodes`
     machines that meet at `rdzv_endpoint`; the exit status to return."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
 
+    if "--fresh" in serve_args:  # once for this launch, not at every restart
+        os.environ["STREAMRNN_FRESH_ID"] = uuid.uuid4().hex  # (lockstep_recovery)
     where = ["--standalone"]
     if nnodes > 1:
         where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=streamrnn"]
+                 f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=streamrnn",
+                 f"--rdzv-conf=join_timeout={int(cluster.join_seconds)}"]
         # a store of its own for each attempt (collective._attempt_prefix says why);
         # read by this process's agent, and passed on to the ranks
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     args = torchrun.get_args_parser().parse_args([
         *where, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-        f"--shutdown_timeout={shutdown_seconds}", "--module", "streamrnn", "serve",
-        *serve_args])
+        f"--shutdown_timeout={int(cluster.shutdown_seconds)}", "--module", "streamrnn",
+        "serve", *serve_args])
     try:
         torchrun.run(args)
     except SignalException:
@@ -63,7 +68,15 @@ def launch(nproc: int, max_restarts: int, shutdown_seconds: int, serve_args: lis
         print(f"streamrnn serve --nproc {nproc}: the ranks failed after {max_restarts} "
               f"restarts ({failures}); their log lines above say why", file=sys.stderr)
         return 2 if any(f.exitcode == 2 for f in e.failures.values()) else 1
+    except RendezvousError as e:
+        print(f"streamrnn serve --nnodes {nnodes}: the machines did not all meet at "
+              f"{rdzv_endpoint} within {cluster.join_seconds:g} s (cluster.join_seconds): "
+              f"start the same command on each of the {nnodes} machines, and let each "
+              f"reach that address ({type(e).__name__}{': ' + str(e) if str(e) else ''})",
+              file=sys.stderr)
+        return 1
     return 0
+
 
 def serve(config: Config, fresh: bool = False) -> int:
     """One process, or the rank torchrun started this process as (its environment)."""

@@ -12,6 +12,7 @@ Every function here runs on every rank at once: each contains collectives.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from ..config import StartupError
 from ..core.streams import StreamTable
 from . import recovery
 from .checkpoint import CheckpointError, Checkpoints, load
+from .durability import lock
 from .manifest import PART_FORMAT, REPLICATED_FORMAT, Manifests, rank_folder
 from .recovery import IncompatibleState
-from .wal import WalDamaged, WriteAheadLog, last_change
+from .wal import WalDamaged, WriteAheadLog, fsync_dir, last_change
 
 if TYPE_CHECKING:
     from .lockstep import ClusterDurability
@@ -36,13 +38,7 @@ NO_STEP = -1
 def recover(d: ClusterDurability, fresh: bool, progress: Callable[[str], None]) -> None:
     """Load, replay and log as above. A stop request waits until the replay is done: a
     rank cannot leave the lockstep alone."""
-    # every rank or none. On several machines an agent that restarts its ranks for
-    # another machine's failure does not count a restart, and passes --fresh again
-    everyone = bool(d.cluster.ranks.agree([int(fresh)], op="min")[0])
-    if fresh and not everyone:
-        d.log.warning("--fresh ignored: the other ranks recover (this is a restart)")
-    if everyone:
-        set_aside(d)
+    _fresh_once(d, fresh)
     d.cluster.ranks.agree([0])  # nobody reads before everything is set aside
     resharded = _reshard_if_needed(d)
     if not resharded:
@@ -72,6 +68,37 @@ def recover(d: ClusterDurability, fresh: bool, progress: Callable[[str], None]) 
         d.cluster.ranks.agree([0])
 
 
+FRESH_DONE = "fresh-done"  # in the state folder: the launch ids of the last --fresh
+
+
+def _fresh_once(d: ClusterDurability, fresh: bool) -> None:
+    """--fresh on every rank or on none, and once per launch. Ranks are started with
+    it again: on several machines by an agent that restarts its ranks for another
+    machine's failure (it counts no restart, so launch.serve lets it through), or by a
+    launcher rerun after its machine failed. `serve --nproc/--nnodes` draws an id per
+    launch (STREAMRNN_FRESH_ID); once carried out, rank 0 records every rank's, and a
+    rank whose id is recorded says no. (Plain torchrun has no id: the MIN alone.)"""
+    launch_id = os.environ.get("STREAMRNN_FRESH_ID", "")
+    done_path = d.state_root / FRESH_DONE
+    done = done_path.read_text().split() if done_path.exists() else []
+    mine = fresh and not (launch_id and launch_id in done)
+    everyone = bool(d.cluster.ranks.agree([int(mine)], op="min")[0])
+    if fresh and not everyone:
+        d.log.warning("--fresh ignored: the other ranks recover (this is a restart)")
+    if not everyone:
+        return
+    set_aside(d)
+    ids = [i for i in d.cluster.ranks.gather(launch_id) if i]
+    if d.cluster.rank == 0 and ids:
+        tmp = done_path.with_name(FRESH_DONE + ".tmp")
+        with open(tmp, "w") as f:
+            f.write("\n".join(ids) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, done_path)
+        fsync_dir(d.state_root)
+
+
 @dataclass
 class LeftState:
     """The newest state another number of ranks (or one process) left."""
@@ -86,7 +113,20 @@ class LeftState:
 def _left_state(root: Path, manifests: Manifests, single: Checkpoints | None,
                 world_size_now: int) -> LeftState | None:
     """None when there is none, or when it is a cluster's of `world_size_now` ranks (a
-    restart: recovered as usual, with its fallbacks to older steps)."""
+    restart: recovered as usual, with its fallbacks to older steps). A state that
+    cannot be read is refused: only the layout that wrote it falls back to older ones."""
+    try:
+        return _read_left_state(root, manifests, single, world_size_now)
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError) as e:
+        raise IncompatibleState(
+            f"the state in {root} was written by another number of ranks, and its newest "
+            f"checkpoint cannot be read ({type(e).__name__}: {e}). Start it with the "
+            "number of ranks that wrote it (that falls back to an older checkpoint), "
+            "stop it cleanly, then change the number; or " + recovery.FRESH_HINT) from e
+
+
+def _read_left_state(root: Path, manifests: Manifests, single: Checkpoints | None,
+                     world_size_now: int) -> LeftState | None:
     steps = manifests.steps()
     if steps:
         manifest = manifests.read_manifest(steps[0])
@@ -97,6 +137,9 @@ def _left_state(root: Path, manifests: Manifests, single: Checkpoints | None,
         sources = [(load(root / entry["path"], format=PART_FORMAT),
                     rank_folder(root, entry["rank"], world_size) / "wal")
                    for entry in manifest["parts"]]
+        if any(int(f["step"]) != int(manifest["step"])
+               for f in (replicated, *(part for part, _ in sources))):
+            raise CheckpointError(f"the files of step {manifest['step']} hold other steps")
         return LeftState(replicated["learner"], sources, world_size, int(manifest["step"]),
                          int(manifest["num_groups"]), manifests.manifest_path(steps[0]))
     if single is not None and single.paths():
@@ -113,11 +156,12 @@ def _refuse_unless_clean(left: LeftState, root: Path, world_size: int) -> None:
     unclean = [str(log) for part, log in left.sources if last_change(log) > part["wal_seq"]]
     if unclean:
         raise IncompatibleState(
-            f"the state in {root} was left by {left.world_size} rank(s) that did "
-            f"not stop cleanly (their logs hold changes after the last checkpoint: "
-            f"{', '.join(unclean[:2])}), and this start has {world_size}. "
-            f"Start it again as before (--nproc {left.world_size}; it recovers), stop it "
-            f"with SIGTERM, then start it with --nproc {world_size}")
+            f"the state in {root} was left by {left.world_size} rank(s) that did not stop "
+            f"cleanly (their logs hold changes after the last checkpoint: "
+            f"{', '.join(unclean[:2])}), and this start has {world_size}. Start it again "
+            f"as before ({left.world_size} rank(s): --nproc {left.world_size}, or --nproc "
+            f"times --nnodes on several machines; it recovers), stop it with SIGTERM, then "
+            f"change the number of ranks")
 
 
 def _take_over(d, left: LeftState, owns: Callable[[str], bool], carries_totals: bool,
@@ -170,21 +214,37 @@ def leave_cluster(d) -> None:
     takes every stream, the weights and the lifetime totals, and writes them as its
     own checkpoint; then the cluster's files are set aside (a crash before that only
     repeats this). After a crash: refused, as for another N."""
-    left = _left_state(d.root, Manifests(d.root, 0, 1, d.config.checkpoint.keep), None,
-                       world_size_now=0)
-    _refuse_unless_clean(left, d.root, 1)
-    aside = Path(tempfile.mkdtemp(prefix=f"previous-{time.strftime('%Y%m%d-%H%M%S')}-",
-                                  dir=d.root))
-    for name in ("checkpoints", "wal"):  # one process's, from before the cluster
-        for path in sorted((d.root / name).glob("*")):
-            (aside / name).mkdir(exist_ok=True)
-            path.rename(aside / name / path.name)
-    _take_over(d, left, lambda stream: True, carries_totals=True)
-    if d.checkpoint_now() is None:
-        raise StartupError("the first checkpoint of one process taking over a cluster's "
-                           "state failed (see the error above); the cluster's state stays")
-    for path in [d.root / "cluster", *d.root.glob("rank-*-of-*")]:
-        path.rename(aside / path.name)
+    # no rank may still run (rank 0's machine gone, the others waiting in a collective):
+    # each holds its folder's lock until it ends
+    held = [lock(folder) for folder in sorted(d.root.glob("rank-*-of-*"))]
+    try:
+        left = _left_state(d.root, Manifests(d.root, 0, 1, d.config.checkpoint.keep),
+                           None, world_size_now=0)
+        if left is None:
+            raise IncompatibleState(f"{d.root} holds a cluster's manifests but no "
+                                    "committed step; or " + recovery.FRESH_HINT)
+        _refuse_unless_clean(left, d.root, 1)
+        aside = Path(tempfile.mkdtemp(
+            prefix=f"previous-{time.strftime('%Y%m%d-%H%M%S')}-", dir=d.root))
+        for name in ("checkpoints", "wal"):  # one process's, from before the cluster
+            for path in sorted((d.root / name).glob("*")):
+                (aside / name).mkdir(exist_ok=True)
+                path.rename(aside / name / path.name)
+            if (aside / name).is_dir():  # gone for good before anything newer is written
+                fsync_dir(aside / name)
+                fsync_dir(d.root / name)
+        _take_over(d, left, lambda stream: True, carries_totals=True)
+        if d.checkpoint_now() is None:
+            raise StartupError("the first checkpoint of one process taking over a "
+                               "cluster's state failed (see the error above); the "
+                               "cluster's state stays")
+        for path in [d.root / "cluster", *d.root.glob("rank-*-of-*")]:
+            path.rename(aside / path.name)
+        fsync_dir(aside)
+        fsync_dir(d.root)
+    finally:
+        for lock_file in held:
+            lock_file.close()
     d.log.warning("the number of ranks changed: one process took every stream",
                   ranks_before=left.world_size, streams=len(d.learner.streams.ids),
                   set_aside=str(aside))
