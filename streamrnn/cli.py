@@ -7,12 +7,12 @@ import os
 import sys
 
 from .config import ConfigError, IngestConfig, endpoint_problem, format_config, load_config
-from .report import format_checkpoint, format_cluster_status, format_manifest, format_status
+from .report import format_checkpoint, format_cluster_status, format_status
 from .wire import REQUEST_TYPES
 
 DEFAULT_ENDPOINT = IngestConfig().endpoint
 # the folder the systemd unit's StateDirectory= gives, for messages that suggest one
-SERVICE_CHECKPOINTS = "/var/lib/streamrnn/checkpoints"
+SERVICE_CHECKPOINTS = "/var/lib/streamrnn"
 BENCH_MODES = ("engine", "e2e", "soak", "quality")
 
 
@@ -91,26 +91,31 @@ def _add_checkpoint(sub) -> None:
                        "Each has its own --help.")
     actions = _subcommands(p, "action")
     p = actions.add_parser("save", help="ask a running daemon to write a checkpoint now",
-                           description="Ask a running daemon to write a checkpoint now; "
-                           "answered once the file is durable.")
+                           description="Ask a running daemon (any rank) to write a "
+                           "checkpoint now; answered once it is committed, or with the "
+                           "last one when nothing changed since.")
     _endpoint_option(p)
     _json_flag(p)
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the "
                    "daemon to write it (300)")
     p.set_defaults(run=_checkpoint_save)
-    p = actions.add_parser("list", help="the checkpoints in a folder",
-                           description="The checkpoints in a folder, newest first.")
-    p.add_argument("path", nargs="?", metavar="PATH", help="the folder (default: "
+    p = actions.add_parser("list", help="the checkpoints in a state folder",
+                           description="The committed checkpoints in a state folder, "
+                           "newest first, whatever number of ranks wrote them; the one "
+                           "the next start loads is marked.")
+    p.add_argument("path", nargs="?", metavar="PATH", help="the state folder (default: "
                    "checkpoint.dir of --config, else $STATE_DIRECTORY, else "
-                   f"./streamrnn-state, plus /checkpoints; the service's is "
-                   f"{SERVICE_CHECKPOINTS})")
+                   f"./streamrnn-state; the service's is {SERVICE_CHECKPOINTS})")
     p.add_argument("--config", metavar="FILE", help="take checkpoint.dir from here")
     _json_flag(p)
     p.set_defaults(run=_checkpoint_list)
-    p = actions.add_parser("inspect", help="one checkpoint file",
-                           description="One checkpoint: time, log position, updates, "
-                           "streams, bits/token, model and training settings, version.")
-    p.add_argument("path", metavar="PATH", help="the checkpoint file")
+    p = actions.add_parser("inspect", help="one checkpoint",
+                           description="One checkpoint, every file of it read: time, "
+                           "ranks, log positions, updates, streams, bits/token, model and "
+                           "training settings, version.")
+    p.add_argument("path", metavar="PATH", help="its manifest, "
+                   "STATE/checkpoints/checkpoint-C.json (what `status` and `checkpoint "
+                   "save` name)")
     _json_flag(p)
     p.set_defaults(run=_checkpoint_inspect)
 
@@ -426,72 +431,43 @@ def _checkpoint_save(args) -> int:
 
 
 def _checkpoint_list(args) -> int:
-    folder, origin = _checkpoint_folder(args)
-    if not folder.is_dir():
-        print(f"streamrnn checkpoint list: {folder.absolute()} does not exist" + (
+    from .serve import statedir
+    root, origin = _state_folder(args)
+    if not root.is_dir():
+        print(f"streamrnn checkpoint list: {root.absolute()} does not exist" + (
               f"{origin}. Name the folder, e.g. `streamrnn checkpoint list "
               f"{SERVICE_CHECKPOINTS}` for the systemd service" if origin else ""),
               file=sys.stderr)
         return 1
-    manifests = sorted((folder.parent / "cluster").glob("manifest-*.json"), reverse=True)
-    if manifests and not any(folder.glob("checkpoint-*.pt")):
-        return _cluster_checkpoint_list(manifests, args.json)
-    rows = _checkpoint_rows(sorted(folder.glob("checkpoint-*.pt"), reverse=True))
+    rows = statedir.listing(root)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         print("\n".join(format_checkpoint(row, full=False) for row in rows) if rows
-              else f"no checkpoints in {folder}")
-    return 1 if any("error" in row for row in rows) else 0
-
-
-def _cluster_checkpoint_list(manifests: list, as_json: bool) -> int:
-    """A cluster's checkpoints (serve --nproc): its committed manifests, newest first."""
-    rows = []
-    for path in manifests:
-        try:
-            manifest = json.loads(path.read_text())
-            rows.append({"path": str(path), "step": manifest["step"],
-                         "created": manifest["created"], "ranks": manifest["world_size"],
-                         "updates": manifest["updates"],
-                         "wal_seqs": [p["wal_seq"] for p in manifest["parts"]]})
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            rows.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
-    print(json.dumps(rows, indent=1) if as_json
-          else "\n".join(format_manifest(row) for row in rows))
+              else f"no checkpoints in {root}")
     return 1 if any("error" in row for row in rows) else 0
 
 
 def _checkpoint_inspect(args) -> int:
-    row = _checkpoint_rows([args.path])[0]
+    from .serve import statedir
+    row = statedir.inspect(args.path)
     print(json.dumps(row, indent=1) if args.json else format_checkpoint(row, full=True))
     return 1 if "error" in row else 0
 
 
-def _checkpoint_rows(paths) -> list[dict]:
-    """Each checkpoint's summary, or why it cannot be read."""
-    from .serve import checkpoint
-    rows = []
-    for path in paths:
-        try:
-            rows.append({"path": str(path), **checkpoint.summary(checkpoint.load(path))})
-        except checkpoint.CheckpointError as e:
-            rows.append({"path": str(path), "error": str(e)})
-    return rows
-
-
-def _checkpoint_folder(args):
-    """The folder `checkpoint list` reads, and how it was chosen (for the message when it
-    is not there: the default depends on the environment, so say which one applied)."""
+def _state_folder(args):
+    """The state folder `checkpoint list` reads (PATH may also be its checkpoints/ folder),
+    and how it was chosen (for the message when it is not there: the default depends on
+    the environment, so say which one applied)."""
     from pathlib import Path
     if args.path:
-        return Path(args.path), ""
+        path = Path(args.path)
+        return (path.parent if path.name == "checkpoints" else path), ""
     checkpoint = load_config(args.config).checkpoint
     origin = checkpoint.resolved_dir_origin()
     if checkpoint.dir:
         origin += f" in {args.config}"
-    folder = Path(checkpoint.resolved_dir()) / "checkpoints"
-    return folder, f"; it is {origin} plus /checkpoints"
+    return Path(checkpoint.resolved_dir()), f"; it is {origin}"
 
 
 def _feed(args) -> int:

@@ -7,13 +7,22 @@ import time
 
 
 def format_checkpoint(row: dict, full: bool) -> str:
+    """A committed checkpoint (statedir.listing / inspect's row)."""
     if "error" in row:
         return f"{row['path']}: UNREADABLE: {row['error']}"
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
-    bpt = f"{row['bits_per_token']:.3f}" if row["bits_per_token"] is not None else "-"
-    line = (f"{row['path']}: {created}, {row['updates']:,} updates, {row['streams']:,} "
-            f"streams, {row['tokens_trained']:,} tokens trained, {bpt} bits/token, log "
-            f"position {row['wal_seq']}")
+    ranks = f"{row['ranks']} rank" + ("" if row["ranks"] == 1 else "s")
+    counts = "" if row["streams"] is None else (
+        f", {row['streams']:,} stream{'' if row['streams'] == 1 else 's'}, "
+        f"{row['tokens_trained']:,} tokens trained, " +
+        (f"{row['bits_per_token']:.3f}" if row["bits_per_token"] is not None else "-") +
+        " bits/token")
+    line = (f"{row['path']}: {created}, {ranks}, {row['updates']:,} updates{counts}, log "
+            f"position{'s' if len(row['log_positions']) > 1 else ''} "
+            f"{', '.join(f'{p:,}' for p in row['log_positions'])}"
+            + (f" (streamrnn {row['legacy']}: taken over at the next start)"
+               if row.get("legacy") else "")
+            + ("  <- the next start loads this one" if row.get("next_start") else ""))
     if not full:
         return line
     model, train = row["config"]["model"], row["config"]["train"]
@@ -23,15 +32,6 @@ def format_checkpoint(row: dict, full: bool) -> str:
                                                  else "")  # absent before 0.2
                       + f"; TBPTT({train['k1']}, {train['k2']}), {train['optimizer']} lr "
                       f"{train['lr']}", f"  version {row['version']}"])
-
-
-def format_manifest(row: dict) -> str:
-    """One committed checkpoint of a cluster (a manifest's summary row)."""
-    if "error" in row:
-        return f"{row['path']}: UNREADABLE: {row['error']}"
-    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
-    return (f"{row['path']}: {created}, step {row['step']:,}, {row['ranks']} ranks, "
-            f"{row['updates']:,} updates, log positions {row['wal_seqs']}")
 
 
 def format_status(s: dict) -> str:

@@ -12,6 +12,8 @@ from pathlib import Path
 import msgpack
 import zmq
 
+from streamrnn.keygroups import owner
+
 # a model small enough that a 2-core CI machine trains it instantly: one plain layer,
 # which the tests' pace and timeouts were set with (a crash test also runs the default
 # shape, several layers with skip connections)
@@ -36,6 +38,7 @@ class DaemonProcess:
         self.metrics_port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.metrics_urls = [self.metrics_url]
         self.overrides = [*TINY, f"ingest.endpoint={self.endpoint}",
                           f"metrics.port={self.metrics_port}", *overrides]
         self.log_path = workdir / f"daemon-{self.port}.log"
@@ -73,6 +76,30 @@ class DaemonProcess:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
+
+    # what a test of one process or of ranks asks alike (see ClusterProcess)
+    world_size = 1
+
+    def kill(self) -> None:
+        """SIGKILL, and gone."""
+        self.stop(signal.SIGKILL)
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def rank_of(self, stream: str) -> int:
+        return 0
+
+    def endpoint_of(self, stream: str) -> str:
+        return self.endpoint
+
+    def cue(self, cue: str, stream: str | None = None) -> str:
+        """A fault cue (serve/faults.py) for this process."""
+        return cue
+
+    @property
+    def state(self) -> Path:
+        return self.workdir / "streamrnn-state"
 
     def events(self) -> list[dict]:
         import json
@@ -151,8 +178,11 @@ class ClusterProcess:
         self.nnodes, self.world_size = nnodes, nproc * nnodes
         self.port = free_ports(self.world_size + 1)  # and the rendezvous's, when nnodes > 1
         self.endpoints = [f"tcp://127.0.0.1:{self.port + r}" for r in range(self.world_size)]
-        self.overrides = [*TINY, f"ingest.endpoint={self.endpoints[0]}", "metrics.port=0",
-                          "train.cpu_threads=1", *overrides]
+        metrics = free_ports(self.world_size)
+        self.metrics_urls = [f"http://127.0.0.1:{metrics + r}/metrics"
+                             for r in range(self.world_size)]
+        self.overrides = [*TINY, f"ingest.endpoint={self.endpoints[0]}",
+                          f"metrics.port={metrics}", "train.cpu_threads=1", *overrides]
         self.log_paths = [workdir / f"cluster-{self.port}-{n}.log" for n in range(nnodes)]
         self.procs: list[subprocess.Popen] = []
 
@@ -176,6 +206,37 @@ class ClusterProcess:
         if wait:
             self.wait_ready()
         return self
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[0]
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.procs[0]
+
+    @property
+    def state(self) -> Path:
+        return self.workdir / "streamrnn-state"
+
+    def kill(self) -> None:
+        self.kill_all()
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        """The launcher's exit status once every launcher has ended."""
+        codes = [p.wait(timeout=timeout) for p in self.procs]
+        return next((c for c in codes if c), 0)
+
+    def rank_of(self, stream: str) -> int:
+        return owner(stream, self.world_size)
+
+    def endpoint_of(self, stream: str) -> str:
+        return self.endpoints[self.rank_of(stream)]
+
+    def cue(self, cue: str, stream: str | None = None) -> str:
+        """A fault cue for the rank that owns `stream` (rank 1 if none is named), before
+        torchrun's first restart (serve/faults.py)."""
+        return f"{cue}@{self.rank_of(stream) if stream is not None else 1}"
 
     def topology(self, rank: int, timeout: float = 1.0) -> dict:
         with RawClient(self.endpoints[rank]) as client:
@@ -243,6 +304,27 @@ class ClusterProcess:
 
     def log(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.log_paths if p.exists())
+
+
+def serve(workdir: Path, overrides: list[str], nproc: int = 1, **options):
+    """`streamrnn serve` as one process (nproc 1) or as `--nproc N` ranks: the two answer
+    the tests alike (endpoint, endpoint_of, kill, wait_exit, state, log, events ...)."""
+    if nproc == 1:
+        return DaemonProcess(workdir, overrides, **options)
+    return ClusterProcess(workdir, overrides, nproc=nproc, **options)
+
+
+def load_checkpoint(manifest: Path) -> dict:
+    """Every file of a committed checkpoint: {"manifest", "replicated", "parts"}."""
+    import json
+
+    import torch
+    manifest = Path(manifest)
+    root = manifest.parent.parent
+    m = json.loads(manifest.read_text())
+    return {"manifest": m,
+            "replicated": torch.load(root / m["replicated"], weights_only=True),
+            "parts": [torch.load(root / p["path"], weights_only=True) for p in m["parts"]]}
 
 
 def _alive(pid: int) -> bool:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from harness import DaemonProcess
+from streamrnn import __version__
 from streamrnn.client import Producer
 
 
@@ -301,10 +302,11 @@ def test_checkpoint_list_says_which_folder_is_missing_and_why(tmp_path):
         capture_output=True, text=True, timeout=120, env={**env, **more})
     out = run()
     assert out.returncode == 1
-    assert f"{tmp_path}/streamrnn-state/checkpoints does not exist" in out.stderr
+    assert f"{tmp_path}/streamrnn-state does not exist" in out.stderr
     assert "the default, ./streamrnn-state (checkpoint.dir is empty, $STATE_DIRECTORY " \
         "not set)" in out.stderr
-    assert "streamrnn checkpoint list /var/lib/streamrnn/checkpoints" in out.stderr
+    assert "streamrnn checkpoint list /var/lib/streamrnn` for the systemd service" \
+        in out.stderr
     out = run(STATE_DIRECTORY=str(tmp_path / "state"))
     assert out.returncode == 1 and "it is $STATE_DIRECTORY (checkpoint.dir is empty)" \
         in out.stderr
@@ -318,47 +320,50 @@ def test_checkpoint_list_says_which_folder_is_missing_and_why(tmp_path):
 
 
 @pytest.fixture
-def checkpoints(tmp_path):
-    """A folder with two real checkpoints of a small untrained learner."""
-    from streamrnn import load_config
-    from streamrnn.core.learner import Learner
-    from streamrnn.serve.checkpoint import Checkpoints
-    learner = Learner(load_config(overrides=["model.hidden_size=8"]))
-    saved = Checkpoints(tmp_path / "checkpoints", keep=2)
-    for seq in (1, 2):
-        saved.save({"learner": learner.state_dict(), "version": "0.1.0"}, wal_seq=seq)
-    return saved
+def checkpoints(make_daemon):
+    """A state folder with two real checkpoints of a small learner (hidden size 8), the
+    newest first: the first holds 3 tokens (log position 3: the start's resume and
+    config records, the tokens), the second 6 and the update they made (5)."""
+    from inprocess import ask, ask_until_answered
+    d, clock, c = make_daemon("model.hidden_size=8")
+    paths = []
+    for offset in (0, 3):
+        ask(d, c, {"type": "tokens", "stream": "s", "offset": offset, "tokens": [1, 2, 3]})
+        paths.insert(0, ask_until_answered(d, c, {"type": "checkpoint"})["path"])
+    return d.statedir.root, paths
 
 
 @pytest.mark.parametrize("order", ["json first", "json last"])
 def test_checkpoint_inspect_takes_options_in_any_order(checkpoints, order):
-    path = str(checkpoints.paths()[0])
+    path = checkpoints[1][0]
     out = streamrnn("checkpoint", "inspect", *(
         ["--json", path] if order == "json first" else [path, "--json"]))
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout)
-    assert (row["path"], row["wal_seq"], row["updates"], row["version"]) == (path, 2, 0,
-                                                                              "0.1.0")
+    assert (row["path"], row["log_positions"], row["updates"], row["version"],
+            row["streams"], row["ranks"]) == (path, [5], 1, __version__, 1, 1)
     assert row["config"]["model"]["hidden_size"] == 8 and "error" not in row
     out = streamrnn("checkpoint", "inspect", path)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(f"{path}: ") and "log position 2" in out.stdout
+    assert out.stdout.startswith(f"{path}: ") and "log position 5" in out.stdout
     assert re.search(r"^  model: lstm \d+x8, vocab 256", out.stdout, flags=re.M), out.stdout
-    assert out.stdout.splitlines()[-1] == "  version 0.1.0"
+    assert out.stdout.splitlines()[-1] == f"  version {__version__}"
 
 
 @pytest.mark.parametrize("order", ["json first", "json last"])
 def test_checkpoint_list_takes_options_in_any_order(checkpoints, order):
-    folder = str(checkpoints.dir)
+    folder, paths = str(checkpoints[0]), checkpoints[1]
     out = streamrnn("checkpoint", "list", *(
         ["--json", folder] if order == "json first" else [folder, "--json"]))
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
-    assert [row["path"] for row in rows] == [str(p) for p in checkpoints.paths()]
-    assert [row["wal_seq"] for row in rows] == [2, 1]
-    out = streamrnn("checkpoint", "list", folder)
+    assert [row["path"] for row in rows] == paths
+    assert [row["log_positions"] for row in rows] == [[5], [3]]
+    assert [row.get("next_start") for row in rows] == [True, None]
+    out = streamrnn("checkpoint", "list", folder + "/checkpoints")  # its folder: the same
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 2 and "model:" not in out.stdout
+    assert out.stdout.splitlines()[0].endswith("<- the next start loads this one")
 
 
 def test_status_shows_the_last_checkpoint_readably(tmp_path):
@@ -374,7 +379,7 @@ def test_status_shows_the_last_checkpoint_readably(tmp_path):
                               d.endpoint], cwd=tmp_path, capture_output=True, text=True,
                              timeout=120)
         line = next(l for l in out.stdout.splitlines() if l.startswith("last checkpoint"))
-        assert re.fullmatch(r"last checkpoint \S+/checkpoint-\d+-\d+\.pt \(log position "
+        assert re.fullmatch(r"last checkpoint \S+/checkpoint-\d+\.json \(log position "
                             r"[\d,]+, written \d+ s ago\)", line), line
     finally:
         assert d.stop() == 0

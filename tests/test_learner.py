@@ -310,25 +310,29 @@ def assert_same(a, b):
 
 
 def test_an_ended_stream_is_forgotten_at_the_flush_and_nothing_else_changes():
-    """Twin learners, fed alike; in one, stream b ends. The flush trains the same windows
-    in both, then forgets b there: the other streams' positions and states (moved to new
-    rows, some spilled to host memory) are the same as in the twin."""
+    """Twin learners, fed alike; in one, stream d ends: its last target trains in the
+    flush, which then forgets it; then b ends with nothing left to train: it goes at
+    once. The other streams' positions and states (moved to new rows, some spilled to
+    host memory) are the same as in the twin."""
     rng = np.random.default_rng(11)
     feeds = [{s: rng.integers(0, 13, int(rng.integers(5, 30))) for s in "abcdef"}
              for _ in range(4)]
     ending, twin = (make("train.max_resident_streams=2", "train.max_batch_streams=2") for _ in range(2))
     for feed in feeds:
         assert ending.learn_many(feed) == twin.learn_many(feed)
-    assert ending.end("b") and not ending.end("zz")
+    assert ending.streams.untrained("b") == 0 and ending.streams.untrained("d") == 1
+    assert ending.end("d") and not ending.end("zz")
     with pytest.raises(ValueError, match="has ended"):
-        ending.learn_many({"a": [1, 2], "b": [3]})
+        ending.learn_many({"a": [1, 2], "d": [3]})
     assert ending.streams.next_offset("a") == twin.streams.next_offset("a")  # nothing taken
     assert ending.flush() == twin.flush()
-    assert "b" not in ending.streams.row_of and ending.streams.next_offset("b") == 0
-    assert ending.streams.ids == ["a", "f", "c", "d", "e"]  # f moved into b's row
-    assert ending.streams.states.slot_of_row[1] < 0  # and its state was in host memory
+    assert "d" not in ending.streams.row_of and ending.streams.next_offset("d") == 0
+    assert ending.streams.ids == ["a", "b", "c", "f", "e"]  # f moved into d's row
+    assert ending.streams.states.slot_of_row[3] < 0  # and its state was in host memory
+    assert ending.end("b") and "b" not in ending.streams.row_of  # nothing left: at once
+    assert ending.streams.ids == ["a", "e", "c", "f"]
     assert all(torch.equal(p, q) for p, q in zip(params(ending), params(twin)))
-    for s in "acdef":
+    for s in "acef":
         assert ending.streams.next_offset(s) == twin.streams.next_offset(s)
         assert torch.equal(ending.predict(s), twin.predict(s))
     assert ending.num_untrained == twin.num_untrained == 0
@@ -338,6 +342,21 @@ def test_an_ended_stream_is_forgotten_at_the_flush_and_nothing_else_changes():
     restored.load_state_dict(ending.state_dict())
     assert restored.num_untrained == 2 and restored.streams.num_received == \
         ending.streams.num_received
+
+
+def test_a_flush_asked_twice_trains_once_and_survives_a_save():
+    """flush_many with a repeated id counts it once; a flush asked for (an end) that
+    has not trained yet is part of the saved state."""
+    learner = make()
+    learner.add("a", np.arange(7) % 13)  # 6 targets: a window of 4, then 2 left
+    assert learner.flush_many(["a", "a", "a"]).targets == 6
+    assert learner.num_untrained == 0 and learner.streams.untrained("a") == 0
+    learner.add("b", np.arange(6) % 13)
+    assert learner.end("b")
+    restored = make()
+    restored.load_state_dict(learner.state_dict())
+    assert restored.train().targets == 5  # the window, and the rest the end asked for
+    assert "b" not in restored.streams.row_of
 
 
 def test_ended_streams_are_kept_across_save_and_load():

@@ -9,7 +9,7 @@ import prometheus_client
 import torch
 
 from inprocess import ask, ask_until_answered
-from streamrnn.serve.checkpoint import Checkpoints
+from streamrnn.serve import checkpointer
 from streamrnn.serve.handlers import MAX_RETRY_MS
 
 
@@ -23,19 +23,23 @@ def test_idle_streams_are_flushed_after_exactly_flush_after_seconds(make_daemon)
     assert d.learner.tokens_trained == 8
     clock.now += 29.9
     d.housekeeping(clock.now)
+    d.turn()
     assert d.learner.tokens_trained == 8
     clock.now += 0.1
-    d.housekeeping(clock.now)
+    d.housekeeping(clock.now)  # the flush is logged; the next turn's update trains it
+    assert d.learner.tokens_trained == 8
+    d.turn()
     assert d.learner.tokens_trained == 9 and d.learner.num_untrained == 0
     flush = ask(d, c, {"type": "flush", "stream": "idle"})
     assert flush["scheduled"] == 0  # nothing left
 
 
-def test_a_flush_request_trains_at_the_next_housekeeping(make_daemon):
+def test_a_flush_request_trains_in_the_next_turn(make_daemon):
     d, clock, c = make_daemon()
     ask(d, c, tokens("asked", 0, range(7)))   # 6 targets: 4 trained, 2 wait
-    assert ask(d, c, {"type": "flush", "stream": "asked"})["scheduled"] == 1
-    d.housekeeping(clock.now)  # no time passed: asked streams go first
+    c.send({"type": "flush", "stream": "asked"})
+    d.turn()  # takes the request, then trains: no time passed, no housekeeping needed
+    assert c.receive(timeout=5)["scheduled"] == 1
     assert d.learner.tokens_trained == 6
 
 
@@ -77,8 +81,8 @@ def test_busy_hint_follows_the_training_rate(make_daemon):
 
 
 def test_an_update_the_log_cannot_take_does_not_run(make_daemon):
-    # records: config (1), tokens (2), train (3): the first update's record fails
-    d, clock, c = make_daemon(env={"STREAMRNN_FAIL_AT": "wal_write:3"})
+    # records: resume (1), config (2), tokens (3), train (4): the first update's fails
+    d, clock, c = make_daemon(env={"STREAMRNN_FAIL_AT": "wal_write:4"})
     reply = ask(d, c, tokens("s", 0, range(9)))
     assert reply["type"] == "ack"
     assert d.learner.updates == 0 and d.learner.num_untrained == 8
@@ -89,26 +93,26 @@ def test_a_checkpoint_request_does_not_stop_the_loop(make_daemon, monkeypatch):
     d, clock, c = make_daemon()
     ask(d, c, tokens("s", 0, range(9)))
     release = threading.Event()
-    save = Checkpoints.save
+    write = checkpointer.write_atomically
 
-    def slow_save(self, state, wal_seq):
+    def slow_write(path, state):
         release.wait(timeout=20)  # a big model's checkpoint, on the writer thread
-        return save(self, state, wal_seq)
-    monkeypatch.setattr(Checkpoints, "save", slow_save)
+        return write(path, state)
+    monkeypatch.setattr(checkpointer, "write_atomically", slow_write)
     c.send({"type": "checkpoint", "id": 1})
     started = time.monotonic()
     for _ in range(3):
         d.turn()
     status = ask(d, c, {"type": "status", "id": 2})
     assert status["id"] == 2 and time.monotonic() - started < 10  # answered meanwhile
-    assert d.durability.checkpoints.busy
+    assert d.checkpointer.busy
     release.set()
     deadline = time.monotonic() + 20
     while not c.socket.poll(20):
         d.turn()
         assert time.monotonic() < deadline
     reply = c.receive()
-    assert reply["id"] == 1 and reply["ok"] and reply["path"].endswith(".pt")
+    assert reply["id"] == 1 and reply["ok"] and reply["path"].endswith(".json")
     assert ask(d, c, {"type": "checkpoint", "id": 3})["path"] == reply["path"]  # no news
 
 
@@ -120,13 +124,13 @@ def test_a_failed_checkpoint_is_retried_soon_then_less_often(make_daemon):
     for wait in (300, 5, 10, 20, 40, 80, 160, 300, 300):
         clock.now += wait - 0.01
         d.turn()
-        d.durability.checkpoints.wait()
-        assert d.durability.num_started == len(tries), wait  # not yet
+        d.checkpointer.close()  # (waits for the writer thread)
+        assert d.checkpointer.num_started == len(tries), wait  # not yet
         clock.now += 0.01
         d.turn()
-        d.durability.checkpoints.wait()
+        d.checkpointer.close()
         d.turn()  # collects the failure
-        tries.append(d.durability.num_started)
+        tries.append(d.checkpointer.num_started)
     assert tries == list(range(1, 10))
     failures = prometheus_client.generate_latest(d.metrics.registry).decode()
     assert "streamrnn_checkpoint_failures_total 9.0" in failures
@@ -155,7 +159,7 @@ def test_non_finite_updates_are_skipped_counted_and_never_checkpointed(make_daem
     refused = ask_until_answered(d, c, {"type": "checkpoint"})
     assert refused == {"type": "checkpoint", "ok": False,
                        "error": "the write failed; see the daemon's log"}
-    assert len(d.durability.checkpoints.paths()) == 1
+    assert len(d.statedir.committed()) == 1
 
 
 def test_a_scrape_never_touches_the_disk(make_daemon, monkeypatch, tmp_path):
@@ -170,12 +174,79 @@ def test_a_scrape_never_touches_the_disk(make_daemon, monkeypatch, tmp_path):
     assert "streamrnn_wal_bytes" in text and "streamrnn_ingest_queue_tokens" in text
 
 
-def test_checkpoints_stay_apart_without_a_log(tmp_path):
-    checkpoints = Checkpoints(tmp_path, keep=3)
-    for _ in range(5):
-        checkpoints.save({"learner": {}}, wal_seq=0)  # wal.mode = off: wal_seq stays 0
-    names = [p.name for p in checkpoints.paths()]
-    assert names == [f"checkpoint-{0:016d}-{n:06d}.pt" for n in (5, 4, 3)]
-    old = tmp_path / f"checkpoint-{7:016d}.pt"  # a name of the version before
-    old.write_bytes(b"")
-    assert checkpoints.paths()[0] == old and checkpoints.oldest_kept_seq() == 0
+def test_checkpoints_count_up_without_a_log_and_keep_the_newest(make_daemon):
+    """wal.mode = off: no log position moves, the checkpoints' numbers still do; the
+    newest checkpoint.keep stay, with their files."""
+    d, clock, c = make_daemon("wal.mode=off", "checkpoint.keep=3")
+    for i in range(5):
+        ask(d, c, tokens("s", 9 * i, range(9)))
+        assert ask_until_answered(d, c, {"type": "checkpoint"})["number"] == i + 1
+    assert [k.number for k in d.statedir.committed()] == [5, 4, 3]
+    names = sorted(p.name for p in d.statedir.checkpoints.iterdir())
+    assert names == sorted(f"{kind}-{n:08d}{suffix}" for n in (3, 4, 5) for kind, suffix in
+                           (("checkpoint", ".json"), ("replicated", ".pt"),
+                            ("part", "-0-of-1.pt")))
+    assert not list(d.statedir.logs.glob("rank-0-of-1/*"))  # no log at all
+
+
+def arrive(d, count: int) -> None:
+    """Until `count` messages wait in the daemon's inbox (handled by the next intake)."""
+    while len(d.inbox) < count:
+        assert d.source.socket.poll(5000), "no message"
+        d.inbox.extend(d.source.receive(count - len(d.inbox)))
+
+
+def test_tokens_after_an_end_are_refused_until_the_stream_is_forgotten(make_daemon):
+    d, clock, c = make_daemon()
+    ask(d, c, tokens("s", 0, range(30)))  # 29 targets: 28 trained, 1 waits
+    c.send({"type": "end", "stream": "s"})
+    c.send(tokens("s", 30, [1]))
+    arrive(d, 2)
+    d.intake()  # both, before any update: the end's flush has not trained yet
+    ended, refused = c.receive(timeout=5), c.receive(timeout=5)
+    assert ended == {"type": "ended", "stream": "s", "known": True, "next_offset": 30}
+    assert refused["type"] == "nack" and refused["reason"] == "ended"
+    d.turn()  # the last target trains; the stream is forgotten
+    assert ask(d, c, {"type": "position", "stream": "s"})["next_offset"] == 0
+    assert d.learner.tokens_trained == 29
+
+
+def test_a_flush_trains_at_the_loops_cadence_not_all_at_once(make_daemon):
+    """A flush of many streams with a backlog: each turn runs at most
+    train.updates_per_turn updates (intake, acks and the tick go on between)."""
+    d, clock, c = make_daemon("train.max_batch_streams=2", "train.updates_per_turn=3",
+                              "train.flush_after_seconds=0")
+    for i in range(10):  # 10 streams, 7 targets each: a window and 3 left
+        c.send(tokens(f"s{i}", 0, range(8)))
+    c.send({"type": "flush"})
+    arrive(d, 11)
+    d.intake()
+    assert [c.receive(timeout=5)["type"] for _ in range(11)].count("flush") == 1
+    updates = []
+    while d.learner.num_untrained:
+        before = d.learner.updates
+        d.turn()
+        updates.append(d.learner.updates - before)
+    assert max(updates) == 3 and len(updates) >= 4  # 10 windows + 10 rests, 2 a time
+    assert d.learner.tokens_trained == 70
+
+
+def test_the_daemon_gives_back_the_signal_handlers_it_replaced(tmp_path):
+    import signal
+    from harness import TINY, free_port
+    from streamrnn import load_config
+    from streamrnn.serve.daemon import Daemon
+
+    def mine(signum, frame):
+        pass
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        daemon = Daemon(load_config(overrides=[
+            *TINY, f"ingest.endpoint=tcp://127.0.0.1:{free_port()}", "metrics.port=0",
+            f"checkpoint.dir={tmp_path / 'state'}"]), environ={})
+        daemon.stop_requested = True  # stops at its first turn
+        assert daemon.run() == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)

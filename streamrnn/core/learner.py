@@ -47,7 +47,7 @@ class _Ran:
     nats: torch.Tensor     # summed cross-entropy of its targets
     skipped: torch.Tensor  # 1.0 if its step was skipped
     num_targets: int
-    rows: np.ndarray
+    streams: np.ndarray  # their StreamTable.serial: rows move when streams are forgotten
 
 
 class Learner:
@@ -110,13 +110,14 @@ class Learner:
 
     def train(self, max_updates: int | None = None) -> LearnResult:
         """Run ready updates, at most `max_updates` (None: until none is ready)."""
-        self._run(None, max_updates)
+        self._run(max_updates)
         return self.settle()
 
-    def next_update(self, flush_rows: np.ndarray | None = None) -> Plan | None:
+    def next_update(self, group=None) -> Plan | None:
         """The update that would run next (see StreamTable.ready), without running it:
-        a pure function of what the streams hold, so it can be logged first."""
-        return self.streams.ready(self.max_batch_streams, flush_rows)
+        a pure function of what the streams hold, so it can be logged first. `group`:
+        see StreamTable.ready (a replay of several ranks' logs in one process)."""
+        return self.streams.ready(self.max_batch_streams, group)
 
     def step(self, plan: Plan | None, num_targets: int | None = None) -> None:
         """Run one planned update. No host sync: its loss stays on the device until
@@ -127,11 +128,11 @@ class Learner:
         for group in self.optimizer.param_groups:  # a float per step: no recompile
             group["lr"] = learning_rate(self.tuning, self.updates)
         nats, skipped = self.engine.step(batch, self.streams.states.tensors, num_targets)
+        serials = self.streams.serial[plan.rows] if plan else np.zeros(0, np.int64)
         if plan is not None:
             self.streams.commit(plan)  # after the step: one that raised changed nothing
         self.updates += 1
-        self._unsettled.append(_Ran(nats, skipped, plan.num_targets if plan else 0,
-                                    plan.rows if plan else np.zeros(0, np.int64)))
+        self._unsettled.append(_Ran(nats, skipped, plan.num_targets if plan else 0, serials))
 
     def settle(self) -> LearnResult:
         """What the updates run since the last settle did (their outcomes fetched from
@@ -144,10 +145,10 @@ class Learner:
         kept = [(r, nats) for r, nats, skipped in done if not skipped]
         dropped = [r for r, _, skipped in done if skipped]
         return LearnResult(
-            streams=len(np.unique(np.concatenate([r.rows for r, _, _ in done]))),
+            streams=len(np.unique(np.concatenate([r.streams for r, _, _ in done]))),
             updates=len(done), targets=sum(r.num_targets for r, _ in kept),
             bits=sum(nats_to_bits(nats) for _, nats in kept),
-            batch_streams=tuple(len(r.rows) for r, _, _ in done),
+            batch_streams=tuple(len(r.streams) for r, _, _ in done),
             skipped=len(dropped), skipped_targets=sum(r.num_targets for r in dropped))
 
     def _fetch(self) -> None:
@@ -175,38 +176,30 @@ class Learner:
         apply_settings(self.optimizer, train)
 
     def end(self, stream_id: StreamId) -> bool:
-        """The stream gets no more tokens: the next flush that trains its last targets
-        also forgets it (tokens, state and id: the id may then start again from offset
-        0), so streams that come and go do not pile up. False if the stream is unknown."""
-        if stream_id not in self.streams.row_of:
-            return False
-        self.streams.ended.add(stream_id)
-        return True
+        """The stream gets no more tokens: its last targets train in the next updates,
+        and then it is forgotten (tokens, state and id: the id may then start again from
+        offset 0), so streams that come and go do not pile up. False if the stream is
+        unknown."""
+        return self.streams.end(stream_id)
 
     def flush(self, stream_id: StreamId | None = None) -> LearnResult:
         """Train the last r < k1 targets of one stream (None: of every stream) in a
         shorter update, so nothing received stays untrained. Streams continue
         afterwards, except ended ones (see `end`), forgotten once nothing is left to
         train. Any hashable is one stream id, a tuple too: several go to flush_many."""
-        return self.flush_many(self.streams.ids if stream_id is None else [stream_id])
+        return self.flush_many(list(self.streams.ids) if stream_id is None else [stream_id])
 
     def flush_many(self, stream_ids: Iterable[StreamId]) -> LearnResult:
-        """`flush` for each of these streams, in shared updates."""
-        rows = np.array([self.streams.row_of[s] for s in stream_ids
-                         if s in self.streams.row_of], np.int64)
-        if len(rows) == 0 and not self.ranks.distributed:  # ranks flush together
-            return LearnResult()
-        self._run(None)  # full windows first, then the remainders
-        self._run(rows)
-        result = self.settle()
-        if self.streams.ended:
-            self.streams.forget_ended()
-        return result
+        """`flush` for each of these streams (each once), in shared updates with the
+        full windows that are ready."""
+        self.streams.flush(stream_ids)
+        self._run(None)
+        return self.settle()
 
-    def _run(self, flush_rows: np.ndarray | None, max_updates: int | None = None) -> None:
+    def _run(self, max_updates: int | None = None) -> None:
         done = 0
         while max_updates is None or done < max_updates:
-            plan = self.next_update(flush_rows)
+            plan = self.next_update()
             num_targets = None
             if self.ranks.distributed:  # every rank steps while any rank has a window
                 any_ready, num_targets = self.ranks.agree(
@@ -302,20 +295,31 @@ class Learner:
         return array.astype(np.int32)
 
     # ---- state -------------------------------------------------------------------------
+    # Plain tensors and containers, so torch.load(weights_only=True) reads them. With
+    # several ranks the replicated part is the same on every rank (one copy is saved),
+    # the rank's part holds its own streams and what they trained.
+    def replicated_state(self) -> dict:
+        """Weights, optimizer, config and the global counts: equal on every rank."""
+        return {"format": FORMAT, "config": self.config.to_dict(),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "totals": {"updates": self.updates, "skipped_updates": self.skipped_updates}}
+
+    def rank_state(self) -> dict:
+        """This rank's streams, and the targets and bits they trained."""
+        return {"streams": self.streams.state_dict(),
+                "totals": {"tokens_trained": self.tokens_trained, "bits": self.bits}}
+
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly: weights, optimizer, streams, totals.
-        Plain tensors and containers, so torch.load(weights_only=True) reads it."""
-        return {
-            "format": FORMAT,
-            "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "streams": self.streams.state_dict(),
-            "totals": {"updates": self.updates, "tokens_trained": self.tokens_trained,
-                       "bits": self.bits, "skipped_updates": self.skipped_updates},
-        }
+        """Everything needed to continue exactly (one process): both parts in one."""
+        replicated, rank = self.replicated_state(), self.rank_state()
+        return {**replicated, "streams": rank["streams"],
+                "totals": {**replicated["totals"], **rank["totals"]}}
 
     def load_state_dict(self, state: dict) -> None:
+        self.load_replicated(state)
+        self.load_rank(state)
+
+    def load_replicated(self, state: dict) -> None:
         if state.get("format") != FORMAT:
             raise ValueError(f"not a streamrnn learner state (format {state.get('format')!r},"
                              f" expected {FORMAT!r})")
@@ -326,14 +330,17 @@ class Learner:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         apply_settings(self.optimizer, self.tuning)  # the state brings its own betas
-        self.streams.load_state_dict(state["streams"])
         totals = state["totals"]
         self.updates = int(totals["updates"])
-        self._tokens_trained = int(totals["tokens_trained"])
-        self._bits = float(totals["bits"])
         self._skipped_updates = int(totals.get("skipped_updates", 0))  # older checkpoints
         self._unsettled.clear()
         self._fetched.clear()
+
+    def load_rank(self, state: dict) -> None:
+        """A rank's part (rank_state), or the part of a whole state_dict."""
+        self.streams.load_state_dict(state["streams"])
+        self._tokens_trained = int(state["totals"]["tokens_trained"])
+        self._bits = float(state["totals"]["bits"])
 
 
 def incompatible_keys(ours: Config, saved: Config) -> list[str]:

@@ -15,8 +15,9 @@ for the streams in use, host memory for idle ones beyond train.max_resident_stre
 Forming a batch is a gather by slot, committing it a scatter (engine.py).
 
 `ready` plans one update of exact TBPTT(k1, k2) (README, "The exact semantics"): for each
-chosen stream a window of inputs [s, e) with e = trained_end + n (n = k1, or r < k1 on a
-flush), loss on the newest n targets, and the next start state taken at
+chosen stream a window of inputs [s, e) with e = trained_end + n (n = k1, or the r < k1
+left of a stream whose flush was asked for), loss on the newest n targets, and the next
+start state taken at
 p = max(0, e + k1 - k2). The window is split at p into segment A = [s, p) and segment
 B = [p, e), so the forward pass hands over h(p) between two fused sequence calls.
 Everything here is numpy on the host: tokens are small, the per-step planning is
@@ -67,6 +68,13 @@ class StreamTable:
         self.trained_end = np.zeros(0, np.int64)
         self.start_pos = np.zeros(0, np.int64)
         self.last_served = np.zeros(0, np.int64)  # turn of the stream's latest update
+        # a flush was asked for (idle, ended, a request): its last r < k1 targets train
+        # in the next updates, like full windows; cleared once nothing is left
+        self.flushing = np.zeros(0, bool)
+        # a number no other stream of this table had: rows move when streams are
+        # forgotten, so results count distinct streams by it (not saved)
+        self.serial = np.zeros(0, np.int64)
+        self.num_created = 0
         self.ring = np.zeros((0, self.ring_width + self.mirrored), np.int32)
         self.states = StatePool(state_shape, num_state_tensors, device, dtype, max_resident)
         self.overflow: dict[int, deque[np.ndarray]] = {}
@@ -75,7 +83,9 @@ class StreamTable:
         self._geometries: dict[tuple, Geometry] = {}
         self.num_received = 0      # tokens received, over the table's life
         self.num_untrained = 0   # targets received but not trained, all streams
-        self.ended: set[StreamId] = set()  # streams that get no more tokens (see forget)
+        self.ended: set[StreamId] = set()  # streams that get no more tokens (see end)
+        self.num_flushed = 0     # streams whose asked-for flush trained their last target
+        self.num_forgotten = 0   # ended streams forgotten (over the table's life)
         self._grow(capacity)
 
     # ---- intake ------------------------------------------------------------------
@@ -88,6 +98,8 @@ class StreamTable:
                 self._grow(2 * row)
             self.row_of[stream_id] = row
             self.ids.append(stream_id)
+            self.num_created += 1
+            self.serial[row] = self.num_created
         return row
 
     def append(self, stream_id: StreamId, tokens: np.ndarray) -> None:
@@ -164,30 +176,38 @@ class StreamTable:
                 del self.overflow[row], self.waiting[row]
 
     # ---- planning: ready (pure) -> batch (layout) -> the engine's step -> commit ------
-    def ready(self, max_streams: int, flush_rows: np.ndarray | None = None) -> Plan | None:
+    def ready(self, max_streams: int, group=None) -> Plan | None:
         """The next update, or None if nothing is ready. Changes nothing: the same table
         gives the same plan, so the daemon can log it before it runs.
 
-        Normally every stream with k1 untrained targets is ready; with `flush_rows`,
-        those streams' remaining 1 <= r < k1 targets are (ask once no full window is
-        left). Each stream contributes its oldest ready window; when more than
-        `max_streams` are ready, those served least recently go first."""
+        Ready are the streams with k1 untrained targets, and those asked to flush with
+        1 <= r < k1 (see `flush`). Each contributes its oldest ready window; when more
+        than `max_streams` are ready, those served least recently go first. `group`
+        (ready rows -> a number for each): at most `max_streams` of each group (a
+        replay of several ranks' logs in one process: each rank planned its own)."""
         used = len(self.ids)
         untrained = self.num_tokens[:used] - 1 - self.trained_end[:used]
         if self.waiting:
             rows = np.fromiter(self.waiting, np.int64, len(self.waiting))
             untrained[rows] += np.fromiter(self.waiting.values(), np.int64, len(rows))
-        if flush_rows is None:
-            candidates = np.flatnonzero(untrained >= self.k1)
-        else:
-            flush_rows = np.asarray(flush_rows, np.int64)
-            candidates = np.sort(flush_rows[untrained[flush_rows] >= 1])
+        ready = (untrained >= self.k1) | (self.flushing[:used] & (untrained >= 1))
+        candidates = np.flatnonzero(ready)
         if len(candidates) == 0:
             return None
-        if len(candidates) > max_streams:
-            order = np.lexsort((candidates, self.last_served[candidates]))
-            candidates = np.sort(candidates[order[:max_streams]])
+        if group is None:
+            candidates = self._least_served(candidates, max_streams)
+        elif len(candidates) > max_streams:
+            groups = group(candidates)
+            candidates = np.sort(np.concatenate([
+                self._least_served(candidates[groups == g], max_streams)
+                for g in np.unique(groups)]))
         return Plan(candidates, np.minimum(untrained[candidates], self.k1))
+
+    def _least_served(self, candidates: np.ndarray, max_streams: int) -> np.ndarray:
+        if len(candidates) <= max_streams:
+            return candidates
+        order = np.lexsort((candidates, self.last_served[candidates]))
+        return np.sort(candidates[order[:max_streams]])
 
     def batch(self, plan: Plan) -> Batch:
         """The plan's windows and start-state slots. Moves waiting tokens into the rings
@@ -212,8 +232,9 @@ class StreamTable:
 
     def commit(self, plan: Plan) -> None:
         """The plan's update ran: its targets are trained, its streams' start states are
-        at p = max(0, e + k1 - k2). Called after the step, so a step that raises leaves
-        the table where the model is."""
+        at p = max(0, e + k1 - k2). A flush asked for is done once nothing is left, and
+        an ended stream is then forgotten. Called after the step, so a step that raises
+        leaves the table where the model is."""
         rows, n = plan.rows, plan.n
         e = self.trained_end[rows] + n
         self.trained_end[rows] = e
@@ -221,18 +242,46 @@ class StreamTable:
         self.num_untrained -= int(n.sum())
         self.turn += 1
         self.last_served[rows] = self.turn
+        done = rows[self.flushing[rows] & (self.num_tokens[rows] - 1 == e)]
+        done = [row for row in done.tolist() if row not in self.waiting]
+        if done:
+            self.flushing[done] = False
+            self.num_flushed += len(done)
+            self._forget([self.ids[row] for row in done if self.ids[row] in self.ended])
 
-    # ---- streams that end --------------------------------------------------------------
-    def forget_ended(self) -> list[StreamId]:
-        """Remove the ended streams that have nothing left to train: tokens, state and
-        id go (the id may start again from offset 0). The last row moves into each hole,
-        so rows stay dense; the same calls in the same order (a replay) move the same."""
-        done = [sid for sid in sorted(self.ended, key=self.row_of.__getitem__, reverse=True)
-                if self.untrained(sid) == 0]
-        for sid in done:
+    # ---- flushes and streams that end ----------------------------------------------
+    def flush(self, stream_ids) -> int:
+        """Train the last r < k1 targets of these streams in the next updates (a stream
+        may go on afterwards); an ended one with nothing left is forgotten at once.
+        Returns how many have targets to train."""
+        asked = 0
+        for stream_id in dict.fromkeys(stream_ids):  # each once, in order
+            if stream_id not in self.row_of:
+                continue
+            if self.untrained(stream_id) > 0:
+                self.flushing[self.row_of[stream_id]] = True
+                asked += 1
+            elif stream_id in self.ended:
+                self._forget([stream_id])
+        return asked
+
+    def end(self, stream_id: StreamId) -> bool:
+        """The stream gets no more tokens: it is flushed, and forgotten (tokens, state and
+        id: the id may start again from offset 0) once its last target is trained.
+        False if the stream is unknown."""
+        if stream_id not in self.row_of:
+            return False
+        self.ended.add(stream_id)
+        self.flush([stream_id])
+        return True
+
+    def _forget(self, stream_ids: list[StreamId]) -> None:
+        """Remove these streams: the last row moves into each hole, so rows stay dense;
+        the same calls in the same order (a replay) move the same."""
+        for sid in sorted(stream_ids, key=self.row_of.__getitem__, reverse=True):
             self._remove(self.row_of.pop(sid))
             self.ended.discard(sid)
-        return done
+            self.num_forgotten += 1
 
     def _remove(self, row: int) -> None:
         self.overflow.pop(row, None)
@@ -242,7 +291,7 @@ class StreamTable:
         if row != last:
             moved = self.ids[last]
             for array in (self.num_tokens, self.trained_end, self.start_pos,
-                          self.last_served, self.ring):
+                          self.last_served, self.flushing, self.serial, self.ring):
                 array[row] = array[last]
             if last in self.overflow:
                 self.overflow[row], self.waiting[row] = (self.overflow.pop(last),
@@ -251,7 +300,8 @@ class StreamTable:
             self.ids[row] = moved
             self.row_of[moved] = row
         self.ids.pop()
-        for array in (self.num_tokens, self.trained_end, self.start_pos, self.last_served):
+        for array in (self.num_tokens, self.trained_end, self.start_pos, self.last_served,
+                      self.flushing):
             array[last] = 0  # a new stream takes this row next: it must start clean
 
     # ---- moving a stream to another table (another rank) ------------------------------
@@ -262,7 +312,7 @@ class StreamTable:
         return {"tokens": self.tokens_from_start(row), "start_pos": int(self.start_pos[row]),
                 "trained_end": int(self.trained_end[row]),
                 "state": tuple(t[:, 0].cpu() for t in self.states.state(row)),
-                "ended": stream_id in self.ended}
+                "ended": stream_id in self.ended, "flushing": bool(self.flushing[row])}
 
     def adopt(self, stream_id: StreamId, exported: dict) -> None:
         """Take over a stream another table exported; it continues as it would have
@@ -283,6 +333,7 @@ class StreamTable:
         self.num_untrained += max(0, received - 1 - exported["trained_end"])
         if exported["ended"]:
             self.ended.add(stream_id)
+        self.flushing[row] = exported["flushing"]
 
     # ---- capacity and persistence ---------------------------------------------------
     def _grow(self, capacity: int) -> None:
@@ -292,6 +343,8 @@ class StreamTable:
         self.trained_end = np.concatenate([self.trained_end, zeros])
         self.start_pos = np.concatenate([self.start_pos, zeros])
         self.last_served = np.concatenate([self.last_served, zeros])
+        self.flushing = np.concatenate([self.flushing, np.zeros(extra, bool)])
+        self.serial = np.concatenate([self.serial, zeros])
         self.ring = np.concatenate(
             [self.ring, np.zeros((extra, self.ring_width + self.mirrored), np.int32)])
         self.states.add_rows(extra)
@@ -310,6 +363,7 @@ class StreamTable:
             "states": self.states.state_dict(len(self.num_tokens)),
             "turn": self.turn,
             "ended": sorted(self.ended, key=self.row_of.__getitem__),
+            "flushing": [self.ids[row] for row in np.flatnonzero(self.flushing[:used])],
             "total_tokens": self.num_received,
         }
 
@@ -322,6 +376,8 @@ class StreamTable:
                       capacity=len(state["states"]["slot_of_row"]))
         self.ids = list(state["ids"])
         self.row_of = {sid: row for row, sid in enumerate(self.ids)}
+        self.num_created = used
+        self.serial[:used] = np.arange(1, used + 1)
         for name in ("num_tokens", "trained_end", "start_pos", "last_served"):
             getattr(self, name)[:used] = state[name].numpy()
         self.ring[:used, :self.ring_width] = state["ring"].numpy()
@@ -332,6 +388,8 @@ class StreamTable:
         self.states.load_state_dict(state["states"], len(self.num_tokens))
         self.turn = int(state["turn"])
         self.ended = set(state.get("ended", ()))
+        for sid in state.get("flushing", ()):  # (absent before 0.3)
+            self.flushing[self.row_of[sid]] = True
         self.num_received = int(state.get("total_tokens",
                                           sum(self.next_offset(sid) for sid in self.ids)))
         self.num_untrained = sum(self.untrained(sid) for sid in self.ids)

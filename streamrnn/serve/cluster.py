@@ -2,9 +2,9 @@
 
     start    ranks compare their configs (refused unless equal), rank 0 draws the
              generation, every rank binds its own endpoint, and they swap endpoints
-    tick     every turn of every rank's loop, also when idle:
-             all_reduce [stop, flush wanted, checkpoint wanted, busy writing, log
-             blocked, part written, part failed, manifest committed]  -> Decision
+    tick     every turn of every rank's loop, also when idle: one all_reduce of the
+             named fields its components give (the daemon: stop, log blocked, weights
+             check; the checkpointer: its progress), each summed over the ranks
     update   all_reduce [has a window, its targets, log blocked] before each one
              (Ranks.agree); the update itself is Engine.step's gradient sum
 
@@ -20,7 +20,6 @@ import ipaddress
 import os
 import socket
 import time
-from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from ..config import Config, StartupError
@@ -28,25 +27,6 @@ from ..core.collective import Ranks, weights_checksum
 from ..keygroups import DEFAULT_NUM_GROUPS, owner
 
 CHECK_SECONDS = 60.0  # the ranks' weights are compared this often (a device sync)
-
-# the tick's fields, in order; each is summed over the ranks
-TICK_FIELDS = ("stop", "flush", "checkpoint", "writing", "log_blocked", "part_written",
-               "part_failed", "committed", "check")
-
-
-@dataclass(frozen=True)
-class Decision:
-    """A tick's outcome: each field is the number of ranks that said so (committed:
-    the global step whose manifest rank 0 wrote, or 0)."""
-    stop: int = 0
-    flush: int = 0
-    checkpoint: int = 0
-    writing: int = 0
-    log_blocked: int = 0
-    part_written: int = 0
-    part_failed: int = 0
-    committed: int = 0
-    check: int = 0       # compare the ranks' weights now (rank 0's clock says when)
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "[::]")  # how ZeroMQ reports a tcp://*:PORT it bound
@@ -155,12 +135,11 @@ class Cluster:
                 "endpoints": list(self.endpoints)}
 
     # ---- agreements ----------------------------------------------------------------------
-    def tick(self, **mine: int) -> Decision:
-        """One small all-reduce of this rank's TICK_FIELDS (missing ones are 0)."""
-        values = [int(mine.pop(name, 0)) for name in TICK_FIELDS]
-        if mine:
-            raise TypeError(f"not tick fields: {sorted(mine)}")
-        return Decision(*self.ranks.agree(values))
+    def tick(self, fields: dict[str, int]) -> dict[str, int]:
+        """One small all-reduce of these named fields, each summed over the ranks (every
+        rank gives the same names: the same components at the same point)."""
+        names = sorted(fields)
+        return dict(zip(names, self.ranks.agree([int(fields[name]) for name in names])))
 
     def agree_update(self, has_window: bool, num_targets: int,
                      log_blocked: bool) -> tuple[bool, int]:

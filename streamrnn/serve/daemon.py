@@ -2,8 +2,8 @@
 
     start:  learner, metrics, recovery, bind the ROUTER   (all built in __init__/start)
     loop:   read the socket -> tick (the ranks agree: cluster.py) -> train: (agree, log,
-            step, read the socket) x updates_per_turn -> a flush, checkpoints -> answer
-            finished checkpoints -> housekeeping
+            step, read the socket) x updates_per_turn -> checkpoints (checkpointer.py)
+            -> answer finished checkpoints -> housekeeping (idle flushes, forgetting)
     stop:   SIGTERM/SIGINT only set a flag (a second one exits at once); the loop ends
             its turn (every rank's, at the tick), then a final checkpoint and an ordered
             shutdown
@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import zmq
@@ -31,12 +31,14 @@ from ..config import Config
 from ..core.collective import Ranks
 from ..core.learner import LearnResult, Learner
 from . import auth, faults, logs
-from .cluster import Cluster, Decision
-from .durability import FLUSH_RECORD_STREAMS, Durability, LogFull
+from .checkpointer import Checkpointer
+from .cluster import Cluster, ClusterFault
 from .handlers import Deferred, Handlers, checkpoint_reply, nack
-from .lockstep import ClusterDurability
+from .journal import Journal, LogFull, apply
 from .metrics import Metrics
+from .recovery import Recovery, StopDuringRecovery
 from .source import Incoming, Source
+from .statedir import StateDir, lock
 from .systemd import Notifier
 from .wal import WalSyncFailed
 
@@ -48,10 +50,12 @@ KEY_RELOAD_SECONDS = 30.0
 
 class Daemon:
     def __init__(self, config: Config, fresh: bool = False,
-                 clock: Callable[[], float] = time.monotonic, ranks: Ranks | None = None):
+                 clock: Callable[[], float] = time.monotonic, ranks: Ranks | None = None,
+                 metrics: Metrics | None = None, environ: Mapping[str, str] | None = None):
         """`clock` (monotonic seconds) paces flushes, forgetting, checkpoints and rates:
         tests pass their own. `ranks`: the ranks torchrun started (Ranks.from_environment),
-        None for one process."""
+        None for one process. `metrics`: a registry of its own unless given. `environ`:
+        where systemd's variables are read (os.environ unless given)."""
         self.config, self.fresh, self.clock = config, fresh, clock
         self.ranks = ranks if ranks is not None else Ranks()
         self.cluster = Cluster(config, self.ranks)
@@ -60,10 +64,11 @@ class Daemon:
             self.log = self.log.bind(rank=self.ranks.rank)
             self.cluster.check_configs()  # before any rank touches its state
         self.stop_requested = False
+        self.replaced_handlers: dict[int, object] = {}
         # one voice to each machine's systemd: its first rank (rank 0 on one machine),
         # whose loop is in step with every rank's (a rank that hangs stalls it at the
         # next collective, so its watchdog pings stop too)
-        environ = dict(os.environ)
+        environ = dict(os.environ if environ is None else environ)
         if self.cluster.distributed:
             environ.pop("WATCHDOG_PID", None)  # the launcher's pid: that rank pings instead
             if environ.get("LOCAL_RANK", str(self.ranks.rank)) != "0":
@@ -79,41 +84,62 @@ class Daemon:
         self.skipped = logs.Bursts(self.log, "updates skipped: the loss or the gradient "
                                    "was not finite (weights and optimizer unchanged)")
         self.training_pending = False
-        self.flush_queue: list[str] = []  # idle streams waiting for a flush step
         self.paused_for_log = False  # a rank's log is full: no rank trains
         self.next_housekeeping = self.next_status = self.next_key_reload = 0.0
         self.next_summary = clock() + config.log.summary_seconds
         self.learner = Learner(config, self.ranks)
-        self.metrics = Metrics()
+        self.metrics = metrics if metrics is not None else Metrics()
         self.ranks.timer = time.perf_counter
         self.ranks.observe = lambda kind, seconds: \
             self.metrics.collective_seconds.labels(kind).observe(seconds)
-        self.durability = (
-            ClusterDurability(config, self.learner, self.metrics, self.log, self.cluster,
-                              clock) if self.cluster.distributed else
-            Durability(config, self.learner, self.metrics, self.log, clock))
-        self.handlers = Handlers(config, self.learner, self.durability, self.metrics, clock,
-                                 self.cluster)
+        self.statedir = StateDir(config.checkpoint.resolved_dir())
+        self.locks = self._lock()  # before anything in the folder is touched
+        self.journal = Journal(config, self.metrics, self.log, clock)
+        self.checkpointer = Checkpointer(config, self.learner, self.cluster, self.statedir,
+                                         self.journal, self.metrics, self.log, clock)
+        self.handlers = Handlers(config, self.learner, self.journal, self.checkpointer,
+                                 self.metrics, clock, self.cluster)
+        self.counted = (0, 0)  # streams flushed and forgotten, as the metrics have them
         self.source: Source | None = None
         self.context: zmq.Context | None = None
         self.metrics_server = None
+
+    def _lock(self) -> list:
+        """The state folder (the process, or rank 0: no other daemon may use it), and
+        this rank's log."""
+        held = []
+        if self.ranks.rank == 0:
+            held.append(lock(self.statedir.root / "lock", "the state folder"))
+        own = self.statedir.log_folder(self.ranks.rank, self.ranks.world_size)
+        try:
+            held.append(lock(self.statedir.lock_path(own), "the log of this rank"))
+        except BaseException:
+            for lock_file in held:
+                lock_file.close()
+            raise
+        return held
 
     # ---- lifecycle ---------------------------------------------------------------------
     def run(self) -> int:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._on_signal)
+                self.replaced_handlers[sig] = signal.signal(sig, self._on_signal)
         try:
-            self.start()
+            try:
+                self.start()
+            except StopDuringRecovery:
+                return 0  # nothing written: the next start replays again
             while not self.turn():
                 pass
             self.notifier.stopping()
             self.source.close()  # no more input: everything acked is in the log
             # the next start replays nothing
-            if self.durability.checkpoint_now(ping=self.notifier.ping) is None:
+            if self.checkpointer.checkpoint_now(ping=self.notifier.ping) is None:
                 self.log.error("final checkpoint failed; the next start replays the log")
         finally:
             self.shutdown()
+            for sig, handler in self.replaced_handlers.items():
+                signal.signal(sig, handler)
         return 0
 
     def _on_signal(self, signum, frame) -> None:
@@ -135,14 +161,17 @@ class Daemon:
         m.rank.set(self.ranks.rank)
         m.generation.set(self.cluster.agree_generation())
         # before anyone can send: state first (systemd hears that a long replay goes on)
-        self.durability.recover(self.fresh, should_stop=lambda: self.stop_requested,
-                                progress=self._recovering)
+        Recovery(c, learner, self.cluster, self.statedir, self.journal, self.checkpointer,
+                 m, self.log).run(self.fresh, should_stop=lambda: self.stop_requested,
+                                  progress=self._recovering)
+        self.counted = (learner.streams.num_flushed, learner.streams.num_forgotten)
         faults.poison(learner)
         now = self.clock()
         for stream in learner.streams.ids:  # recovered streams still owe a flush
             if stream not in learner.streams.ended:
                 self.handlers.activity.input(stream, now)
-            if learner.streams.untrained(stream) == 0:
+            if learner.streams.untrained(stream) == 0 or \
+                    learner.streams.flushing[learner.streams.row_of[stream]]:
                 self.handlers.activity.unflushed.pop(stream, None)
         metrics_port = self.cluster.metrics_port()
         if metrics_port:
@@ -178,7 +207,10 @@ class Daemon:
             self.log.info("stopping")
             self.source.close()
             self.context.term()
-        self.durability.close()
+        self.checkpointer.close()
+        self.journal.close()
+        for lock_file in self.locks:
+            lock_file.close()  # releases the folder
         if self.metrics_server:
             server, thread = self.metrics_server
             server.shutdown()
@@ -200,25 +232,27 @@ class Daemon:
         timeout_ms = 0 if self.training_pending or self.inbox else 50
         if self.inbox or self.source.socket.poll(timeout_ms, zmq.POLLIN):
             self.intake()
-        decision = self.tick()
-        if decision.stop:
+        # what this rank wants (to stop, a checkpoint ...) and its log has no room,
+        # summed over the ranks: every rank then does the same
+        tally = self.cluster.tick({"stop": self.stop_requested,
+                                   "log_blocked": self.journal.full_since is not None,
+                                   "check": self.cluster.check_due(),
+                                   **self.checkpointer.tick_fields()})
+        if tally["stop"]:
             self.stop_requested = True
             return True
-        if bool(decision.log_blocked) != self.paused_for_log and self.cluster.distributed:
-            self.paused_for_log = bool(decision.log_blocked)
+        if bool(tally["log_blocked"]) != self.paused_for_log and self.cluster.distributed:
+            self.paused_for_log = bool(tally["log_blocked"])
             if self.paused_for_log:  # (the full rank's own log says which disk)
                 self.log.warning("training paused: a rank's write-ahead log is full",
-                                 ranks_full=decision.log_blocked)
+                                 ranks_full=tally["log_blocked"])
             else:
                 self.log.info("training resumes: every rank's log has room")
         self.train()
-        if decision.flush and not decision.log_blocked:
-            if self._flush(self.flush_queue[:FLUSH_RECORD_STREAMS]):
-                del self.flush_queue[:FLUSH_RECORD_STREAMS]  # else: again when there is room
-        if decision.check:
+        if tally["check"]:
             self.cluster.check_weights(self.learner.model)
-        self.durability.sync_if_due()
-        self.durability.after_tick(decision)  # a finished checkpoint; a due one starts
+        self.journal.sync_if_due()
+        self.checkpointer.after_tick(tally)  # a finished checkpoint; a due one starts
         self._answer_checkpoints()
         now = self.clock()
         if now >= self.next_housekeeping:
@@ -227,36 +261,29 @@ class Daemon:
         self._publish()
         return False
 
-    def tick(self) -> Decision:
-        """What this rank wants (to stop, to flush idle streams, a checkpoint, its log
-        has no room), summed over the ranks: every rank then does the same."""
-        return self.cluster.tick(
-            stop=self.stop_requested, flush=bool(self.flush_queue) and
-            not self.training_pending, log_blocked=self.durability.full_since is not None,
-            check=self.cluster.check_due(), **self.durability.tick_fields())
-
     def train(self) -> None:
-        """Up to train.updates_per_turn updates. Each is agreed by the ranks, then
-        logged, then run (it is a pure function of what the logs hold before it, so a
-        replay makes the same one); between two the socket is read again, so an ack
-        waits one update at most."""
+        """Up to train.updates_per_turn updates (full windows, and the rest of the
+        streams whose flush was asked for). Each is agreed by the ranks, then logged,
+        then run (it is a pure function of what the logs hold before it, so a replay
+        makes the same one); between two the socket is read again, so an ack waits one
+        update at most."""
         max_updates = self.config.train.updates_per_turn
         started, num_updates = time.perf_counter(), 0
-        distributed = self.cluster.distributed
         while num_updates < max_updates:
             plan = self.learner.next_update()
             go, num_targets = self.cluster.agree_update(
                 plan is not None, plan.num_targets if plan is not None else 0,
-                log_blocked=not self.durability.has_room())
+                log_blocked=not self.journal.has_room())
             if not go:
                 break  # no window anywhere, or a log that cannot record it
             faults.maybe_crash("global_step")
-            if not self._log_step(lambda: self.durability.log_train(num_targets)):
+            record = self._log_step(num_targets)
+            if record is None:
                 break  # no update a log cannot record: again once it has room
             update_started = time.perf_counter()
             # an exception here ends the daemon: the log says this update ran, and the
             # next start replays it, so the model served always matches the log
-            self.learner.step(plan, num_targets if distributed else None)
+            apply(self.learner, record, plan)
             # on a GPU this is host time: the queue of launched work makes it the
             # device's own once the loop runs ahead by a few updates
             self.metrics.update_seconds.observe(time.perf_counter() - update_started)
@@ -267,6 +294,22 @@ class Daemon:
             self.intake()
         self.training_pending = num_updates == max_updates
         self.account(self.learner.settle(), time.perf_counter() - started)
+
+    def _log_step(self, num_targets: int) -> dict | None:
+        """Log the agreed update before it runs; None if it may not run. With several
+        ranks every rank must have logged it (a second small all-reduce): a rank whose
+        disk just filled has not, and the others cancel theirs, so no rank runs a step
+        another could not replay."""
+        try:
+            record = self.journal.log_step(num_targets)
+        except LogFull:
+            record = None
+        if self.cluster.distributed and not self.cluster.all_logged(record is not None):
+            if record is not None and not self.journal.cancel_step():
+                raise ClusterFault("the write-ahead log could not record that a step was "
+                                   "cancelled (the disk is full here too)")
+            return None
+        return record
 
     def intake(self) -> None:
         """Handle what the network has, without waiting, for at most INTAKE_SECONDS (slow
@@ -279,7 +322,7 @@ class Daemon:
         while self.inbox and time.monotonic() < deadline:
             self.handle(self.inbox.popleft())
         if self.outbox:
-            self.durability.commit()
+            self.journal.commit()
             for envelope, reply in self.outbox:
                 self.source.reply(envelope, reply)
             self.outbox.clear()
@@ -315,13 +358,13 @@ class Daemon:
 
     def _answer_checkpoints(self) -> None:
         """Reply to `checkpoint` requests whose write is done (durable, or failed)."""
-        done = self.durability.num_finished
+        done = self.checkpointer.num_finished
         ready = [a for a in self.awaiting if a[2] <= done]
         if not ready:
             return
         self.awaiting = [a for a in self.awaiting if a[2] > done]
         for envelope, request_id, ticket in ready:
-            reply = checkpoint_reply(self.durability.results.get(ticket))
+            reply = checkpoint_reply(self.checkpointer.results.get(ticket))
             if request_id is not None:
                 reply["id"] = request_id
             self.source.reply(envelope, reply)
@@ -345,16 +388,10 @@ class Daemon:
 
     def housekeeping(self, now: float) -> None:
         activity, train = self.handlers.activity, self.config.train
-        if not self.training_pending and self.durability.has_room():
-            idle = activity.idle(activity.unflushed, now, train.flush_after_seconds or math.inf)
-            if self.cluster.distributed:
-                self.flush_queue.extend(idle)  # flushed at an agreed tick: a global step
-            elif idle:
-                for first in range(0, len(idle), FLUSH_RECORD_STREAMS):  # bounded records
-                    if not self._flush(idle[first:first + FLUSH_RECORD_STREAMS]):
-                        for stream in idle[first:]:  # again once the log has room
-                            activity.flush_soon(stream)
-                        break
+        idle = activity.idle(activity.unflushed, now, train.flush_after_seconds or math.inf)
+        if idle and not self.handlers.flush(idle):
+            for stream in idle:  # the log is full: again once it has room
+                activity.flush_soon(stream)
         for stream in activity.idle(activity.live, now, train.forget_after_seconds or math.inf):
             if not self.handlers.end(stream):
                 activity.live[stream] = now  # the log is full: again later
@@ -392,36 +429,6 @@ class Daemon:
                           bits_per_token=s["recent_bits_per_token"], streams=s["streams"],
                           queued_tokens=s["queued_tokens"])
 
-    def _flush(self, streams: list[str]) -> bool:
-        """Train the last targets of these streams (at most FLUSH_RECORD_STREAMS; with
-        several ranks every rank flushes at once, some maybe none). False if the log
-        cannot record it."""
-        started = time.perf_counter()
-        if not self._log_step(lambda: self.durability.log_flush(streams)):
-            return False
-        before = len(self.learner.streams.ids)
-        result = self.learner.flush_many(streams)  # also forgets ended streams it emptied
-        self.account(result, time.perf_counter() - started)
-        self.metrics.flushes.inc(result.streams)
-        self.metrics.streams_ended.inc(before - len(self.learner.streams.ids))
-        return True
-
-    def _log_step(self, log: Callable[[], None]) -> bool:
-        """Log an update or a flush before it runs; False if it may not run. With
-        several ranks every rank must have logged it (a second small all-reduce): a
-        rank whose disk just filled has not, and the others cancel theirs, so no rank
-        runs a step another could not replay."""
-        try:
-            log()
-            logged = True
-        except LogFull:
-            logged = False
-        if self.cluster.distributed and not self.cluster.all_logged(logged):
-            if logged:
-                self.durability.cancel_step()
-            return False
-        return logged
-
     def _publish(self) -> None:
         """Gauges, set from the loop once per turn: a scrape (on the metrics thread) only
         reads numbers, so nothing it does can fail or race the loop."""
@@ -430,7 +437,11 @@ class Daemon:
         m.queue_tokens.set(learner.num_untrained)
         m.resident_streams.set(learner.streams.states.num_resident)
         m.spilled_streams.set(learner.streams.states.num_spilled)
-        m.wal_bytes.set(self.durability.wal_bytes)
+        m.wal_bytes.set(self.journal.wal_bytes)
+        flushed, forgotten = learner.streams.num_flushed, learner.streams.num_forgotten
+        m.flushes.inc(flushed - self.counted[0])  # (counted by the table as they happen)
+        m.streams_ended.inc(forgotten - self.counted[1])
+        self.counted = (flushed, forgotten)
         m.learning_rate.set(learner.optimizer.param_groups[0]["lr"])
 
     def _count_refusal(self, reason: str, message: str) -> None:

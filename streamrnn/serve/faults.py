@@ -5,6 +5,8 @@
     STREAMRNN_FAIL_AT=checkpoint_write:1  raise ENOSPC from the 1st time on (disk full)
     STREAMRNN_FAIL_AT=wal_write:5-40    the 5th to the 40th time (then there is room)
     STREAMRNN_HANG_AT=turn:50           the main loop stops forever on its 50th turn
+    STREAMRNN_SLOW_AT=replay_step:1     20 ms more at each hit, from the 1st on (a long
+                                        replay, to stop in the middle of)
     STREAMRNN_NAN_AT=update:3           the 3rd update's loss is NaN (its head outputs
                                         are), as an overflowing model's would be
     STREAMRNN_CRASH_AT=global_step:9@1  only rank 1 of a cluster, only before its first
@@ -12,7 +14,7 @@
 
 Points: wal_write, wal_rotate, wal_fsync (crash or fail), checkpoint_write, turn,
 request_<type>, update (NaN), global_step (crash: the ranks agreed on an update, this
-one has not logged it yet). Unset (always, outside tests), each check is one
+one has not logged it yet), replay_step (slow). Unset (always, outside tests), each check is one
 dictionary lookup.
 """
 from __future__ import annotations
@@ -55,6 +57,11 @@ def maybe_crash(point: str) -> None:
 def maybe_fail(point: str) -> None:
     if _reached("STREAMRNN_FAIL_AT", point):
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {point})")
+
+
+def maybe_slow(point: str) -> None:
+    if _reached("STREAMRNN_SLOW_AT", point):
+        time.sleep(0.02)
 
 
 def maybe_hang(point: str) -> None:

@@ -18,8 +18,9 @@ from .. import __version__, wire
 from ..config import Config
 from ..core.collective import weights_checksum
 from ..core.learner import LearnResult, Learner
+from .checkpointer import Checkpointer
 from .cluster import Cluster
-from .durability import Durability, LogFull
+from .journal import FLUSH_RECORD_STREAMS, Journal, LogFull, tokens_record
 
 MAX_PREDICT_BACKLOG = 16384  # predict/generate run the model over a stream's backlog
 RECENT_SECONDS = 60.0
@@ -28,7 +29,7 @@ MAX_RETRY_MS = 5000
 
 @dataclass(frozen=True)
 class Deferred:
-    """No reply yet: the checkpoint with this ticket answers it (Durability.results)."""
+    """No reply yet: the checkpoint with this ticket answers it (Checkpointer.results)."""
     ticket: int
 
 
@@ -86,9 +87,11 @@ class Rate:
 
 
 class Handlers:
-    def __init__(self, config: Config, learner: Learner, durability: Durability, metrics,
-                 clock: Callable[[], float], cluster: Cluster):
-        self.config, self.learner, self.durability = config, learner, durability
+    def __init__(self, config: Config, learner: Learner, journal: Journal,
+                 checkpointer: Checkpointer, metrics, clock: Callable[[], float],
+                 cluster: Cluster):
+        self.config, self.learner, self.journal = config, learner, journal
+        self.checkpointer = checkpointer
         self.metrics, self.clock, self.cluster = metrics, clock, cluster
         self.started = clock()
         self.activity = Activity()
@@ -125,10 +128,9 @@ class Handlers:
             if self.learner.num_untrained + len(new) > self.queue_limit():
                 return self.busy(r.stream, self.retry_after_ms(len(new)))
             try:
-                self.durability.log_tokens(r.stream, new)
+                self.journal.do(self.learner, tokens_record(r.stream, new))
             except LogFull:
                 return self.busy(r.stream, 1000)
-            self.learner.add(r.stream, new)
             self.activity.input(r.stream, self.clock())
         self.metrics.tokens_received.inc(len(new))
         self.metrics.tokens_duplicate.inc(len(r.tokens) - len(new))
@@ -208,41 +210,52 @@ class Handlers:
 
     # ---- streams ---------------------------------------------------------------------
     def _on_flush(self, r: wire.Request) -> dict:
-        # scheduled, not done here: training the queue first could hold intake for long
+        # logged here, trained by the next updates: never all at once, in this request
         streams = self.learner.streams
         candidates = streams.ids if r.stream is None else [r.stream]
         scheduled = [sid for sid in candidates if streams.untrained(sid) > 0]
-        for stream in scheduled:
-            self.activity.flush_soon(stream)
+        if not self.flush(scheduled):
+            return self.busy(r.stream, 1000)
         return {"type": "flush", "stream": r.stream, "scheduled": len(scheduled)}
+
+    def flush(self, stream_ids: list[str]) -> bool:
+        """Their last r < k1 targets train in the next updates (logged first, in records
+        of at most FLUSH_RECORD_STREAMS; False if the log cannot take them)."""
+        streams = self.learner.streams
+        wanted = [sid for sid in stream_ids if streams.untrained(sid) > 0 and
+                  not streams.flushing[streams.row_of[sid]]]
+        try:
+            for first in range(0, len(wanted), FLUSH_RECORD_STREAMS):
+                self.journal.do(self.learner, {"t": "flush", "s": wanted[
+                    first:first + FLUSH_RECORD_STREAMS]})
+        except LogFull:
+            return False
+        return True
 
     def _on_end(self, r: wire.Request) -> dict:
         streams = self.learner.streams
-        known = r.stream in streams.row_of
+        known, next_offset = r.stream in streams.row_of, streams.next_offset(r.stream)
         if known and not self.end(r.stream):
             return self.busy(r.stream, 1000)
         return {"type": "ended", "stream": r.stream, "known": known,
-                "next_offset": streams.next_offset(r.stream)}
+                "next_offset": next_offset}
 
     def end(self, stream: str) -> bool:
-        """End a known stream (logged first; False if the log cannot take it). It is
-        flushed, and so forgotten, at the next housekeeping with no backlog."""
+        """End a known stream (logged first; False if the log cannot take it): its last
+        targets train in the next updates, then it is forgotten."""
         if stream not in self.learner.streams.ended:
             try:
-                self.durability.log_end(stream)
+                self.journal.do(self.learner, {"t": "end", "s": stream})
             except LogFull:
                 return False
-            self.learner.end(stream)
         self.activity.live.pop(stream, None)
-        self.activity.flush_soon(stream)
+        self.activity.unflushed.pop(stream, None)
         return True
 
     # ---- the daemon ------------------------------------------------------------------
-    def _on_checkpoint(self, r: wire.Request) -> dict | Deferred:
-        ticket = self.durability.request_checkpoint()
-        if ticket is None:  # nothing new since the last one
-            return checkpoint_reply(self.durability.last_checkpoint)
-        return Deferred(ticket)
+    def _on_checkpoint(self, r: wire.Request) -> Deferred:
+        # the ranks decide at the next tick: a new one, or the last if nothing changed
+        return Deferred(self.checkpointer.request())
 
     def _on_status(self, r: wire.Request) -> dict:
         # equal on every rank of a cluster (one model). Note: a device sync, and a copy
@@ -271,7 +284,7 @@ class Handlers:
                                                                      uptime))),
             "training_tokens_per_second": (float(training_rate) if training_rate is not None
                                            else None),
-            "last_checkpoint": saved_fields(self.durability.last_checkpoint),
+            "last_checkpoint": saved_fields(self.checkpointer.last),
             "rank": self.cluster.rank, "world_size": self.cluster.world_size,
             "generation": self.cluster.generation,
         }
@@ -291,8 +304,9 @@ def saved_fields(saved) -> dict | None:
         created = saved.path.stat().st_mtime
     except OSError:  # removed meanwhile (keep), or unreadable
         created = None
-    return {"path": str(saved.path.absolute()), "wal_seq": saved.wal_seq,
-            "seconds": round(saved.seconds, 3), "created": created}
+    return {"path": str(saved.path.absolute()), "number": saved.number,
+            "wal_seq": saved.wal_seq, "seconds": round(saved.seconds, 3),
+            "created": created}
 
 
 def nack(reason: str, message: str, **extra) -> dict:

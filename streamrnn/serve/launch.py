@@ -32,7 +32,7 @@ from ..keys import KeyError_
 from . import logs
 from .cluster import ClusterFault
 from .daemon import Daemon
-from .recovery import IncompatibleState
+from .journal import IncompatibleState
 
 
 def launch(nproc: int, max_restarts: int, cluster: ClusterConfig, serve_args: list[str],
@@ -45,7 +45,7 @@ def launch(nproc: int, max_restarts: int, cluster: ClusterConfig, serve_args: li
     from torch.distributed.elastic.rendezvous import RendezvousError
 
     if "--fresh" in serve_args:  # once for this launch, not at every restart
-        os.environ["STREAMRNN_FRESH_ID"] = uuid.uuid4().hex  # (lockstep_recovery)
+        os.environ["STREAMRNN_FRESH_ID"] = uuid.uuid4().hex  # (recovery.py)
     where = ["--standalone"]
     if nnodes > 1:
         where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d",

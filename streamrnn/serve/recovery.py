@@ -1,199 +1,491 @@
-"""Recovery at start: the newest checkpoint that loads, then the log after it, record by
-record, so that the recovered daemon is the one that never crashed.
+"""Recovery at start, for one process and for N ranks alike, so that the recovered daemon
+is the one that never crashed. Every rank runs all of it (one process: a cluster of one,
+whose agreements are its own values).
 
-Refused, with a message that says what to do (the daemon exits 2): a checkpoint or a log
-of another model, a log that does not continue where the loaded state ends (acknowledged
-input in between would be lost), damage anywhere in the log but its torn tail.
+    fresh     --fresh: every layout's checkpoints and logs are set aside, once per launch
+    load      the newest committed checkpoint that every rank can load (one that does not
+              read is counted and skipped for the one before it)
+    same layout   (its ranks are these ranks) each rank replays its own log after it, to
+              the last global step every rank logged, in lockstep: the same collectives
+              as the first time. A step logged beyond it, or voided by a resume record,
+              did not run: its windows train later
+    another layout   (another number of ranks, or what streamrnn 0.2.0 left) every rank
+              replays every old rank's log in one process, each old step the union of
+              the old ranks' windows; keeps its key groups' streams; the ranks commit a
+              checkpoint before any input, then the old files are set aside
+    refused   (exit 2, saying what to do) a state of another model; a log that does not
+              continue where its checkpoint ends, or is damaged anywhere but its torn
+              tail; a log holding changes that neither the checkpoint loaded nor the
+              logs replayed account for; files another process still uses
 """
 from __future__ import annotations
 
-import tempfile
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+import os
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from ..config import StartupError, config_from_dict
-from ..core.learner import changed_settings, incompatible_keys, settings_to_continue
-from .checkpoint import Checkpoints, Saved
-from .wal import WalDamaged, WriteAheadLog
+from ..config import Config, StartupError, config_from_dict
+from ..core.learner import Learner, changed_settings
+from ..core.streams import StreamTable
+from ..keygroups import DEFAULT_NUM_GROUPS, owner
+from . import faults
+from .checkpointer import Checkpointer, Saved
+from .cluster import Cluster
+from .journal import CHANGES, FRESH_HINT, IncompatibleState, Journal, ReplayClock, apply, \
+    follow, steps_of
+from .statedir import Checkpoint, CheckpointError, LogFolder, StateDir, lock
+from .wal import WalDamaged, read_log
 
-if TYPE_CHECKING:
-    from .durability import Durability
-
-REPLAY_STATUS_SECONDS = 5.0
-FRESH_HINT = "start afresh with `streamrnn serve --fresh` (the old state is moved aside, " \
-             "not deleted)"
-
-
-class IncompatibleState(Exception):
-    """The saved state cannot be continued as it is (learned with another model, or a
-    damaged or incomplete log): a person must choose, so the daemon refuses to start."""
+FRESH_DONE = "fresh-done"  # in the state folder: the launch ids of the last --fresh
+STOP_CHECK_STEPS = 256     # a replay asks the ranks whether to stop this often
 
 
-def recover(d: Durability, fresh: bool, should_stop: Callable[[], bool],
+class StopDuringRecovery(Exception):
+    """SIGTERM during a replay: nothing is written; the next start replays again."""
+
+
+@dataclass
+class Source:
+    """One rank's log after the checkpoint: the records to replay."""
+    folder: LogFolder
+    records: list[dict]
+    position: int = 0              # the next record to apply
+    steps: list[int] = field(default_factory=list)  # the global steps that count
+    void: set[int] = field(default_factory=set)     # sequence numbers of those that do not
+
+
+class Recovery:
+    def __init__(self, config: Config, learner: Learner, cluster: Cluster,
+                 statedir: StateDir, journal: Journal, checkpointer: Checkpointer,
+                 metrics, log):
+        self.config, self.learner, self.cluster = config, learner, cluster
+        self.statedir, self.journal, self.checkpointer = statedir, journal, checkpointer
+        self.metrics, self.log = metrics, log
+        self.ranks = cluster.ranks
+        self.own = statedir.log_folder(cluster.rank, cluster.world_size)
+
+    def run(self, fresh: bool, should_stop: Callable[[], bool],
             progress: Callable[[str], None]) -> None:
-    """Load the newest good checkpoint into d.learner and replay the log after it.
-    `should_stop` is asked between records (a stop request during a long replay);
-    `progress` gets a status line every few seconds of replay."""
-    if fresh:
-        _set_aside(d)
-    if any((d.root / "cluster").glob("manifest-*.json")):
-        from .lockstep_recovery import leave_cluster  # (which imports this module)
-        leave_cluster(d)  # the state of several ranks: taken over, or refused
-    loaded = d.checkpoints.load_newest(d.unreadable)
-    if loaded is not None:
-        _load(d, *loaded)
-    log_dir = d.root / "wal"
-    if d.config.wal.mode == "off" and not any(log_dir.glob("wal-*.log")):
-        _follow_config(d)
-        return
-    try:
-        d.wal = WriteAheadLog(log_dir, d.config.wal.segment_bytes, fsync=True,
-                              start_after=d.wal_seq)
-    except WalDamaged as e:
-        raise IncompatibleState(str(e)) from e
-    if d.wal.torn_bytes:
-        d.log.warning("cut a torn record off the log's tail (a crash mid-write; it was "
-                      "never acknowledged)", bytes=d.wal.torn_bytes)
-    _replay(d, should_stop, progress, loaded is not None)
-    if should_stop():
-        return  # the rest of the log stays for the next start
-    _follow_config(d)
-    if d.config.wal.mode == "off":
-        _retire_log(d)
-    elif not d.append({"t": "config", "c": d.config.to_dict()}):  # see _apply
-        # without it, a replay would run the updates that follow with the batch width
-        # and learning settings of the config before: refuse rather than log what cannot
-        # be replayed
-        raise StartupError(f"the write-ahead log in {log_dir} cannot take a record (see "
-                           "the error above): free space there, then start again")
+        self.should_stop, self.progress = should_stop, progress
+        self._fresh_once(fresh)
+        if self.cluster.rank == 0:
+            self.statedir.remove_uncommitted()
+        self.ranks.agree([0])  # nobody reads before that
+        checkpoint, state = self._agreed_checkpoint()
+        newest = max((c.number for c in self.statedir.committed()), default=0)
+        layout, retire, held = self._agreed(lambda: self._layout(checkpoint))
+        try:
+            if checkpoint is not None and not checkpoint.legacy and \
+                    checkpoint.world_size == self.cluster.world_size:
+                self._continue(checkpoint, state, newest, retire)
+            elif checkpoint is None and all(self._ours(f) for f in layout):
+                self._continue(None, None, newest, retire)  # a first run's own logs
+            else:
+                self._take_over(checkpoint, state, layout, newest, retire)
+        finally:
+            for lock_file in held:
+                lock_file.close()
 
+    # ---- --fresh -----------------------------------------------------------------------
+    def _fresh_once(self, fresh: bool) -> None:
+        """--fresh on every rank or on none, and once per launch. Ranks are started with
+        it again: on several machines by an agent that restarts its ranks for another
+        machine's failure (it counts no restart, so launch.serve lets it through), or by
+        a launcher rerun after its machine failed. `serve --nproc/--nnodes` draws an id
+        per launch (STREAMRNN_FRESH_ID); once carried out, rank 0 records every rank's,
+        and a rank whose id is recorded says no. (Plain torchrun has no id: the MIN.)"""
+        launch_id = os.environ.get("STREAMRNN_FRESH_ID", "")
+        done_path = self.statedir.root / FRESH_DONE
+        done = done_path.read_text().split() if done_path.exists() else []
+        mine = fresh and not (launch_id and launch_id in done)
+        everyone = bool(self.ranks.agree([int(mine)], op="min")[0])
+        if fresh and not everyone:
+            self.log.warning("--fresh ignored: the other ranks recover (this is a restart)")
+        if not everyone:
+            return
+        ids = [i for i in self.ranks.gather(launch_id) if i]
+        if self.cluster.rank == 0:
+            aside = self.statedir.set_aside(self.statedir.everything())
+            if aside is not None:
+                self.log.warning("fresh start: the previous state was moved aside",
+                                 to=str(aside))
+            if ids:
+                from .statedir import write_atomically
+                write_atomically(done_path, "\n".join(ids) + "\n",
+                                 save=lambda text, f: f.write(text.encode()))
 
-def _follow_config(d: Durability) -> None:
-    """Replayed to the end: from here on, updates run as the config says. A change of
-    learning settings is logged, since it alters how the model learns from now on."""
-    d.learner.max_batch_streams = d.config.train.max_batch_streams
-    changed = changed_settings(d.learner.tuning, d.config.train)
-    if changed:
-        d.log.warning("learning settings differ from the saved state's; the config's "
-                      "apply from now", settings=", ".join(changed))
-    d.learner.tune(d.config.train)
+    # ---- what to load ------------------------------------------------------------------
+    def _agreed_checkpoint(self) -> tuple[Checkpoint | None, tuple | None]:
+        """The newest committed checkpoint every rank can load, and what this rank
+        loaded of it: its own part (same layout), or every part (another layout)."""
+        candidates = self.statedir.committed()
+        first = 0
+        while True:
+            mine, state = len(candidates), None
+            for index in range(first, len(candidates)):
+                c = candidates[index]
+                try:
+                    state = c.load(self.cluster.rank if self._same_layout(c) else None)
+                    mine = index
+                    break
+                except (CheckpointError, KeyError, IndexError, TypeError) as e:
+                    self.metrics.checkpoint_load_failures.inc()
+                    self.log.error("checkpoint unreadable, using the one before it and "
+                                   "more of the log", path=str(c.path), error=str(e))
+            lowest, highest = self.ranks.agree([-mine, mine], "max")
+            if -lowest == highest:
+                return (candidates[mine], state) if mine < len(candidates) else (None, None)
+            first = highest  # some rank cannot load a newer one: all take an older one
 
+    def _same_layout(self, c: Checkpoint) -> bool:
+        return not c.legacy and c.world_size == self.cluster.world_size
 
-def _load(d: Durability, state: dict, path: Path) -> None:
-    saved = config_from_dict(state["learner"]["config"])
-    differing = incompatible_keys(d.config, saved)
-    if differing:
-        raise IncompatibleState(
-            f"the state in {d.root} was learned with a different config: "
-            f"{', '.join(differing)}. To continue it, use its settings (`"
-            f"{settings_to_continue(d.config, saved)}`, or the same keys in the config "
-            "file: a newer version's defaults do not change a running model), or "
-            + FRESH_HINT)
-    d.learner.load_state_dict(state["learner"])
-    # the batch width of the updates logged after it (see _apply's "config")
-    d.learner.max_batch_streams = int(state.get("batch_streams",
-                                                d.config.train.max_batch_streams))
-    d.learner.tune(saved.train)
-    d.wal_seq = int(state["wal_seq"])
-    d.last_checkpoint = Saved(path, d.wal_seq, 0.0)
-    d.metrics.checkpoint_last_success.set(state["created"])
-    d.log.info("checkpoint loaded", path=str(path), updates=d.learner.updates,
-               streams=len(d.learner.streams.ids), wal_seq=d.wal_seq)
+    def _ours(self, folder: LogFolder) -> bool:
+        """A log of this layout (this version, these many ranks)."""
+        return not folder.legacy and folder.world_size == self.cluster.world_size
 
+    def _layout(self, checkpoint: Checkpoint | None) -> tuple[list[LogFolder], list, list]:
+        """The logs that go on after `checkpoint` (each rank's of the layout that wrote
+        it), what is to be set aside once this start holds them, and the locks held on
+        another layout's logs meanwhile. Refuses logs with changes nobody holds."""
+        folders = self.statedir.log_folders()
+        if checkpoint is not None:
+            layout = checkpoint.logs
+        else:  # no checkpoint: the one layout whose logs hold changes, if any
+            changed = {(f.world_size, f.legacy) for f in folders if _holds_changes(f)}
+            if len(changed) > 1:
+                raise IncompatibleState(
+                    f"the state folder {self.statedir.root} holds no checkpoint and the "
+                    f"logs of {len(changed)} layouts with changes ({', '.join(str(f.path) for f in folders)}): "
+                    "it cannot tell which is the newest. Move the older ones away, or "
+                    + FRESH_HINT)
+            layout = [f for f in folders if (f.world_size, f.legacy) in changed]
+        paths = {f.path for f in layout}
+        adopted = {self.statedir.root / name for name in
+                   (checkpoint.adopted if checkpoint is not None else [])}
+        others = [f for f in folders if f.path not in paths]
+        unaccounted = [f for f in others if f.path not in adopted and _holds_changes(f)]
+        if unaccounted:
+            where = (f"checkpoint {checkpoint.path.name} (written by {checkpoint.world_size} "
+                     "rank(s))" if checkpoint is not None else "no checkpoint")
+            raise IncompatibleState(
+                f"the logs in {', '.join(str(f.path) for f in unaccounted[:3])} hold "
+                f"acknowledged input, but the state to load is {where}, which does not "
+                "hold it (a newer checkpoint may be unreadable): starting would lose it. "
+                "Restore the missing checkpoint files, or " + FRESH_HINT)
+        retire = [f.path for f in others]
+        if checkpoint is not None and not checkpoint.legacy:
+            retire += self.statedir.legacy_files()  # a checkpoint of this version holds them
+        held = []
+        if self.cluster.rank == 0 and not all(self._ours(f) for f in layout):
+            # no rank of that layout may still run (0.2.0's one process held STATE/lock,
+            # which this process holds now)
+            for f in layout:
+                if f.path == self.statedir.root / "wal":
+                    continue
+                try:
+                    held.append(lock(self.statedir.lock_path(f), f"the log {f.path}"))
+                except StartupError:
+                    for lock_file in held:
+                        lock_file.close()
+                    raise
+        return layout, retire, held
 
-def _replay(d: Durability, should_stop, progress, from_checkpoint: bool) -> None:
-    replayed_tokens = replayed = 0
-    started = next_status = time.monotonic()
-    for record in d.wal.records_after(d.wal_seq):
-        if record["q"] != d.wal_seq + 1:
-            where = (f"the checkpoint covers records up to {d.wal_seq}" if from_checkpoint
+    def _agreed(self, work):
+        """`work()` on every rank; a refusal on any rank is a refusal on every rank (each
+        rank decides from the same disk: they agree unless a file changed meanwhile)."""
+        try:
+            result, error = work(), None
+        except (IncompatibleState, StartupError, WalDamaged) as e:
+            result, error = None, e
+        if self.ranks.agree([int(error is not None)])[0]:
+            if isinstance(error, WalDamaged):
+                raise IncompatibleState(str(error)) from error
+            raise error or IncompatibleState("another rank refused the saved state (its "
+                                              "log line says why)")
+        return result
+
+    # ---- the same layout ---------------------------------------------------------------
+    def _continue(self, checkpoint: Checkpoint | None, state, newest: int,
+                  retire: list) -> None:
+        """This layout's checkpoint (or none yet), then this rank's log after it, in
+        lockstep with the other ranks'."""
+        learner, journal = self.learner, self.journal
+        saved, wal_seq, step = None, 0, 0
+        if checkpoint is not None:
+            replicated, (part,) = state
+            self._load(replicated, part, checkpoint)
+            self.cluster.num_groups = checkpoint.num_groups
+            wal_seq, step = int(part["wal_seq"]), checkpoint.step
+            saved = Saved(checkpoint.path, checkpoint.number, wal_seq, 0.0)
+        journal.step = step
+        source = self._agreed(lambda: self._source(self.own, wal_seq, step,
+                                                   checkpoint is not None))
+        last = source.steps[-1] if source.steps else step
+        end = -self.ranks.agree([-last], "max")[0]  # the last step every rank logged
+        replayed = self._replay(learner, [source], step, end, group=None)
+        if self.config.wal.mode != "off":
+            try:
+                journal.open(self.own.path, start_after=wal_seq)
+            except WalDamaged as e:
+                raise IncompatibleState(str(e)) from e
+            if journal.wal.torn_bytes:
+                self.log.warning("cut a torn record off the log's tail (a crash mid-write; "
+                                 "it was never acknowledged)", bytes=journal.wal.torn_bytes)
+            journal.wal_seq = journal.wal.last_seq
+        journal.step = end
+        self._follow_config()
+        self.checkpointer.recovered(saved, newest, replayed > 0)
+        self._write_start_records()
+        if self.config.wal.mode == "off" and self.ranks.agree(
+                [int(self.own.path.exists())], "max")[0]:  # folded in, then set aside
+            if self.checkpointer.checkpoint_now() is None:
+                raise StartupError("wal.mode = off, and the log left by an earlier run "
+                                   "could not be folded into a checkpoint (see the error "
+                                   "above)")
+            retire += [self.statedir.log_folder(r, self.cluster.world_size).path
+                       for r in range(self.cluster.world_size)]
+            self.log.info("wal.mode = off: the earlier logs were replayed, checkpointed and "
+                          "set aside")
+        self._retire(retire)
+
+    def _source(self, folder: LogFolder, wal_seq: int, step: int,
+                from_checkpoint: bool) -> Source:
+        """A log's records after `wal_seq`, checked: they continue where the checkpoint
+        ends, and their global steps follow one another."""
+        records = read_log(folder.path, after=wal_seq) if folder.path.is_dir() else []
+        if records and records[0]["q"] != wal_seq + 1:
+            where = (f"the checkpoint holds records up to {wal_seq}" if from_checkpoint
                      else "no checkpoint could be loaded")
             raise IncompatibleState(
-                f"the log in {d.root / 'wal'} continues at record {record['q']} but "
+                f"the log in {folder.path} continues at record {records[0]['q']} but "
                 f"{where}: acknowledged input in between would be lost. Restore the "
                 "missing checkpoint or log files, or " + FRESH_HINT)
-        replayed_tokens += _apply(d, record)
-        replayed += 1
-        d.wal_seq = record["q"]
-        if time.monotonic() >= next_status:
-            next_status = time.monotonic() + REPLAY_STATUS_SECONDS
-            d.learner.settle()  # a sync every few seconds keeps the device queue short
-            progress(f"replaying the log: record {d.wal_seq}, {d.learner.updates:,} updates")
-            if should_stop():
-                d.log.warning("stop requested during replay; the rest of the log stays "
-                              "for the next start", at=d.wal_seq)
-                break
-    d.learner.settle()
-    d.metrics.recovery_replayed_tokens.inc(replayed_tokens)
-    seconds = time.monotonic() - started
-    if replayed:
-        d.log.info("replayed the log", records=replayed, tokens=replayed_tokens,
-                   seconds=round(seconds, 3), updates=d.learner.updates)
-    if seconds > 60:  # a crash now would replay all of it again: checkpoint soon
-        d.next_due = d.clock()
-
-
-def _apply(d: Durability, record: dict) -> int:
-    kind, learner = record["t"], d.learner
-    if kind == "tokens":
-        tokens = np.frombuffer(record["k"], "<u4").astype(np.int32)
-        learner.streams.append(record["s"], tokens)
-        return len(tokens)
-    if kind == "train":
-        plan = learner.next_update()
-        if plan is None:
+        steps, void = steps_of(records, step, folder.legacy)
+        if steps != list(range(step + 1, step + 1 + len(steps))):
             raise IncompatibleState(
-                f"log record {record['q']} says an update ran there, but replaying the "
-                "log before it leaves none ready: the log does not belong to the state "
-                f"it follows in {d.root}")
-        learner.step(plan)
-    elif kind == "flush":
-        learner.flush_many(record["s"])
-    elif kind == "end":
-        learner.end(record["s"])
-    elif kind == "config":
-        # the config the following records were made with: same model, and their
-        # updates replayed with the batch width they ran with
-        logged = config_from_dict(record["c"])
-        differing = incompatible_keys(d.config, logged)
-        if differing:
-            raise IncompatibleState(
-                f"the log in {d.root / 'wal'} was written with a different config: "
-                f"{', '.join(differing)}. To continue it, use its settings (`"
-                f"{settings_to_continue(d.config, logged)}`), or " + FRESH_HINT)
-        learner.max_batch_streams = logged.train.max_batch_streams
-        learner.tune(logged.train)  # replayed updates run as they ran the first time
-    return 0  # "noop": a probe written while the disk was full
+                f"the log in {folder.path} does not hold the global steps after step "
+                f"{step} in order ({steps[:3]}...): the state cannot be rebuilt in step. "
+                "Restore the logs, or " + FRESH_HINT)
+        return Source(folder, records, steps=steps, void=void)
+
+    # ---- another layout ----------------------------------------------------------------
+    def _take_over(self, checkpoint: Checkpoint | None, state, layout: list[LogFolder],
+                   newest: int, retire: list) -> None:
+        """Rebuild the state that layout left, in one process (every rank alike), keep
+        this rank's key groups' streams, commit it as this layout's checkpoint."""
+        old_world = checkpoint.world_size if checkpoint is not None else \
+            max(f.world_size for f in layout)
+        old_groups = (checkpoint.num_groups if checkpoint is not None and
+                      checkpoint.num_groups else DEFAULT_NUM_GROUPS)
+        scratch = Learner(self.config)  # one process: the old steps without collectives
+        wal_seqs, step = [0] * old_world, 0
+        if checkpoint is not None:
+            replicated, parts = state
+            step = checkpoint.step
+            self._load_merged(scratch, replicated, parts, checkpoint)
+            wal_seqs = [int(p["wal_seq"]) for p in parts]
+        by_rank = {f.rank: f for f in layout}
+        sources = self._agreed(lambda: [
+            self._source(by_rank.get(r, LogFolder(self.statedir.root / "-", r, old_world)),
+                         wal_seqs[r], step, checkpoint is not None) for r in range(old_world)])
+        end = min((s.steps[-1] if s.steps else step) for s in sources)
+        ranks_of: dict = {}
+
+        def group(rows: np.ndarray) -> np.ndarray:  # the old rank that planned each row
+            ids = scratch.streams.ids
+            return np.array([ranks_of.setdefault(ids[r], owner(ids[r], old_world, old_groups))
+                             for r in rows.tolist()], np.int64)
+        if self.cluster.rank == 0:  # the new layout's logs hold nothing yet: set aside
+            self.statedir.set_aside([f.path for f in self.statedir.log_folders()
+                                     if f.world_size == self.cluster.world_size and
+                                     not f.legacy and f not in layout])
+        self.ranks.agree([0])
+        self._replay(scratch, sources, step, end, group=group if old_world > 1 else None)
+        self._adopt(scratch, old_groups)
+        self.journal.step = end
+        if self.config.wal.mode != "off":
+            self.journal.open(self.own.path, start_after=0)
+        self._follow_config()
+        self.checkpointer.recovered(None, newest, True)
+        self.checkpointer.adopted = [str(f.path.relative_to(self.statedir.root))
+                                     for f in layout]
+        self._write_start_records()
+        saved = self.checkpointer.checkpoint_now()  # before any input: holds it all
+        if saved is None:
+            raise StartupError("the first checkpoint after taking over the state of "
+                               f"{old_world} rank(s) failed (see the error above); that "
+                               "state stays as it was")
+        if self.ranks.distributed:  # rank 0's weights, bit for bit, on every rank
+            replicated = self.statedir.committed()[0].load(self.cluster.rank)[0]
+            self.learner.load_replicated(replicated["learner"])
+        self.log.warning("took over the state of another layout", ranks_before=old_world,
+                         ranks=self.cluster.world_size,
+                         legacy=any(f.legacy for f in layout) or bool(checkpoint and
+                                                                      checkpoint.legacy),
+                         streams=len(self.learner.streams.ids), step=end,
+                         checkpoint=str(saved.path))
+        self._retire(retire + [f.path for f in layout] + self.statedir.legacy_files())
+
+    def _load_merged(self, scratch: Learner, replicated: dict, parts: list[dict],
+                     checkpoint: Checkpoint) -> None:
+        """Every old rank's part into one learner (the streams of all of them)."""
+        follow(scratch, config_from_dict(replicated["learner"]["config"]),
+               what=f"checkpoint {checkpoint.path}")  # the same model, or refused
+        merged = StreamTable(scratch.streams.k1, scratch.streams.k2,
+                             scratch.streams.state_shape, scratch.streams.num_state_tensors,
+                             scratch.device, scratch.streams.dtype, scratch.streams.max_resident)
+        for part in parts:
+            table = StreamTable(merged.k1, merged.k2, merged.state_shape,
+                                merged.num_state_tensors, merged.device, merged.dtype,
+                                merged.max_resident)
+            table.load_state_dict(part["streams"])
+            for stream in table.ids:
+                merged.adopt(stream, table.export(stream))
+        totals = {key: sum(p["totals"][key] for p in parts)
+                  for key in ("tokens_trained", "bits")}
+        self._load(replicated, {"streams": merged.state_dict(), "totals": totals},
+                   checkpoint, learner=scratch)
+
+    def _adopt(self, scratch: Learner, num_groups: int) -> None:
+        """This rank's key groups' streams, the weights and optimizer, from `scratch`;
+        the lifetime totals go to rank 0."""
+        self.cluster.num_groups = num_groups
+        learner = self.learner
+        learner.load_replicated(scratch.replicated_state())
+        learner.max_batch_streams, learner.tuning = scratch.max_batch_streams, scratch.tuning
+        table = StreamTable(learner.streams.k1, learner.streams.k2,
+                            learner.streams.state_shape, learner.streams.num_state_tensors,
+                            learner.device, learner.streams.dtype, learner.streams.max_resident)
+        for stream in scratch.streams.ids:
+            if self.cluster.owner(stream) == self.cluster.rank:
+                table.adopt(stream, scratch.streams.export(stream))
+        first = self.cluster.rank == 0
+        learner.load_rank({"streams": table.state_dict(), "totals": {
+            "tokens_trained": scratch.tokens_trained if first else 0,
+            "bits": scratch.bits if first else 0.0}})
+
+    # ---- shared ------------------------------------------------------------------------
+    def _load(self, replicated: dict, part: dict, checkpoint: Checkpoint,
+              learner: Learner | None = None) -> None:
+        learner = learner or self.learner
+        state = replicated["learner"]
+        follow(learner, config_from_dict(state["config"]),
+               what=f"checkpoint {checkpoint.path}")
+        learner.load_replicated(state)
+        learner.load_rank(part)
+        # the batch width of the updates logged after it (see journal.apply's "config")
+        learner.max_batch_streams = int(replicated.get("batch_streams") or
+                                        self.config.train.max_batch_streams)
+        self.metrics.checkpoint_last_success.set(replicated.get("created", 0.0))
+        self.log.info("checkpoint loaded", path=str(checkpoint.path), updates=learner.updates,
+                      streams=len(learner.streams.ids), wal_seq=part.get("wal_seq"),
+                      **({"legacy": checkpoint.legacy} if checkpoint.legacy else {}))
+
+    def _replay(self, learner: Learner, sources: list[Source], step: int, end: int,
+                group) -> int:
+        """Apply each source's records in order; the global steps up to `end` run once
+        every source reached them (the union of their windows: one source's own plan,
+        or, several ranks' logs in one process, each old rank's by `group`); steps past
+        `end` and void ones do not run. Returns the changes replayed."""
+        clock = ReplayClock(self.progress)
+        tokens = changes = 0
+        for g in range(step + 1, end + 2):  # end + 1: the records after the last step
+            records = []
+            for source in sources:
+                tokens, changes = self._apply_local(learner, source, g <= end, tokens,
+                                                    changes)
+                if g <= end:
+                    records.append(source.records[source.position])
+                    source.position += 1
+            if g <= end:
+                faults.maybe_slow("replay_step")
+                self._step(learner, records, group, len(sources))
+                changes += 1
+            if g % STOP_CHECK_STEPS == 0 and self.ranks.agree(
+                    [int(self.should_stop())], "max")[0]:
+                self.log.warning("stop requested during the replay; it starts again at the "
+                                 "next start", step=g)
+                raise StopDuringRecovery()
+            if clock.due():
+                learner.settle()  # a sync every few seconds keeps the device queue short
+                self.progress(f"replaying the log: step {g:,} of {end:,}, "
+                              f"{learner.updates:,} updates")
+        learner.settle()
+        self.metrics.recovery_replayed_tokens.inc(tokens)
+        records = sum(len(s.records) for s in sources)
+        if records:
+            self.log.info("replayed the log", records=records, tokens=tokens, step=end,
+                          steps_voided=sum(len(s.steps) - (end - step) for s in sources) +
+                          sum(len(s.void) for s in sources), updates=learner.updates,
+                          seconds=round(clock.seconds, 3))
+        if clock.seconds > 60:  # a crash now would replay all of it again: checkpoint soon
+            self.checkpointer.next_due = self.checkpointer.clock()
+        return changes
+
+    def _apply_local(self, learner: Learner, source: Source, to_step: bool, tokens: int,
+                     changes: int) -> tuple[int, int]:
+        """Apply the source's records up to its next step that counts (all that are
+        left, if not `to_step`); void steps and resume records are passed over."""
+        records = source.records
+        while source.position < len(records):
+            record = records[source.position]
+            is_step = record["t"] == "train" or (record["t"] == "flush" and
+                                                 ("g" in record or source.folder.legacy))
+            if is_step and record["q"] not in source.void and to_step:
+                return tokens, changes
+            source.position += 1
+            if is_step or record["t"] == "resume":
+                continue  # void, or past the last step every rank logged: did not run
+            tokens += apply(learner, record, legacy=source.folder.legacy)
+            changes += record["t"] in CHANGES
+        return tokens, changes
+
+    def _step(self, learner: Learner, records: list[dict], group, num_sources: int) -> None:
+        """One global step, from every source's record of it."""
+        if records[0]["t"] == "flush":  # 0.2.0: a flush step trained at once
+            streams = [s for r in records for s in r["s"]]
+            apply(learner, {"t": "flush", "s": streams}, legacy=True)
+            return
+        plan = learner.next_update(group)
+        if plan is None and num_sources > 1:
+            return  # an old rank chose other windows here: they train in a later step
+        apply(learner, records[0], plan)
+
+    def _follow_config(self) -> None:
+        """Replayed to the end: from here on, updates run as the config says. A change of
+        learning settings is logged, since it alters how the model learns from now on."""
+        changed = changed_settings(self.learner.tuning, self.config.train)
+        if changed:
+            self.log.warning("learning settings differ from the saved state's; the config's "
+                             "apply from now", settings=", ".join(changed))
+        self.learner.max_batch_streams = self.config.train.max_batch_streams
+        self.learner.tune(self.config.train)
+
+    def _write_start_records(self) -> None:
+        """The steps logged after this one's step did not run (void, see the module),
+        and the config the records after it are made with."""
+        for record in ({"t": "resume", "g": self.journal.step},
+                       {"t": "config", "c": self.config.to_dict()}):
+            if not self.journal.append(record):
+                raise StartupError(f"the write-ahead log in {self.own.path} cannot take a "
+                                   "record (see the error above): free space there, then "
+                                   "start again")
+        self.journal.commit()
+
+    def _retire(self, paths: list) -> None:
+        """Rank 0 sets aside what this start holds now (another layout's files)."""
+        if self.cluster.rank == 0:
+            aside = self.statedir.set_aside(list(dict.fromkeys(paths)))
+            if aside is not None:
+                self.log.info("set aside files this state holds", to=str(aside),
+                              files=len(paths))
+        self.ranks.agree([0])
 
 
-def _retire_log(d: Durability) -> None:
-    """wal.mode = off with a log from an earlier run: the log was replayed above; a
-    checkpoint now holds it, then it goes (stale records must never replay onto a newer
-    state later)."""
-    if d.checkpoint_now() is None:
-        raise StartupError("wal.mode = off, and the log left by an earlier run could not "
-                           "be folded into a checkpoint (see the error above)")
-    d.wal.close()
-    for path in (d.root / "wal").glob("wal-*.log"):
-        path.unlink()
-    d.wal = None
-    d.log.info("wal.mode = off: the earlier log was replayed, checkpointed and removed")
-
-
-def _set_aside(d: Durability) -> None:
-    """--fresh: move checkpoints and log into a dated folder inside the state folder (the
-    folder itself may be a mount point, as systemd's StateDirectory is)."""
-    parts = [d.root / name for name in ("checkpoints", "wal", "cluster")
-             if (d.root / name).is_dir() and any((d.root / name).iterdir())]
-    parts += sorted(d.root.glob("rank-*-of-*"))  # a cluster's, (serve --nproc) before
-    if not parts:
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f"previous-{time.strftime('%Y%m%d-%H%M%S')}-",
-                                  dir=d.root))
-    for part in parts:
-        part.rename(aside / part.name)
-    d.checkpoints = Checkpoints(d.root / "checkpoints", d.config.checkpoint.keep)
-    d.log.warning("fresh start: the previous state was moved aside", to=str(aside))
+def _holds_changes(folder: LogFolder) -> bool:
+    """Whether a log holds records that change the learned state (tokens, updates,
+    flushes, ends): not only a start's config and resume records."""
+    return any(r["t"] in CHANGES for r in read_log(folder.path))

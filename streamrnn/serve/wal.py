@@ -150,20 +150,8 @@ class WriteAheadLog:
     def _scan(self) -> int:
         """Check every segment; cut a torn tail; return the last sequence number."""
         last = 0
-        segments = self._segments()
-        for path in segments:
-            records, good_bytes = _read_segment(path)
-            size = path.stat().st_size
-            if good_bytes < size and path != segments[-1]:
-                raise WalDamaged(
-                    f"log segment {path} is damaged at byte {good_bytes} of {size}, and "
-                    "newer segments follow it: records after the damage would be lost. "
-                    "Restore it from a backup, or start afresh with `streamrnn serve "
-                    "--fresh` (the old state is moved aside, not deleted)")
-            if records and records[0]["q"] != last + 1 and last:
-                raise WalDamaged(f"log segment {path} starts at record {records[0]['q']}, "
-                                 f"but the one before it ends at {last}: a segment is missing")
-            if good_bytes < size:
+        for path, records, good_bytes, size in _checked_segments(self.dir):
+            if good_bytes < size:  # the newest segment's torn tail
                 self.torn_bytes += size - good_bytes
                 with open(path, "r+b") as f:
                     f.truncate(good_bytes)
@@ -209,6 +197,35 @@ def _read_segment(path: Path) -> tuple[list[dict], int]:
         records.append(record)
         pos = end
     return records, pos
+
+
+def _checked_segments(directory: Path):
+    """(path, records, bytes they take, size) of each segment, in order. Only the newest
+    may end in a torn record: damage before it, or a missing segment, is WalDamaged."""
+    segments = sorted(Path(directory).glob("wal-*.log"))
+    last = 0
+    for path in segments:
+        records, good_bytes = _read_segment(path)
+        size = path.stat().st_size
+        if good_bytes < size and path != segments[-1]:
+            raise WalDamaged(
+                f"log segment {path} is damaged at byte {good_bytes} of {size}, and "
+                "newer segments follow it: records after the damage would be lost. "
+                "Restore it from a backup, or start afresh with `streamrnn serve "
+                "--fresh` (the old state is moved aside, not deleted)")
+        if records and records[0]["q"] != last + 1 and last:
+            raise WalDamaged(f"log segment {path} starts at record {records[0]['q']}, "
+                             f"but the one before it ends at {last}: a segment is missing")
+        if records:
+            last = records[-1]["q"]
+        yield path, records, good_bytes, size
+
+
+def read_log(directory: Path, after: int = 0) -> list[dict]:
+    """Every record with q > after, without opening the log for writing (a torn tail
+    stays on disk; it was never acknowledged). WalDamaged as when opening."""
+    return [record for _, records, _, _ in _checked_segments(directory)
+            for record in records if record["q"] > after]
 
 
 def last_change(directory: Path) -> int:

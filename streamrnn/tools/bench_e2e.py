@@ -136,14 +136,17 @@ def _measure_daemon(config: Config, data: list[bytes], num_producers: int, secon
 def _produce(endpoint: str, streams: dict[str, bytes], seconds: float, results) -> None:
     """One producer process: send its streams round-robin for `seconds` (wrapping around
     their text, so none runs dry), then report."""
-    from ..client import Producer
+    from ..client import Producer, Unreachable
     stop = time.monotonic() + seconds
     with Producer(endpoint, retry_seconds=120, keep_latencies=True) as producer:
         round_robin(producer, streams, 1024, go_on=lambda: time.monotonic() < stop,
                     wrap=True)
-        producer.flush(timeout=300)
+        try:  # the window measured is over: the tail only adds ack latencies
+            producer.flush(timeout=60)
+        except Unreachable:  # a full queue that trains slowly (few streams) is still busy
+            pass
         results.put({"acked": producer.stats.tokens_acked, "busy": producer.stats.busy,
-                     "latencies": producer.stats.ack_latencies})
+                     "unacked": producer.unacked, "latencies": producer.stats.ack_latencies})
 
 
 COUNTERS = {"process_cpu_seconds_total": "cpu",
