@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import TINY, ClusterProcess, RawClient
+from harness import TINY, ClusterProcess, RawClient, load_checkpoint
 from streamrnn.keygroups import owner
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
@@ -62,11 +62,10 @@ def wait_trained(cluster: ClusterProcess, stall_seconds: float = 45) -> list[dic
 
 def committed_totals(state: Path) -> dict:
     """Lifetime totals of the newest committed checkpoint, summed over its parts."""
-    manifests = sorted((state / "cluster").glob("manifest-*.json"))
-    manifest = json.loads(manifests[-1].read_text())
-    parts = [torch.load(state / p["path"], weights_only=True) for p in manifest["parts"]]
-    replicated = torch.load(state / manifest["replicated"], weights_only=True)
-    return {"step": manifest["step"], "updates": replicated["learner"]["totals"]["updates"],
+    files = load_checkpoint(sorted((state / "checkpoints").glob("checkpoint-*.json"))[-1])
+    parts, replicated = files["parts"], files["replicated"]
+    return {"step": files["manifest"]["step"], "ranks": files["manifest"]["world_size"],
+            "updates": replicated["learner"]["totals"]["updates"],
             "tokens_trained": sum(p["totals"]["tokens_trained"] for p in parts),
             "streams": sum(len(p["streams"]["ids"]) for p in parts),
             "model": replicated["learner"]["model"]}
@@ -109,9 +108,8 @@ def test_two_ranks_share_streams_route_checkpoint_and_recover(tmp_path):
     assert totals["tokens_trained"] == trained and totals["streams"] == 6
     assert totals["updates"] == ranks[0]["updates"]
     listed = subprocess.run([sys.executable, "-m", "streamrnn", "checkpoint", "list",
-                             str(tmp_path / "state" / "checkpoints")],
-                            capture_output=True, text=True)
-    assert listed.returncode == 0 and "manifest-" in listed.stdout
+                             str(tmp_path / "state")], capture_output=True, text=True)
+    assert listed.returncode == 0 and "checkpoints/checkpoint-" in listed.stdout
     assert f"2 ranks, {totals['updates']:,} updates" in listed.stdout.splitlines()[0]
 
     again = ClusterProcess(tmp_path, [f"checkpoint.dir={tmp_path / 'state'}"]).start()
@@ -251,11 +249,11 @@ def positions(cluster: ClusterProcess, streams: list[str]) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_a_clean_stop_lets_the_next_start_change_the_number_of_ranks(tmp_path):
-    """1 process -> 2 ranks -> 3 ranks -> 1 process, each after a clean stop: key groups
-    move with their streams' state, every stream continues where it was, totals carry
-    over. A crash followed by a start with another number of ranks (or one process) is
-    refused, saying what to do."""
+def test_the_number_of_ranks_changes_after_a_clean_stop_and_after_a_crash(tmp_path):
+    """1 process -> 2 ranks -> 3 ranks (clean stops) -> 2 ranks (after a crash) -> 1
+    process (after a crash): key groups move with their streams' state, every stream
+    continues where it was, every acknowledged token is trained once, totals carry
+    over. Refused, touching nothing: a layout whose rank still runs."""
     import time
     from harness import DaemonProcess
     state = tmp_path / "state"
@@ -294,51 +292,60 @@ def test_a_clean_stop_lets_the_next_start_change_the_number_of_ranks(tmp_path):
         assert cluster.stop() == 0
     totals = committed_totals(state)
     assert totals["tokens_trained"] == sum(sent.values()) - len(streams)
+    assert totals["ranks"] == 3 and not list((state / "logs").glob("rank-*-of-2"))
 
+    # a crash, and another number of ranks: every old rank's log is replayed
     crashed = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=3).start()
-    assert crashed.ask(owner("late", 3), {"type": "tokens", "stream": "late", "offset": 0,
-                                          "tokens": TEXT[:10], "width": 1})["type"] == "ack"
-    sent["late"] = 10
+    for stream in [*streams, "late"]:
+        offset = sent.get(stream, 0)
+        assert crashed.ask(owner(stream, 3), {
+            "type": "tokens", "stream": stream, "offset": offset,
+            "tokens": TEXT[offset:offset + 130], "width": 1})["type"] == "ack"
+        sent[stream] = offset + 130
     crashed.kill_all()
-    refused = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=2).start(wait=False)
-    assert refused.procs[0].wait(timeout=120) == 2
-    assert "did not stop cleanly" in refused.log() and "--nproc 3" in refused.log()
-    alone = DaemonProcess(tmp_path, [f"checkpoint.dir={state}"]).start(wait=False)
-    assert alone.proc.wait(timeout=60) == 2
-    assert "did not stop cleanly" in alone.log() and "--nproc 3" in alone.log()
+    two = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=2).start()
+    assert positions(two, list(sent)) == sent
+    assert "took over the state of another layout" in two.log()
+    ranks = wait_trained(two)
+    assert sum(r["tokens_trained"] for r in ranks) == sum(sent.values()) - len(sent)
+    assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
+    for stream in sent:  # and a little more, acknowledged by the two ranks only
+        offset = sent[stream]
+        assert two.ask(owner(stream, 2), {"type": "tokens", "stream": stream,
+                                          "offset": offset, "tokens": TEXT[:40],
+                                          "width": 1})["type"] == "ack"
+        sent[stream] += 40
+    two.kill_all()
 
-    # as the message says: start as before, stop cleanly; then one process takes over
-    again = ClusterProcess(tmp_path, [f"checkpoint.dir={state}"], nproc=3).start()
-    ranks = wait_trained(again)
-    assert again.stop() == 0
-    # refused with a message, touching nothing: a damaged newest step, or a rank that
-    # still runs (it holds its folder's lock)
-    damaged, running = tmp_path / "damaged", tmp_path / "running"
-    for copy in (damaged, running):
-        shutil.copytree(state, copy)
-        (copy / "lock").unlink()
-    replicated = sorted((damaged / "cluster").glob("replicated-*.pt"))[-1]
-    replicated.write_bytes(replicated.read_bytes()[:100])
+    # refused with a message, touching nothing: a rank of that layout still runs (it
+    # holds its log's lock)
+    running = tmp_path / "running"
+    shutil.copytree(state, running)
+    (running / "lock").unlink()
+    set_aside = sorted(running.glob("previous-*"))
     import fcntl
-    with open(running / "rank-1-of-3" / "lock", "a+") as held:
+    with open(running / "logs" / "rank-1-of-2.lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        for copy, reason in ((damaged, "cannot be read"), (running, "is in use")):
-            refused_alone = DaemonProcess(tmp_path, [f"checkpoint.dir={copy}"]).start(wait=False)
-            assert refused_alone.proc.wait(timeout=60) == 2
-            assert reason in refused_alone.log(), refused_alone.log()[-2000:]
-            assert (copy / "cluster").is_dir() and not list(copy.glob("previous-*"))
+        refused = DaemonProcess(tmp_path, [f"checkpoint.dir={running}"]).start(wait=False)
+        assert refused.proc.wait(timeout=60) == 2
+        assert "is in use" in refused.log(), refused.log()[-2000:]
+        assert list((running / "logs").glob("rank-*-of-2/wal-*.log"))
+        assert sorted(running.glob("previous-*")) == set_aside
 
     single = DaemonProcess(tmp_path, [f"checkpoint.dir={state}", "train.cpu_threads=1"]).start()
     with RawClient(single.endpoint) as client:
-        status = client.ask({"type": "status"})
         assert {s: client.ask({"type": "position", "stream": s})["next_offset"]
                 for s in sent} == sent
-    assert status["streams"] == len(sent) and status["updates"] == ranks[0]["updates"]
-    assert status["weights_checksum"] == ranks[0]["weights_checksum"]
-    assert status["tokens_trained"] == sum(r["tokens_trained"] for r in ranks)
+        client.ask({"type": "flush"})
+        deadline = time.monotonic() + 120
+        while (status := client.ask({"type": "status"}))["queued_tokens"]:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+    assert status["streams"] == len(sent)
+    assert status["tokens_trained"] == sum(sent.values()) - len(sent)
     assert single.stop() == 0
-    assert not (state / "cluster").exists() and not list(state.glob("rank-*"))
-    assert any(state.glob("previous-*/cluster/manifest-*.json"))  # set aside, not deleted
+    assert not list((state / "logs").glob("rank-*-of-[23]"))
+    assert list(state.glob("previous-*/logs/rank-1-of-2"))  # set aside, not deleted
 
 
 def test_ranks_started_with_different_configs_are_refused(tmp_path):
@@ -355,7 +362,7 @@ def test_ranks_started_with_different_configs_are_refused(tmp_path):
     assert len(refusals) == 2, done.stdout + done.stderr  # both ranks, before any state
     assert all("different config" in r["reason"] and "train.lr" in r["reason"]
                for r in refusals)
-    assert not (tmp_path / "state" / "cluster").exists()
+    assert not (tmp_path / "state").exists()
 
 
 def test_a_step_one_rank_logged_and_the_other_did_not_is_void(tmp_path):
@@ -442,3 +449,121 @@ def test_a_hung_rank_times_out_and_torchrun_restarts_every_rank(tmp_path):
     failed = [e for e in cluster.events() if e.get("event", "").startswith("stopping this rank")]
     assert failed, "rank 0's collective should have failed"
     assert cluster.stop() == 0
+
+
+@pytest.mark.parametrize("before,after", [(1, 2), (2, 1), (2, 3)])
+@pytest.mark.parametrize("checkpointed", [False, True],
+                         ids=["before the first checkpoint", "after a checkpoint"])
+def test_a_crash_then_another_number_of_ranks_trains_every_acknowledged_token_once(
+        tmp_path, before, after, checkpointed):
+    """SIGKILL, then a start with another number of ranks, with and without a checkpoint
+    before the crash: every old rank's log is replayed, every acknowledged token is
+    there and is trained exactly once, the ranks hold one model."""
+    import time
+    from harness import serve
+    from streamrnn.client import Producer
+    state = [f"checkpoint.dir={tmp_path / 'state'}", "checkpoint.interval_seconds=0"]
+    streams = [f"stream-{i}" for i in range(6)]
+    old = serve(tmp_path, state, before).start()
+    acked = {}
+    with Producer(old.endpoint) as producer:
+        for i, stream in enumerate(streams):
+            producer.send(stream, TEXT[:200 + 30 * i])
+            acked[stream] = 200 + 30 * i
+        producer.flush(timeout=60)
+        if checkpointed:
+            assert producer.request({"type": "checkpoint"})["ok"]
+        for stream in streams:
+            producer.send(stream, TEXT[:77])
+            acked[stream] += 77
+        producer.flush(timeout=60)
+    old.kill()
+    new = serve(tmp_path, state, after).start()
+    assert "took over the state of another layout" in new.log()
+    with Producer(new.endpoint) as producer:
+        assert {s: producer.position(s) for s in streams} == acked
+        for stream in streams:
+            producer.request({"type": "flush", "stream": stream})
+        deadline = time.monotonic() + 120
+        while True:
+            ranks = [producer.status()] if after == 1 else \
+                [r for r in producer.cluster_status()["ranks"]]
+            if not sum(r["queued_tokens"] for r in ranks):
+                break
+            assert time.monotonic() < deadline, ranks
+            time.sleep(0.2)
+    assert sum(r["tokens_trained"] for r in ranks) == sum(acked.values()) - len(acked)
+    assert len({r["weights_checksum"] for r in ranks}) == 1
+    assert new.stop() == 0
+
+
+def test_fresh_list_inspect_and_checkpoint_requests_mean_the_same_for_every_layout(tmp_path):
+    """After one process stopped cleanly: two ranks with --fresh set aside everything
+    of it; `checkpoint list` marks the ranks' checkpoint as the one the next start
+    loads, and `checkpoint inspect` reads the path `status` names; a checkpoint asked of
+    rank 0 when only rank 1's streams changed is a new one."""
+    from harness import DaemonProcess
+    state = tmp_path / "state"
+    settings = [f"checkpoint.dir={state}", "checkpoint.interval_seconds=0"]
+    single = DaemonProcess(tmp_path, settings).start()
+    with RawClient(single.endpoint) as client:
+        assert client.ask({"type": "tokens", "stream": "old", "offset": 0,
+                           "tokens": TEXT[:500], "width": 1})["type"] == "ack"
+    assert single.stop() == 0
+    cluster = ClusterProcess(tmp_path, settings).start(args=("--fresh",))
+    assert cluster.ask(owner("old", 2), {"type": "position", "stream": "old"}
+                       )["next_offset"] == 0
+    assert list(state.glob("previous-*/checkpoints/checkpoint-*.json"))
+    assert list(state.glob("previous-*/logs/rank-0-of-1/wal-*.log"))
+    one = streams_on_both(2)[1]  # a stream of rank 1
+    assert send(cluster, one, 0, TEXT[:300])["type"] == "ack"
+    first = cluster.ask(0, {"type": "checkpoint"})
+    assert send(cluster, one, 300, TEXT[300:400])["type"] == "ack"
+    wait_trained(cluster)
+    second = cluster.ask(0, {"type": "checkpoint"})
+    assert first["ok"] and second["ok"] and second["number"] == first["number"] + 1
+    assert cluster.ask(0, {"type": "checkpoint"})["number"] == second["number"]  # no news
+    two = [s for s in (f"new-{i}" for i in range(40)) if owner(s, 2) == 1][0]
+    assert send(cluster, two, 0, TEXT[:3])["type"] == "ack"  # no update: rank 1 alone
+    third = cluster.ask(0, {"type": "checkpoint"})  # changed
+    assert third["number"] == second["number"] + 1
+    status_path = cluster.ask(0, {"type": "status"})["last_checkpoint"]["path"]
+    assert status_path == third["path"]
+    cli = [sys.executable, "-m", "streamrnn", "checkpoint"]
+    listed = subprocess.run([*cli, "list", str(state)], capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    newest = listed.stdout.splitlines()[0]
+    assert newest.startswith(third["path"]) and ", 2 ranks, " in newest
+    assert newest.endswith("<- the next start loads this one")
+    inspected = subprocess.run([*cli, "inspect", status_path], capture_output=True,
+                               text=True)
+    assert inspected.returncode == 0 and ", 2 ranks, " in inspected.stdout, \
+        inspected.stdout + inspected.stderr
+    assert cluster.stop() == 0
+
+
+def test_a_fall_back_past_the_layout_that_acknowledged_input_is_refused(tmp_path):
+    """One process, then two ranks (they take over its state and commit a checkpoint),
+    which acknowledge more and crash; the ranks' newest checkpoint is then unreadable.
+    The checkpoint before it is the one process's, whose log was set aside: loading it
+    would silently drop what the ranks acknowledged, so the start is refused."""
+    from harness import DaemonProcess
+    state = tmp_path / "state"
+    settings = [f"checkpoint.dir={state}", "checkpoint.interval_seconds=0"]
+    single = DaemonProcess(tmp_path, settings).start()
+    with RawClient(single.endpoint) as client:
+        assert client.ask({"type": "tokens", "stream": "a", "offset": 0,
+                           "tokens": TEXT[:100], "width": 1})["type"] == "ack"
+    assert single.stop() == 0
+    cluster = ClusterProcess(tmp_path, settings).start()
+    assert send(cluster, "a", 100, TEXT[100:200])["type"] == "ack"
+    cluster.kill_all()
+    newest = sorted((state / "checkpoints").glob("replicated-*.pt"))[-1]
+    newest.write_bytes(b"torn")
+    for nproc in (1, 2):
+        again = ClusterProcess(tmp_path, settings, nproc=nproc) if nproc > 1 else \
+            DaemonProcess(tmp_path, settings)
+        again.start(wait=False)
+        assert again.proc.wait(timeout=120) == 2
+        assert "hold acknowledged input, but the state to load is checkpoint" in again.log()
+    assert list((state / "logs").glob("rank-*-of-2/wal-*.log"))  # nothing moved
