@@ -2,7 +2,7 @@
 from .config import Config, ConfigError, load_config
 
 __all__ = ["Config", "ConfigError", "LearnResult", "Learner", "load_config"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str):

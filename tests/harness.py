@@ -26,9 +26,10 @@ STARTED: list[subprocess.Popen] = []  # every daemon a test started; conftest re
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's range for outgoing connections (a port from
+    that range, free when a test picks it, may be some client's own a moment later,
+    when the daemon restarts on it)."""
+    return free_ports(1)
 
 
 class DaemonProcess:
@@ -149,11 +150,14 @@ STARTED_GROUPS: list[subprocess.Popen] = []  # clusters: their whole process gro
 
 
 def free_ports(count: int) -> int:
-    """A port p such that p .. p + count - 1 are free now (ranks bind base + rank)."""
-    for _ in range(100):
-        base = free_port()
+    """A port p such that p .. p + count - 1 are free now (ranks bind base + rank), in
+    10000 .. 32767: below the kernel's ephemeral range (ip_local_port_range)."""
+    import random
+    rng = random.Random()
+    for _ in range(1000):
+        base = rng.randrange(10000, 32768 - count)
+        probes = []
         try:
-            probes = []
             for port in range(base, base + count):
                 s = socket.socket()
                 probes.append(s)

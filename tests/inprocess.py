@@ -57,3 +57,11 @@ def ask_until_answered(daemon, client, message, seconds=20):
         daemon.turn()
         assert time.monotonic() < deadline, "no reply"
     return client.receive()
+
+
+def arrive(d, count: int) -> None:
+    """Until `count` messages wait in the daemon's inbox: the next intake handles them
+    together, before any update."""
+    while len(d.inbox) < count:
+        assert d.source.socket.poll(5000), "no message"
+        d.inbox.extend(d.source.receive(count - len(d.inbox)))

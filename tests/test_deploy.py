@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -445,7 +444,7 @@ def test_deploy_readme_lists_the_folder_the_service_keeps_checkpoints_in(
         monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/streamrnn")  # what StateDirectory= sets
     state = streamrnn.load_config(DEPLOY / "config.toml").checkpoint.resolved_dir()
-    assert f"streamrnn checkpoint list {state}/checkpoints" in (DEPLOY / "README.md").read_text()
+    assert f"streamrnn checkpoint list {state}\n" in (DEPLOY / "README.md").read_text()
 
 
 def test_deploy_readme_makes_folders_before_use_and_merges_the_prometheus_config():

@@ -8,7 +8,7 @@ import time
 import prometheus_client
 import torch
 
-from inprocess import ask, ask_until_answered
+from inprocess import arrive, ask, ask_until_answered
 from streamrnn.serve import checkpointer
 from streamrnn.serve.handlers import MAX_RETRY_MS
 
@@ -187,13 +187,6 @@ def test_checkpoints_count_up_without_a_log_and_keep_the_newest(make_daemon):
                            (("checkpoint", ".json"), ("replicated", ".pt"),
                             ("part", "-0-of-1.pt")))
     assert not list(d.statedir.logs.glob("rank-0-of-1/*"))  # no log at all
-
-
-def arrive(d, count: int) -> None:
-    """Until `count` messages wait in the daemon's inbox (handled by the next intake)."""
-    while len(d.inbox) < count:
-        assert d.source.socket.poll(5000), "no message"
-        d.inbox.extend(d.source.receive(count - len(d.inbox)))
 
 
 def test_tokens_after_an_end_are_refused_until_the_stream_is_forgotten(make_daemon):

@@ -36,7 +36,8 @@ from .cluster import Cluster, ClusterFault
 from .handlers import Deferred, Handlers, checkpoint_reply, nack
 from .journal import Journal, LogFull, apply
 from .metrics import Metrics
-from .recovery import Recovery, StopDuringRecovery
+from .recovery import Recovery
+from .replay import StopDuringRecovery
 from .source import Incoming, Source
 from .statedir import StateDir, lock
 from .systemd import Notifier

@@ -54,10 +54,16 @@ def launch(nproc: int, max_restarts: int, cluster: ClusterConfig, serve_args: li
         # a store of its own for each attempt (collective._attempt_prefix says why);
         # read by this process's agent, and passed on to the ranks
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    args = torchrun.get_args_parser().parse_args([
-        *where, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-        f"--shutdown_timeout={int(cluster.shutdown_seconds)}", "--module", "streamrnn",
-        "serve", *serve_args])
+    grace = [f"--shutdown_timeout={int(cluster.shutdown_seconds)}"]
+    command = [*where, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+               *grace, "--module", "streamrnn", "serve", *serve_args]
+    args, unknown = torchrun.get_args_parser().parse_known_args(command)
+    if unknown == grace:  # torch before 2.11: torchrun kills ranks 30 s after SIGTERM
+        print(f"streamrnn serve --nproc: this torch ({torch.__version__}) has no torchrun "
+              f"--shutdown_timeout: on stop, the ranks get torchrun's 30 s for their final "
+              f"checkpoint, not cluster.shutdown_seconds ({cluster.shutdown_seconds:g}); "
+              "what they do not write, their logs hold", file=sys.stderr)
+        args = torchrun.get_args_parser().parse_args([a for a in command if a not in grace])
     try:
         torchrun.run(args)
     except SignalException:

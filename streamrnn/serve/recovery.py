@@ -21,7 +21,6 @@ whose agreements are its own values).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -30,30 +29,15 @@ from ..config import Config, StartupError, config_from_dict
 from ..core.learner import Learner, changed_settings
 from ..core.streams import StreamTable
 from ..keygroups import DEFAULT_NUM_GROUPS, owner
-from . import faults
 from .checkpointer import Checkpointer, Saved
 from .cluster import Cluster
-from .journal import CHANGES, FRESH_HINT, IncompatibleState, Journal, ReplayClock, apply, \
-    follow, steps_of
-from .statedir import Checkpoint, CheckpointError, LogFolder, StateDir, lock
-from .wal import WalDamaged, read_log
+from .journal import FRESH_HINT, IncompatibleState, Journal, follow
+from .statedir import Checkpoint, CheckpointError, LogFolder, StateDir, lock, \
+    write_atomically
+from .replay import Source, StopDuringRecovery, holds_changes, read_source, replay
+from .wal import WalDamaged
 
 FRESH_DONE = "fresh-done"  # in the state folder: the launch ids of the last --fresh
-STOP_CHECK_STEPS = 256     # a replay asks the ranks whether to stop this often
-
-
-class StopDuringRecovery(Exception):
-    """SIGTERM during a replay: nothing is written; the next start replays again."""
-
-
-@dataclass
-class Source:
-    """One rank's log after the checkpoint: the records to replay."""
-    folder: LogFolder
-    records: list[dict]
-    position: int = 0              # the next record to apply
-    steps: list[int] = field(default_factory=list)  # the global steps that count
-    void: set[int] = field(default_factory=set)     # sequence numbers of those that do not
 
 
 class Recovery:
@@ -112,7 +96,6 @@ class Recovery:
                 self.log.warning("fresh start: the previous state was moved aside",
                                  to=str(aside))
             if ids:
-                from .statedir import write_atomically
                 write_atomically(done_path, "\n".join(ids) + "\n",
                                  save=lambda text, f: f.write(text.encode()))
 
@@ -154,19 +137,19 @@ class Recovery:
         if checkpoint is not None:
             layout = checkpoint.logs
         else:  # no checkpoint: the one layout whose logs hold changes, if any
-            changed = {(f.world_size, f.legacy) for f in folders if _holds_changes(f)}
+            changed = {(f.world_size, f.legacy) for f in folders if holds_changes(f)}
             if len(changed) > 1:
                 raise IncompatibleState(
-                    f"the state folder {self.statedir.root} holds no checkpoint and the "
-                    f"logs of {len(changed)} layouts with changes ({', '.join(str(f.path) for f in folders)}): "
-                    "it cannot tell which is the newest. Move the older ones away, or "
-                    + FRESH_HINT)
+                    f"the state folder {self.statedir.root} holds no checkpoint, and the "
+                    f"logs of {len(changed)} layouts hold changes (" +
+                    ", ".join(str(f.path) for f in folders) + "): which is the newest "
+                    "cannot be told. Move the older ones away, or " + FRESH_HINT)
             layout = [f for f in folders if (f.world_size, f.legacy) in changed]
         paths = {f.path for f in layout}
         adopted = {self.statedir.root / name for name in
                    (checkpoint.adopted if checkpoint is not None else [])}
         others = [f for f in folders if f.path not in paths]
-        unaccounted = [f for f in others if f.path not in adopted and _holds_changes(f)]
+        unaccounted = [f for f in others if f.path not in adopted and holds_changes(f)]
         if unaccounted:
             where = (f"checkpoint {checkpoint.path.name} (written by {checkpoint.world_size} "
                      "rank(s))" if checkpoint is not None else "no checkpoint")
@@ -221,7 +204,7 @@ class Recovery:
             wal_seq, step = int(part["wal_seq"]), checkpoint.step
             saved = Saved(checkpoint.path, checkpoint.number, wal_seq, 0.0)
         journal.step = step
-        source = self._agreed(lambda: self._source(self.own, wal_seq, step,
+        source = self._agreed(lambda: read_source(self.own, wal_seq, step,
                                                    checkpoint is not None))
         last = source.steps[-1] if source.steps else step
         end = -self.ranks.agree([-last], "max")[0]  # the last step every rank logged
@@ -251,26 +234,6 @@ class Recovery:
                           "set aside")
         self._retire(retire)
 
-    def _source(self, folder: LogFolder, wal_seq: int, step: int,
-                from_checkpoint: bool) -> Source:
-        """A log's records after `wal_seq`, checked: they continue where the checkpoint
-        ends, and their global steps follow one another."""
-        records = read_log(folder.path, after=wal_seq) if folder.path.is_dir() else []
-        if records and records[0]["q"] != wal_seq + 1:
-            where = (f"the checkpoint holds records up to {wal_seq}" if from_checkpoint
-                     else "no checkpoint could be loaded")
-            raise IncompatibleState(
-                f"the log in {folder.path} continues at record {records[0]['q']} but "
-                f"{where}: acknowledged input in between would be lost. Restore the "
-                "missing checkpoint or log files, or " + FRESH_HINT)
-        steps, void = steps_of(records, step, folder.legacy)
-        if steps != list(range(step + 1, step + 1 + len(steps))):
-            raise IncompatibleState(
-                f"the log in {folder.path} does not hold the global steps after step "
-                f"{step} in order ({steps[:3]}...): the state cannot be rebuilt in step. "
-                "Restore the logs, or " + FRESH_HINT)
-        return Source(folder, records, steps=steps, void=void)
-
     # ---- another layout ----------------------------------------------------------------
     def _take_over(self, checkpoint: Checkpoint | None, state, layout: list[LogFolder],
                    newest: int, retire: list) -> None:
@@ -288,9 +251,9 @@ class Recovery:
             self._load_merged(scratch, replicated, parts, checkpoint)
             wal_seqs = [int(p["wal_seq"]) for p in parts]
         by_rank = {f.rank: f for f in layout}
-        sources = self._agreed(lambda: [
-            self._source(by_rank.get(r, LogFolder(self.statedir.root / "-", r, old_world)),
-                         wal_seqs[r], step, checkpoint is not None) for r in range(old_world)])
+        sources = self._agreed(lambda: [  # (a rank without a log: nothing after its part)
+            read_source(by_rank.get(r, self.statedir.log_folder(r, old_world)), wal_seqs[r],
+                         step, checkpoint is not None) for r in range(old_world)])
         end = min((s.steps[-1] if s.steps else step) for s in sources)
         ranks_of: dict = {}
 
@@ -386,73 +349,22 @@ class Recovery:
 
     def _replay(self, learner: Learner, sources: list[Source], step: int, end: int,
                 group) -> int:
-        """Apply each source's records in order; the global steps up to `end` run once
-        every source reached them (the union of their windows: one source's own plan,
-        or, several ranks' logs in one process, each old rank's by `group`); steps past
-        `end` and void ones do not run. Returns the changes replayed."""
-        clock = ReplayClock(self.progress)
-        tokens = changes = 0
-        for g in range(step + 1, end + 2):  # end + 1: the records after the last step
-            records = []
-            for source in sources:
-                tokens, changes = self._apply_local(learner, source, g <= end, tokens,
-                                                    changes)
-                if g <= end:
-                    records.append(source.records[source.position])
-                    source.position += 1
-            if g <= end:
-                faults.maybe_slow("replay_step")
-                self._step(learner, records, group, len(sources))
-                changes += 1
-            if g % STOP_CHECK_STEPS == 0 and self.ranks.agree(
-                    [int(self.should_stop())], "max")[0]:
-                self.log.warning("stop requested during the replay; it starts again at the "
-                                 "next start", step=g)
-                raise StopDuringRecovery()
-            if clock.due():
-                learner.settle()  # a sync every few seconds keeps the device queue short
-                self.progress(f"replaying the log: step {g:,} of {end:,}, "
-                              f"{learner.updates:,} updates")
-        learner.settle()
-        self.metrics.recovery_replayed_tokens.inc(tokens)
-        records = sum(len(s.records) for s in sources)
-        if records:
-            self.log.info("replayed the log", records=records, tokens=tokens, step=end,
-                          steps_voided=sum(len(s.steps) - (end - step) for s in sources) +
-                          sum(len(s.void) for s in sources), updates=learner.updates,
-                          seconds=round(clock.seconds, 3))
-        if clock.seconds > 60:  # a crash now would replay all of it again: checkpoint soon
+        """replay.replay, logged and counted; returns the changes replayed."""
+        try:
+            done = replay(learner, sources, step, end, group, self.ranks, self.should_stop,
+                          self.progress)
+        except StopDuringRecovery:
+            self.log.warning("stop requested during the replay; it starts again at the "
+                             "next start")
+            raise
+        self.metrics.recovery_replayed_tokens.inc(done.tokens)
+        if done.records:
+            self.log.info("replayed the log", records=done.records, tokens=done.tokens,
+                          step=end, steps_voided=done.voided, updates=learner.updates,
+                          seconds=round(done.seconds, 3))
+        if done.seconds > 60:  # a crash now would replay all of it again: checkpoint soon
             self.checkpointer.next_due = self.checkpointer.clock()
-        return changes
-
-    def _apply_local(self, learner: Learner, source: Source, to_step: bool, tokens: int,
-                     changes: int) -> tuple[int, int]:
-        """Apply the source's records up to its next step that counts (all that are
-        left, if not `to_step`); void steps and resume records are passed over."""
-        records = source.records
-        while source.position < len(records):
-            record = records[source.position]
-            is_step = record["t"] == "train" or (record["t"] == "flush" and
-                                                 ("g" in record or source.folder.legacy))
-            if is_step and record["q"] not in source.void and to_step:
-                return tokens, changes
-            source.position += 1
-            if is_step or record["t"] == "resume":
-                continue  # void, or past the last step every rank logged: did not run
-            tokens += apply(learner, record, legacy=source.folder.legacy)
-            changes += record["t"] in CHANGES
-        return tokens, changes
-
-    def _step(self, learner: Learner, records: list[dict], group, num_sources: int) -> None:
-        """One global step, from every source's record of it."""
-        if records[0]["t"] == "flush":  # 0.2.0: a flush step trained at once
-            streams = [s for r in records for s in r["s"]]
-            apply(learner, {"t": "flush", "s": streams}, legacy=True)
-            return
-        plan = learner.next_update(group)
-        if plan is None and num_sources > 1:
-            return  # an old rank chose other windows here: they train in a later step
-        apply(learner, records[0], plan)
+        return done.changes
 
     def _follow_config(self) -> None:
         """Replayed to the end: from here on, updates run as the config says. A change of
@@ -483,9 +395,3 @@ class Recovery:
                 self.log.info("set aside files this state holds", to=str(aside),
                               files=len(paths))
         self.ranks.agree([0])
-
-
-def _holds_changes(folder: LogFolder) -> bool:
-    """Whether a log holds records that change the learned state (tokens, updates,
-    flushes, ends): not only a start's config and resume records."""
-    return any(r["t"] in CHANGES for r in read_log(folder.path))
