@@ -171,6 +171,7 @@ class Producer:
             while len(self.pending) >= self.window or \
                     time.monotonic() < self.paused_until.get(self.cluster.owner(stream), 0):
                 self._pump(0.05)
+                self._raise_error()  # (no progress for retry_seconds: Unreachable)
             self._raise_error()
             self._transmit(_Pending(stream, offset + begin, piece))
         self.next_offset[stream] = offset + len(tokens)
@@ -476,7 +477,9 @@ class Producer:
                 self._fail(Unreachable(
                     f"no progress from {self.links.endpoints[rank]} for "
                     f"{self.retry_seconds:g} s with {waiting} messages unacknowledged: {why}"))
-                return
+                # raised to the caller once; a caller that goes on keeps its window,
+                # which is still resent: the next silence as long raises again
+                self.last_progress[rank] = now
             if entry.resend_at is None and now - entry.sent_at > self.reply_timeout:
                 self._silent(rank, now)
         due = [e for e in self.pending.values() if e.resend_at is not None and e.resend_at <= now]

@@ -176,3 +176,117 @@ def test_a_bad_endpoint_is_a_clear_error():
     with pytest.raises(ProducerError, match="cannot connect to 'foo': invalid argument; "
                        "expected tcp://HOST:PORT"):
         Producer("foo")
+
+
+# ---- a daemon that stops answering (SIGSTOP) ---------------------------------------------
+def _frozen_feed(tmp_path, d, freeze_seconds: float | None, retry_seconds: float = 8):
+    """`streamrnn feed --retry-seconds R` of 4 files of 40 kB (a stream each); the
+    daemon is frozen (SIGSTOP) once some of it is acknowledged, for `freeze_seconds`
+    (None: until the feed gives up). Returns (the feed's exit status, its output,
+    seconds from the freeze to its end, the bytes of each file)."""
+    import signal
+    import subprocess
+    import sys
+    data = (b"the quick brown fox jumps over the lazy dog. " * 1000)[:40_000]
+    names = [f"f{i}.txt" for i in range(4)]
+    for name in names:
+        (tmp_path / name).write_bytes(data)
+    feed = subprocess.Popen([sys.executable, "-m", "streamrnn", "feed", "--endpoint",
+                             d.endpoint, "--retry-seconds", str(retry_seconds), "--no-flush",
+                             "--chunk", "1024", *names], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with Producer(d.endpoint) as p:
+        deadline = time.monotonic() + 60
+        while p.status()["tokens_received"] < 20_000:
+            assert time.monotonic() < deadline and feed.poll() is None, feed.poll()
+            time.sleep(0.05)
+    d.proc.send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        if freeze_seconds is not None:
+            time.sleep(freeze_seconds)
+            d.proc.send_signal(signal.SIGCONT)
+        output = feed.communicate(timeout=300)[0]
+        return feed.returncode, output, time.monotonic() - frozen, {n: len(data) for n in names}
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+
+
+# a short queue: the feed goes at the pace of training, so it is still sending when frozen
+PACED = ["train.flush_after_seconds=0", "ingest.max_queued_tokens=20000",
+         "ingest.max_tokens_per_message=1024"]
+
+
+def test_a_frozen_daemon_makes_feed_give_up_within_retry_seconds(tmp_path):
+    d = DaemonProcess(tmp_path, PACED).start()
+    code, output, seconds, _ = _frozen_feed(tmp_path, d, None)
+    assert code == 1, output
+    assert f"no progress from {d.endpoint} for 8 s" in output, output
+    assert seconds < 8 + 2.0 + 2.0  # retry_seconds, a reply timeout, and some slack
+    assert d.stop() == 0
+
+
+def test_a_daemon_back_within_retry_seconds_gets_the_rest_exactly_once(tmp_path):
+    d = DaemonProcess(tmp_path, PACED).start()
+    code, output, _, sizes = _frozen_feed(tmp_path, d, 3.0, retry_seconds=20)
+    assert code == 0, output
+    with Producer(d.endpoint) as p:
+        assert {name: p.position(name) for name in sizes} == sizes
+        p.request({"type": "flush"})
+        deadline = time.monotonic() + 300
+        while (status := p.status())["queued_tokens"]:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+    assert status["tokens_received"] == sum(sizes.values())
+    assert status["tokens_trained"] == sum(sizes.values()) - len(sizes)
+    assert d.stop() == 0
+
+
+def test_producer_send_and_flush_raise_unreachable_within_retry_seconds(tmp_path):
+    import signal
+    d = DaemonProcess(tmp_path, []).start()
+    with Producer(d.endpoint, retry_seconds=2, reply_timeout=0.5, window=4) as p:
+        p.send("s", np.arange(100) % 256)
+        p.flush(timeout=30)
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(Unreachable, match="no progress"):
+                for i in range(100):  # the window fills, then waits, then gives up
+                    p.send("s", np.arange(100) % 256)
+            assert time.monotonic() - started < 2 + 0.5 + 1.0
+            started = time.monotonic()
+            with pytest.raises(Unreachable):
+                p.flush(timeout=30)  # the next silence as long: raised again
+            assert time.monotonic() - started < 2 + 0.5 + 1.0
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        p.flush(timeout=30)  # back: what was in the window goes through
+        assert p.position("s") == 100 * (1 + 4)
+    assert d.stop() == 0
+
+
+def test_a_feed_under_backpressure_is_answered_busy_never_refused(tmp_path):
+    """The messages a producer had on their way after one answered busy are busy too:
+    the rejection counter (and its alert) and the refusal log stay for real faults."""
+    import subprocess
+    import sys
+    import urllib.request
+    d = DaemonProcess(tmp_path, PACED).start()
+    names = [f"f{i}.txt" for i in range(4)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"backpressure is no fault. " * 1500)
+    feed = subprocess.run([sys.executable, "-m", "streamrnn", "feed", "--endpoint",
+                           d.endpoint, "--chunk", "1024", *names], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert feed.returncode == 0, feed.stderr
+    with urllib.request.urlopen(d.metrics_url, timeout=10) as r:
+        metrics = r.read().decode()
+    busy = next(line for line in metrics.splitlines()
+                if line.startswith("streamrnn_busy_replies_total "))
+    assert float(busy.split()[-1]) > 0  # there was backpressure
+    refused = [line for line in metrics.splitlines()
+               if line.startswith("streamrnn_messages_rejected_total{")]
+    assert refused and all(line.endswith(" 0.0") for line in refused), refused
+    assert d.stop() == 0
+    assert "refused input" not in d.log()

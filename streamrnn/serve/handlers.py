@@ -96,6 +96,10 @@ class Handlers:
         self.started = clock()
         self.activity = Activity()
         self.rate = Rate()
+        # streams whose last answer was busy, at which offset: the messages a producer
+        # had sent after that one are answered busy too, not as gaps (they are no
+        # fault); at most ingest.max_streams, the oldest forgotten first
+        self.busy_at: OrderedDict[str, int] = OrderedDict()
 
     def handle(self, request: wire.Request) -> dict | Deferred:
         if request.stream is not None and self.cluster.owner(request.stream) != \
@@ -112,6 +116,8 @@ class Handlers:
         streams = self.learner.streams
         expected = streams.next_offset(r.stream)
         if r.offset > expected:
+            if self.busy_at.get(r.stream) == expected:  # on its way after a busy one
+                return self.busy(r.stream, self.retry_after_ms(len(r.tokens)))
             return nack("gap", f"offset {r.offset} is past the stream's end: the next "
                         f"expected offset is {expected}", stream=r.stream,
                         next_offset=expected)
@@ -126,11 +132,12 @@ class Handlers:
                 return nack("too_many_streams", f"{len(streams.ids)} streams already "
                             "(ingest.max_streams)", stream=r.stream)
             if self.learner.num_untrained + len(new) > self.queue_limit():
-                return self.busy(r.stream, self.retry_after_ms(len(new)))
+                return self.busy(r.stream, self.retry_after_ms(len(new)), at=expected)
             try:
                 self.journal.do(self.learner, tokens_record(r.stream, new))
             except LogFull:
-                return self.busy(r.stream, 1000)
+                return self.busy(r.stream, 1000, at=expected)
+            self.busy_at.pop(r.stream, None)
             self.activity.input(r.stream, self.clock())
         self.metrics.tokens_received.inc(len(new))
         self.metrics.tokens_duplicate.inc(len(r.tokens) - len(new))
@@ -148,8 +155,14 @@ class Handlers:
     def _on_topology(self, r: wire.Request) -> dict:
         return self.cluster.topology()
 
-    def busy(self, stream: str, retry_after_ms: int) -> dict:
+    def busy(self, stream: str, retry_after_ms: int, at: int | None = None) -> dict:
+        """`at`: the offset of the tokens refused (the producer resends from it)."""
         self.metrics.busy.inc()
+        if at is not None:
+            self.busy_at[stream] = at
+            self.busy_at.move_to_end(stream)
+            if len(self.busy_at) > self.config.ingest.max_streams:
+                self.busy_at.popitem(last=False)
         return {"type": "busy", "stream": stream, "retry_after_ms": retry_after_ms}
 
     def queue_limit(self) -> int:
