@@ -497,19 +497,27 @@ def test_a_crash_then_another_number_of_ranks_trains_every_acknowledged_token_on
     assert new.stop() == 0
 
 
+def one_process_stopped_cleanly(tmp_path: Path, state: Path, stream: str,
+                                size: int) -> list[str]:
+    """One process on `state` took `size` bytes of `stream`, then stopped (SIGTERM);
+    the settings it ran with."""
+    from harness import DaemonProcess
+    settings = [f"checkpoint.dir={state}", "checkpoint.interval_seconds=0"]
+    single = DaemonProcess(tmp_path, settings).start()
+    with RawClient(single.endpoint) as client:
+        assert client.ask({"type": "tokens", "stream": stream, "offset": 0,
+                           "tokens": TEXT[:size], "width": 1})["type"] == "ack"
+    assert single.stop() == 0
+    return settings
+
+
 def test_fresh_list_inspect_and_checkpoint_requests_mean_the_same_for_every_layout(tmp_path):
     """After one process stopped cleanly: two ranks with --fresh set aside everything
     of it; `checkpoint list` marks the ranks' checkpoint as the one the next start
     loads, and `checkpoint inspect` reads the path `status` names; a checkpoint asked of
     rank 0 when only rank 1's streams changed is a new one."""
-    from harness import DaemonProcess
     state = tmp_path / "state"
-    settings = [f"checkpoint.dir={state}", "checkpoint.interval_seconds=0"]
-    single = DaemonProcess(tmp_path, settings).start()
-    with RawClient(single.endpoint) as client:
-        assert client.ask({"type": "tokens", "stream": "old", "offset": 0,
-                           "tokens": TEXT[:500], "width": 1})["type"] == "ack"
-    assert single.stop() == 0
+    settings = one_process_stopped_cleanly(tmp_path, state, "old", 500)
     cluster = ClusterProcess(tmp_path, settings).start(args=("--fresh",))
     assert cluster.ask(owner("old", 2), {"type": "position", "stream": "old"}
                        )["next_offset"] == 0
@@ -549,12 +557,7 @@ def test_a_fall_back_past_the_layout_that_acknowledged_input_is_refused(tmp_path
     would silently drop what the ranks acknowledged, so the start is refused."""
     from harness import DaemonProcess
     state = tmp_path / "state"
-    settings = [f"checkpoint.dir={state}", "checkpoint.interval_seconds=0"]
-    single = DaemonProcess(tmp_path, settings).start()
-    with RawClient(single.endpoint) as client:
-        assert client.ask({"type": "tokens", "stream": "a", "offset": 0,
-                           "tokens": TEXT[:100], "width": 1})["type"] == "ack"
-    assert single.stop() == 0
+    settings = one_process_stopped_cleanly(tmp_path, state, "a", 100)
     cluster = ClusterProcess(tmp_path, settings).start()
     assert send(cluster, "a", 100, TEXT[100:200])["type"] == "ack"
     cluster.kill_all()
