@@ -13,7 +13,7 @@ from .wire import REQUEST_TYPES
 DEFAULT_ENDPOINT = IngestConfig().endpoint
 # the folder the systemd unit's StateDirectory= gives, for messages that suggest one
 SERVICE_CHECKPOINTS = "/var/lib/streamrnn"
-BENCH_MODES = ("engine", "e2e", "soak", "quality")
+BENCH_MODES = ("engine", "e2e", "soak", "quality", "contention")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,16 +191,17 @@ def _add_demo(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time the engine, the daemon end to end, or a soak; "
-                       "measure learning quality",
-                       description="Four modes, each with its own --help; plain `streamrnn "
-                       "bench [options]` is `streamrnn bench engine [options]`. engine, e2e "
-                       "and soak time the reference config of the project's figures (a "
-                       "1x256 LSTM without skip connections, TBPTT(32, 128), sgd at a "
+    p = sub.add_parser("bench", help="time the engine, the daemon end to end, a soak, or "
+                       "a shared host; measure learning quality",
+                       description="Five modes, each with its own --help; plain `streamrnn "
+                       "bench [options]` is `streamrnn bench engine [options]`. engine, "
+                       "e2e, soak and contention time the reference config of the project's "
+                       "figures (a 1x256 LSTM without skip connections, TBPTT(32, 128), sgd at a "
                        "constant lr 0.05) unless --set says otherwise; quality runs the "
                        "config `streamrnn serve` would.")
     modes = _subcommands(p, "mode")
-    for add in (_add_bench_engine, _add_bench_e2e, _add_bench_soak, _add_bench_quality):
+    for add in (_add_bench_engine, _add_bench_e2e, _add_bench_soak, _add_bench_quality,
+                _add_bench_contention):
         add(modes)
 
 
@@ -250,6 +251,23 @@ def _add_bench_soak(modes) -> None:
     _bench_options(p, 600, "length of the run (600): memory takes minutes to level off")
     _load_options(p)
     p.set_defaults(run=_bench_soak)
+
+
+def _add_bench_contention(modes) -> None:
+    p = modes.add_parser("contention", help="the engine alone and beside busy processes, "
+                         "for each train.cpu_threads",
+                         description="The engine's tokens/s (preset small, one stream) "
+                         "alone and while other processes spin on the cores, once for each "
+                         "--threads value, each in a process of its own: training on a "
+                         "shared host should slow in proportion to the cores it loses, not "
+                         "collapse.")
+    _bench_options(p, 8, "time per measurement (8)")
+    p.add_argument("--threads", default="0,1,2", help="comma-separated train.cpu_threads "
+                   "values to measure in turn (0,1,2; 0 = what a daemon picks by "
+                   "default)")
+    p.add_argument("--hogs", type=_positive_int, help="busy processes beside it (half "
+                   "the cores, at least 1)")
+    p.set_defaults(run=_bench_contention)
 
 
 def _add_bench_quality(modes) -> None:
@@ -551,6 +569,18 @@ def _bench_soak(args) -> int:
     config = _bench_config(args)
     if config is not None:
         bench_soak.run(config, args.streams, args.producers, args.seconds, args.json)
+    return 0
+
+
+def _bench_contention(args) -> int:
+    from .tools import bench_contention
+    if _bench_config(args) is not None:  # a bad --set stops here, with its message
+        passed = ["--config", args.config] if args.config else []
+        for item in args.overrides:  # to each `bench engine` run
+            passed += ["--set", item]
+        bench_contention.run(passed, args.threads.split(","),
+                             args.hogs or bench_contention.default_hogs(), args.seconds,
+                             args.json)
     return 0
 
 

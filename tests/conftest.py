@@ -7,6 +7,20 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests import reference.py, harness.py
 
 
+def pytest_configure(config):
+    """Under pytest-xdist the workers share the cores: one torch thread each, for them
+    and the processes they start (more threads than free cores collapse torch's CPU
+    kernels: train.cpu_threads in config.py). A test that sets threads still does."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked slow first: under pytest-xdist (./scripts/test runs a worker per
+    core) a long test that starts last keeps every other worker waiting for it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _reap_daemons():
     """A test that fails half-way must not leave its daemon running."""

@@ -93,6 +93,21 @@ def test_bench_e2e_reports_daemon_next_to_engine(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_contention_measures_alone_and_beside_busy_processes(tmp_path):
+    path = tmp_path / "contention.json"
+    out = streamrnn("bench", "contention", "--seconds", "1", "--threads", "1",
+                    "--hogs", "1", "--set", "model.hidden_size=32", "--json", str(path),
+                    timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(path.read_text())
+    assert result["hogs"] == 1 and [r["cpu_threads"] for r in result["rows"]] == ["1"]
+    row = result["rows"][0]
+    assert row["alone_tokens_per_s"] > 0 and row["beside_tokens_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["beside_tokens_per_s"] / row["alone_tokens_per_s"])
+    assert "beside 1 busy process" in out.stdout
+
+
+@pytest.mark.slow
 def test_bench_soak_checks_the_books(tmp_path):
     path = tmp_path / "soak.json"
     out = streamrnn("bench", "soak", "--seconds", "4", "--streams", "4", "--producers", "2",

@@ -19,8 +19,9 @@ import torch
 from harness import TINY, ClusterProcess, RawClient, load_checkpoint
 from streamrnn.keygroups import owner
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="this torch build has no torch.distributed")
+pytestmark = [pytest.mark.slow,  # every test starts ranks under torchrun
+              pytest.mark.skipif(not torch.distributed.is_available(),
+                                 reason="this torch build has no torch.distributed")]
 
 TEXT = (Path(__file__).parent.parent / "README.md").read_bytes()
 

@@ -37,6 +37,13 @@ def test_file_then_overrides(tmp_path):
     (["train.device=gpu"], "train.device = 'gpu'"),
     (["train.lr=0"], "train.lr = 0.0 must be > 0"),
     (["train.grad_clip=-1"], "train.grad_clip = -1.0 must be >= 0"),
+    # one infinite setting would poison the weights for good (every later update skipped,
+    # and a restart's replay runs the logged updates with the rate they ran with)
+    (["train.lr=inf"], "train.lr = inf: expected a finite number"),
+    (["train.lr=1e400"], "train.lr = inf: expected a finite number"),
+    (["train.grad_clip=inf"], "train.grad_clip = inf: expected a finite number"),
+    (["train.flush_after_seconds=nan"], "train.flush_after_seconds = nan: expected a "
+     "finite number"),
     (["train.optimiser=sgd"], "unknown key train.optimiser (did you mean 'optimizer'?)"),
     (["trian.k1=3"], "unknown section [trian] (did you mean 'train'?)"),
     (["k1=3"], "override 'k1=3': expected SECTION.KEY=VALUE"),
@@ -84,9 +91,9 @@ def test_endpoints_that_bind(endpoint):
 
 
 def test_cpu_threads():
-    assert load_config().train.cpu_threads == 0  # torch's default: one per core
+    assert load_config().train.cpu_threads == 0  # half the cores (test_learner.py)
     assert load_config(overrides=["train.cpu_threads=1"]).train.cpu_threads == 1
-    assert "OpenMP oversubscription" in format_config(load_config())
+    assert "0 = half the cores, at least 1" in format_config(load_config())
 
 
 def test_curve_needs_both_keys_or_neither():

@@ -269,6 +269,26 @@ def test_a_non_finite_loss_changes_neither_weights_nor_optimizer():
     assert not torch.equal(learner.model.head.weight, before["model"]["head.weight"])
 
 
+def test_a_finite_gradient_whose_square_overflows_is_not_stepped_on():
+    """Without clipping, a finite gradient of 1e20 would put inf into Adam's squared-
+    gradient average (1e40 > float32's 3.4e38): that parameter would never move again,
+    and the state would carry it into every checkpoint."""
+    learner = make("train.grad_clip=0")
+    learner.learn("s", np.arange(9) % 13)
+    before = copy.deepcopy(learner.state_dict())
+    handle = learner.model.head.register_full_backward_hook(
+        lambda module, grad_input, grad_output: tuple(
+            None if g is None else g * 1e20 for g in grad_input))
+    result = learner.learn("s", np.arange(9, 13) % 13)
+    assert (result.updates, result.skipped) == (1, 1)
+    assert_same(learner.state_dict()["model"], before["model"])
+    handle.remove()
+    assert learner.learn("s", np.arange(13, 17) % 13).skipped == 0
+    optimizer = learner.state_dict()["optimizer"]["state"]
+    assert all(torch.isfinite(t).all() for s in optimizer.values() for t in s.values())
+    assert all(torch.isfinite(p).all() for p in learner.model.parameters())
+
+
 def test_a_step_that_raises_leaves_the_table_where_the_model_is():
     learner = make()
     learner.add("s", np.arange(9) % 13)
@@ -282,6 +302,20 @@ def test_a_step_that_raises_leaves_the_table_where_the_model_is():
     twin.add("s", np.arange(9) % 13)
     assert learner.train() == twin.train()  # the same two updates, nothing skipped
     assert_same(learner.state_dict()["model"], twin.state_dict()["model"])
+
+
+def test_torch_threads_are_half_the_cores_unless_set():
+    """More threads than free cores collapse training on a shared host (bench
+    contention): by default a learner leaves half the cores to everything else."""
+    import os
+    before = torch.get_num_threads()
+    try:
+        make()
+        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
+        make("train.cpu_threads=3")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_tuple_is_one_stream_id():

@@ -20,6 +20,8 @@ from streamrnn.client import Producer
 from streamrnn.config import config_from_dict, load_config
 from streamrnn.core.learner import changed_settings, settings_to_continue
 
+pytestmark = pytest.mark.slow  # every test starts real daemons on old state folders
+
 OLD = Path(__file__).parent / "data" / "checkpoint-0.1.0.pt"
 SETTINGS = ["train.flush_after_seconds=0", "checkpoint.interval_seconds=0"]
 
