@@ -45,13 +45,15 @@ def statuses(cluster: ClusterProcess) -> list[dict]:
 
 
 def wait_trained(cluster: ClusterProcess, stall_seconds: float = 45) -> list[dict]:
-    """Until every rank's queue is empty. A slow machine may take minutes; what fails
-    is a cluster that stops training: no token trained for `stall_seconds`."""
+    """Until every rank's queue is empty and every rank has run the same updates (the
+    ranks are asked one after another: a flush's update may fall between two answers).
+    A slow machine may take minutes; what fails is a cluster that stops training, or
+    whose ranks disagree on their updates, for `stall_seconds`."""
     import time
     trained, last_progress = -1, time.monotonic()
     while time.monotonic() - last_progress < stall_seconds:
         s = statuses(cluster)
-        if all(r["queued_tokens"] == 0 for r in s):
+        if all(r["queued_tokens"] == 0 for r in s) and len({r["updates"] for r in s}) == 1:
             return s
         if sum(r["tokens_trained"] for r in s) > trained:
             trained, last_progress = sum(r["tokens_trained"] for r in s), time.monotonic()
