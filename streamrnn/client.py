@@ -23,7 +23,7 @@ import itertools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -103,12 +103,16 @@ class Producer:
         self.paused_until: dict[int, float] = {}  # by rank: after busy, new data waits
         self.ids = itertools.count(1)
         self.last_progress: dict[int, float] = {}  # by rank: its latest ack
+        self.last_busy: dict[int, float] = {}      # by rank: its latest busy reply
         self.error: ProducerError | None = None  # the first one wins; raised once
         # streams whose message the daemon refused, with the transmissions dropped with it:
         # their late replies (gaps past the daemon's end, acks) are ignored
         self.refused: dict[str, set[int]] = {}
         self.stats = _Stats()
         self.keep_latencies = keep_latencies
+        # called about every 50 ms while send or flush waits for the daemon (a full
+        # window, a busy pause, the last acks): feed's progress line keeps moving
+        self.on_wait: Callable[[], None] | None = None
 
     def __enter__(self) -> "Producer":
         return self
@@ -172,6 +176,8 @@ class Producer:
                     time.monotonic() < self.paused_until.get(self.cluster.owner(stream), 0):
                 self._pump(0.05)
                 self._raise_error()  # (no progress for retry_seconds: Unreachable)
+                if self.on_wait:
+                    self.on_wait()
             self._raise_error()
             self._transmit(_Pending(stream, offset + begin, piece))
         self.next_offset[stream] = offset + len(tokens)
@@ -185,11 +191,18 @@ class Producer:
                 raise Unreachable(f"{len(self.pending)} messages still unacknowledged by "
                                   f"{self.endpoint} after {timeout} s")
             self._pump(0.05)
+            if self.on_wait:
+                self.on_wait()
         self._raise_error()
 
     @property
     def unacked(self) -> int:
         return len(self.pending)
+
+    def answered_busy(self) -> bool:
+        """Whether some rank answered busy lately (within two reply timeouts)."""
+        return any(time.monotonic() - t < 2 * self.reply_timeout
+                   for t in self.last_busy.values())
 
     # ---- requests with one answer ----------------------------------------------------------
     def position(self, stream: str) -> int:
@@ -340,6 +353,7 @@ class Producer:
             # the rank's queue is shared by all its streams: hold every new message to it
             # back for a while, not just this stream's, or the others keep it overloaded
             self.stats.busy += 1
+            self.last_busy[rank] = time.monotonic()
             delay = reply.get("retry_after_ms", 100) / 1000
             self.paused_until[rank] = max(self.paused_until.get(rank, 0),
                                           time.monotonic() + delay)
@@ -471,7 +485,10 @@ class Producer:
             oldest.setdefault(entry.rank, entry)
         for rank, entry in oldest.items():
             if now - self.last_progress.setdefault(rank, now) > self.retry_seconds:
-                why = ("it kept answering busy (overloaded)" if self.stats.busy else
+                # still answering busy (a busy wait is resent within retry_after_ms), or
+                # silent: stopped, frozen, gone
+                why = ("it kept answering busy (overloaded)"
+                       if now - self.last_busy.get(rank, -1e9) < 2 * self.reply_timeout else
                        self._no_answer_hint())
                 waiting = sum(e.rank == rank for e in self.pending.values())
                 self._fail(Unreachable(

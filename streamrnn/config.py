@@ -79,11 +79,12 @@ class TrainConfig:
     max_resident_streams: int = _opt(16384, "window-start states kept on the device; the "
                                      "least recently used others wait in host memory")
     device: str = _opt("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
-    cpu_threads: int = _opt(0, "CPU threads for torch's kernels (0 = half the cores, at "
-                            "least 1: on a shared host training then slows in proportion "
-                            "instead of collapsing; 2 cores beside a busy process: 1 thread "
-                            "kept 99% of its rate, 2 threads 17%; set it to the cores on a "
-                            "host of its own, 20% faster there)")
+    cpu_threads: int = _opt(0, "CPU threads for torch's kernels (0 = OMP_NUM_THREADS if "
+                            "set, as torchrun sets 1 per rank, else half the cores, at least "
+                            "1: on a shared host training then slows in proportion instead "
+                            "of collapsing; 2 cores beside a busy process: 1 thread kept 99% "
+                            "of its rate, 2 threads 17%; set it to the cores on a host of "
+                            "its own, 20% faster there)")
     precision: str = _opt("fp32", "compute precision (bf16: embedding and output head in "
                           "bfloat16, the recurrence stays float32)",
                           choices=("fp32", "bf16", "fp64"))
@@ -397,12 +398,18 @@ def _did_you_mean(word: str, options: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def default_cpu_threads() -> int:
-    """Half the cores this process may run on, at least one. More threads than free
-    cores do not slow training in proportion, they collapse it: each small parallel
-    kernel waits at a barrier for a thread the scheduler has not run yet. On 2 cores
-    beside one busy process (bench contention), 1 thread kept 99% of the rate it had
-    alone and 2 threads fell to 17% of theirs; alone, 2 threads were 20% faster than 1."""
+def torch_threads(train: TrainConfig) -> int | None:
+    """The threads torch's CPU kernels should use: train.cpu_threads, else None where
+    OMP_NUM_THREADS says already (yours, or torchrun's 1 per rank), else half the cores
+    this process may run on, at least one. More threads than free cores do not slow
+    training in proportion, they collapse it: each small parallel kernel waits at a
+    barrier for a thread the scheduler has not run yet. On 2 cores beside one busy
+    process (bench contention), 1 thread kept 99% of the rate it had alone and 2 threads
+    fell to 17% of theirs; alone, 2 threads were 20% faster than 1."""
+    if train.cpu_threads:
+        return train.cpu_threads
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
     return max(1, len(os.sched_getaffinity(0)) // 2)
 
 

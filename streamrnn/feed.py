@@ -24,10 +24,15 @@ def run(endpoint: str, paths: list[str], stream: str | None, retry_seconds: floa
     sources = _open(paths)
     names = [stream] if stream else [name for name, _ in sources]
     interactive = out.isatty()
-    started, sent, last_print = time.monotonic(), 0, 0.0
+    started, sent = time.monotonic(), 0
+    # at once, so that a wrong endpoint is seen before retry_seconds run out
+    print(f"streamrnn feed: feeding {len(names)} stream(s) to {endpoint}", file=out,
+          flush=True)
     try:
         with Producer(endpoint, retry_seconds=retry_seconds, server_key=keys[0],
                       client_key=keys[1]) as producer:
+            progress = _Progress(producer, endpoint, interactive, out, started)
+            producer.on_wait = lambda: progress.show(sent)  # while a full window waits
             if stream:  # one stream: the inputs one after the other
                 readers = [(stream, (c for _, f in sources for c in _chunks(f, chunk)))]
             else:       # a stream per input, interleaved
@@ -41,13 +46,7 @@ def run(endpoint: str, paths: list[str], stream: str | None, retry_seconds: floa
                         continue
                     producer.send(name, np.frombuffer(data, np.uint8))
                     sent += len(data)
-                now = time.monotonic()
-                if now - last_print >= (0.5 if interactive else 10):
-                    last_print = now
-                    line = (f"fed {sent:,} bytes to {len(names)} stream(s), "
-                            f"{sent / max(now - started, 1e-9):,.0f} B/s")
-                    print("\r" + line if interactive else line, end="" if interactive
-                          else "\n", file=out, flush=True)
+                progress.show(sent)
             producer.flush()
             if flush:
                 for name in names:
@@ -63,6 +62,35 @@ def run(endpoint: str, paths: list[str], stream: str | None, retry_seconds: floa
     print(("\r" if interactive else "") + f"fed {sent:,} bytes to {len(names)} "
           f"stream(s) in {seconds:.1f} s, all acknowledged", file=out)
     return 0
+
+
+class _Progress:
+    """A line every 0.5 s on a terminal (every 10 s in a log): bytes acknowledged (on
+    disk at the daemon) of those sent, and what is waited for when nothing moves."""
+
+    def __init__(self, producer: Producer, endpoint: str, interactive: bool, out,
+                 started: float):
+        self.producer, self.endpoint, self.interactive, self.out = (producer, endpoint,
+                                                                     interactive, out)
+        self.started, self.last_print, self.last_acked = started, started, 0
+        self.last_move = started
+
+    def show(self, sent: int) -> None:
+        now = time.monotonic()
+        acked = self.producer.stats.tokens_acked
+        if acked != self.last_acked:
+            self.last_acked, self.last_move = acked, now
+        if now - self.last_print < (0.5 if self.interactive else 10):
+            return
+        line = (f"{acked:,} of {sent:,} bytes acknowledged, "
+                f"{acked / max(now - self.started, 1e-9):,.0f} B/s")
+        if self.producer.unacked and now - self.last_move >= 2:
+            why = "answering busy" if self.producer.answered_busy() else "no answer"
+            line += (f"; {self.producer.unacked} messages waiting "
+                     f"{now - self.last_move:.0f} s for {self.endpoint} ({why})")
+        self.last_print = now
+        print("\r" + line + "\033[K" if self.interactive else line,
+              end="" if self.interactive else "\n", file=self.out, flush=True)
 
 
 def _open(paths: list[str]) -> list[tuple[str, BinaryIO]]:

@@ -223,6 +223,8 @@ def test_a_frozen_daemon_makes_feed_give_up_within_retry_seconds(tmp_path):
     code, output, seconds, _ = _frozen_feed(tmp_path, d, None)
     assert code == 1, output
     assert f"no progress from {d.endpoint} for 8 s" in output, output
+    # frozen, not overloaded: busy answers before the freeze do not count
+    assert "is `streamrnn serve` running there?" in output, output
     assert seconds < 8 + 2.0 + 2.0  # retry_seconds, a reply timeout, and some slack
     assert d.stop() == 0
 
@@ -293,3 +295,22 @@ def test_a_feed_under_backpressure_is_answered_busy_never_refused(tmp_path):
     assert refused and all(line.endswith(" 0.0") for line in refused), refused
     assert d.stop() == 0
     assert "refused input" not in d.log()
+
+
+def test_feed_names_its_endpoint_at_once_and_gives_up_clearly(tmp_path):
+    """Against an endpoint where nothing listens: whom it feeds is said before the
+    wait, and the wait ends in a clear error within retry_seconds."""
+    import subprocess
+    import sys
+    from harness import free_port
+    (tmp_path / "a.txt").write_bytes(b"hello")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    feed = subprocess.run([sys.executable, "-m", "streamrnn", "feed", "--endpoint", endpoint,
+                           "--retry-seconds", "2", "a.txt"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert feed.returncode == 1
+    lines = feed.stderr.splitlines()
+    assert lines[0] == f"streamrnn feed: feeding 1 stream(s) to {endpoint}", feed.stderr
+    assert endpoint in lines[-1] and lines[-1].startswith("streamrnn feed: "), feed.stderr
+    assert time.monotonic() - started < 2 + 10  # its reply timeout and a python start

@@ -304,15 +304,20 @@ def test_a_step_that_raises_leaves_the_table_where_the_model_is():
     assert_same(learner.state_dict()["model"], twin.state_dict()["model"])
 
 
-def test_torch_threads_are_half_the_cores_unless_set():
+def test_torch_threads_are_half_the_cores_unless_set(monkeypatch):
     """More threads than free cores collapse training on a shared host (bench
-    contention): by default a learner leaves half the cores to everything else."""
+    contention): by default a learner leaves half the cores to everything else, unless
+    OMP_NUM_THREADS says otherwise (torchrun gives each rank 1)."""
     import os
     before = torch.get_num_threads()
     try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         make()
         assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
         make("train.cpu_threads=3")
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # read by torch at its start: kept
+        make()
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)

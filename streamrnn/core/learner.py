@@ -15,8 +15,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from ..config import (Config, ConfigError, TrainConfig, config_from_dict,
-                      default_cpu_threads)
+from ..config import Config, ConfigError, TrainConfig, config_from_dict, torch_threads
 from .collective import Ranks
 from .engine import Engine, nats_to_bits
 from .model import RecurrentLM
@@ -60,8 +59,9 @@ class Learner:
         self.ranks = ranks if ranks is not None else Ranks()
         train = config.train
         self.device = resolve_device(train.device)
-        # process-wide: torch has one intra-op thread pool
-        torch.set_num_threads(train.cpu_threads or default_cpu_threads())
+        threads = torch_threads(train)
+        if threads:  # process-wide: torch has one intra-op thread pool
+            torch.set_num_threads(threads)
         dtype = torch.float64 if train.precision == "fp64" else torch.float32
         with torch.random.fork_rng(devices=[]):  # seed the weights, leave global RNG alone
             torch.manual_seed(train.seed)
