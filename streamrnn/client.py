@@ -247,8 +247,15 @@ class Producer:
     def end(self, stream: str) -> dict:
         """Say the stream has ended (after sending all of it: call flush() first): the
         daemon trains what is left, then forgets the stream; its id may start again
-        from offset 0 once `position` reports 0."""
-        reply = self.request({"type": "end", "stream": stream})
+        from offset 0 once `position` reports 0. A daemon that cannot log it yet (a
+        full disk) answers busy: asked again after its retry_after_ms, for up to
+        retry_seconds, then Unreachable."""
+        deadline = time.monotonic() + self.retry_seconds
+        while (reply := self.request({"type": "end", "stream": stream}))["type"] == "busy":
+            if time.monotonic() > deadline:
+                raise Unreachable(f"{self.endpoint} answered busy to ending {stream!r} "
+                                  f"for {self.retry_seconds:g} s (its log cannot take it)")
+            time.sleep(reply.get("retry_after_ms", 100) / 1000)
         self.next_offset.pop(stream, None)
         return reply
 

@@ -314,3 +314,21 @@ def test_feed_names_its_endpoint_at_once_and_gives_up_clearly(tmp_path):
     assert lines[0] == f"streamrnn feed: feeding 1 stream(s) to {endpoint}", feed.stderr
     assert endpoint in lines[-1] and lines[-1].startswith("streamrnn feed: "), feed.stderr
     assert time.monotonic() - started < 2 + 10  # its reply timeout and a python start
+
+
+def test_end_asks_again_while_the_daemon_answers_busy(tmp_path):
+    """The daemon cannot log the end (its 4th log write fails once: resume, config,
+    tokens, end): it answers busy, and end() asks again instead of taking busy for done."""
+    d = DaemonProcess(tmp_path, ["train.flush_after_seconds=0"]).start(
+        env={"STREAMRNN_FAIL_AT": "wal_write:4-4"})
+    with Producer(d.endpoint, retry_seconds=30) as p:
+        p.send("s", [1, 2, 3])  # two targets: under k1, no update logged
+        p.flush(timeout=30)
+        reply = p.end("s")
+        assert reply["type"] == "ended" and reply["known"], reply
+    import urllib.request
+    with urllib.request.urlopen(d.metrics_url, timeout=10) as r:
+        failures = next(line for line in r.read().decode().splitlines()
+                        if line.startswith("streamrnn_wal_write_failures_total "))
+    assert float(failures.split()[-1]) == 1  # the busy answer was asked again
+    assert d.stop() == 0
