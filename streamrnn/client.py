@@ -199,10 +199,11 @@ class Producer:
     def unacked(self) -> int:
         return len(self.pending)
 
-    def answered_busy(self) -> bool:
-        """Whether some rank answered busy lately (within two reply timeouts)."""
-        return any(time.monotonic() - t < 2 * self.reply_timeout
-                   for t in self.last_busy.values())
+    def answered_busy(self, rank: int | None = None) -> bool:
+        """Whether a rank (any, if None) answered busy lately: within two reply timeouts,
+        as a busy one is asked again within its retry_after_ms."""
+        times = self.last_busy.values() if rank is None else [self.last_busy.get(rank, -1e9)]
+        return any(time.monotonic() - t < 2 * self.reply_timeout for t in times)
 
     # ---- requests with one answer ----------------------------------------------------------
     def position(self, stream: str) -> int:
@@ -494,9 +495,8 @@ class Producer:
             if now - self.last_progress.setdefault(rank, now) > self.retry_seconds:
                 # still answering busy (a busy wait is resent within retry_after_ms), or
                 # silent: stopped, frozen, gone
-                why = ("it kept answering busy (overloaded)"
-                       if now - self.last_busy.get(rank, -1e9) < 2 * self.reply_timeout else
-                       self._no_answer_hint())
+                why = ("it kept answering busy (overloaded)" if self.answered_busy(rank)
+                       else self._no_answer_hint())
                 waiting = sum(e.rank == rank for e in self.pending.values())
                 self._fail(Unreachable(
                     f"no progress from {self.links.endpoints[rank]} for "
