@@ -27,10 +27,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from .model import RecurrentLM, State
 from .collective import Ranks
 from .geometry import Batch, Geometry
+from .optim import FusedOptimizer
 
 
 class Engine:
-    def __init__(self, model: RecurrentLM, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: RecurrentLM, optimizer: FusedOptimizer,
                  grad_clip: float, precision: str, device: torch.device,
                  ranks: Ranks | None = None):
         self.model, self.optimizer = model, optimizer
@@ -53,7 +54,7 @@ class Engine:
         With several ranks, the loss is divided by `num_targets`, the targets of every
         rank's batch, and the gradients are summed over the ranks before the step; a
         rank with nothing to train passes batch None and adds zeros."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         if batch is None:
             total_ce, at_p, slots = torch.zeros((), device=self.device), None, None
         else:
@@ -70,11 +71,10 @@ class Engine:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         self.last_grad_norm = norm
         # a NaN or infinite loss or gradient must reach neither the weights nor the
-        # optimizer state; the fused optimizers skip their step where found_inf is 1, on
-        # the device, as under GradScaler: no host sync to decide
+        # optimizer state; the fused step skips itself where found_inf is 1, on the
+        # device, as under GradScaler: no host sync to decide
         skipped = (~torch.isfinite(summed_ce) | ~torch.isfinite(norm)).float()
-        self.optimizer.found_inf = skipped
-        self.optimizer.step()
+        self.optimizer.step(found_inf=skipped)
         if at_p is not None:
             with torch.no_grad():
                 for pool, state in zip(pools, at_p):
