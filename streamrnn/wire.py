@@ -111,33 +111,25 @@ def _unpack_problem(payload: bytes, error: Exception) -> str:
 
 
 def _too_many_keys(payload: bytes) -> Refusal:
-    """A map of more than MAX_KEYS keys. Read pair by pair (each value still bounded), to
-    count the keys and find the id; a length the payload cannot hold is malformed."""
-    unpacker = msgpack.Unpacker(raw=False, max_map_len=MAX_KEYS, max_buffer_size=len(payload),
-                                unicode_errors="surrogateescape")
-    unpacker.feed(payload)
-    request_id = None
+    """A map of more than MAX_KEYS keys somewhere. Read again with the bound the payload
+    itself sets (a key and its value take two bytes at least), so a forged map length,
+    at the top or inside, is still malformed, and a real message's id is found."""
     try:
-        num_keys = unpacker.read_map_header()
-    except Exception:
-        return Refusal("malformed", "not a msgpack message (a request must be a map)")
-    if num_keys <= MAX_KEYS:  # the request is fine; a map inside it is not
-        message = f"a map inside a request has at most {MAX_KEYS} keys"
-    elif 2 * num_keys > len(payload):
-        return Refusal("malformed", f"not a msgpack message (a map of {num_keys} keys "
-                       f"in {len(payload)} bytes: a length header larger than the message)")
-    else:
-        message = f"a request has at most {MAX_KEYS} keys; this one has {num_keys}"
-    try:
-        for _ in range(num_keys):
-            key, value = unpacker.unpack(), unpacker.unpack()
-            if key == "id" and request_id is None and _valid_id(value):
-                request_id = value
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=True,
+                                  max_map_len=len(payload) // 2,
+                                  unicode_errors="surrogateescape")
     except Exception as e:
-        if "exceeds max_map_len" not in str(e):
-            return Refusal("malformed", f"not a msgpack message "
-                           f"({_unpack_problem(payload, e)})")
-    return Refusal("bad_field", message, request_id)
+        return Refusal("malformed", f"not a msgpack message ({_unpack_problem(payload, e)})")
+    if not isinstance(message, dict):
+        return Refusal("malformed", f"a request must be a msgpack map; this is "
+                       f"{_kind(message)}")
+    request_id = message.get("id")
+    request_id = request_id if _valid_id(request_id) else None
+    if len(message) <= MAX_KEYS:  # the request is fine; a map inside it is not
+        return Refusal("bad_field", f"a map inside a request has at most {MAX_KEYS} keys",
+                       request_id)
+    return Refusal("bad_field", f"a request has at most {MAX_KEYS} keys; this one has "
+                   f"{len(message)}", request_id)
 
 
 def _request_id(payload: bytes) -> Any:

@@ -473,3 +473,13 @@ def test_every_reply_matches_the_readme_table(tmp_path):
     assert seen == everything, everything - seen
     # internal, ended: above; moved: only a cluster sends it (test_cluster.py)
     assert nack_reasons == set(wire.REASONS) - {"internal", "ended", "moved"}
+
+
+def test_a_forged_length_inside_a_request_is_malformed_not_a_big_map():
+    """A map header inside a request that claims more pairs than the message holds: no
+    request at all (found by the hostile-input property test)."""
+    inner = b"\xdf\x00\x02\x00\x00"  # a map of 131,072 pairs, and no pairs
+    payload = b"\x85\xa4type\xa6tokens\xa6stream\xa1x\xa6offset\x00\xa5width\x02\xa6tokens" \
+        + inner
+    refusal = decode(payload)
+    assert refusal.reason == "malformed" and "a length header larger" in refusal.message
