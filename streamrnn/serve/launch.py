@@ -98,6 +98,21 @@ def serve(config: Config, fresh: bool = False) -> int:
     except (StartupError, ConfigError) as e:
         logs.get().error("refusing to start", reason=str(e))
         return 2
+    code = _run(config, fresh, ranks)
+    if ranks.distributed:
+        if code != 0:
+            # the other ranks may still be inside a collective: tearing the process
+            # group down now can hang, or abort in gloo's threads at exit, turning a
+            # refusal's status 2 into a SIGABRT (seen under load). Nothing is left to
+            # write (the daemon closed its log and locks); the OS frees the rest.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        torch.distributed.destroy_process_group()
+    return code
+
+
+def _run(config: Config, fresh: bool, ranks: Ranks) -> int:
     try:
         # a restart by torchrun after a crash must recover, not start afresh again
         fresh = fresh and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
@@ -118,9 +133,6 @@ def serve(config: Config, fresh: bool = False) -> int:
                              error=f"{type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}"[:300])
         return 1
-    finally:
-        if ranks.distributed:
-            torch.distributed.destroy_process_group()
 
 
 def _end_with_launcher() -> None:
