@@ -395,6 +395,21 @@ def test_damage_inside_an_older_log_segment_is_refused(tmp_path, nproc):
     assert f"log segment {log}/{first.name} is damaged at byte" in d.log()
 
 
+def test_a_crash_before_any_input_then_a_crash_after_some_loses_nothing(tmp_path, nproc):
+    """The first run is killed before any input or checkpoint: its logs hold only start
+    records. The next start must go on with them, not set them aside as another
+    layout's: it would move its own live log away, and lose what it then acknowledged."""
+    d = serve(tmp_path, ["checkpoint.interval_seconds=0"], nproc).start()
+    d.kill()
+    d.start()
+    send_all(d, "s", text(400))
+    d.kill()
+    d.start()
+    assert ask(d, {"type": "position", "stream": "s"})["next_offset"] == 400
+    assert not list(d.state.glob("previous-*")), "a start set its own log aside"
+    assert d.stop() == 0
+
+
 def test_log_of_another_model_is_refused_without_a_checkpoint(tmp_path, nproc):
     d = serve(tmp_path, ["train.flush_after_seconds=0", "checkpoint.interval_seconds=0"],
               nproc).start()

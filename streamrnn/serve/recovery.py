@@ -144,7 +144,11 @@ class Recovery:
                     f"logs of {len(changed)} layouts hold changes (" +
                     ", ".join(str(f.path) for f in folders) + "): which is the newest "
                     "cannot be told. Move the older ones away, or " + FRESH_HINT)
-            layout = [f for f in folders if (f.world_size, f.legacy) in changed]
+            # none holds changes (a first run that ended before any input): this
+            # layout's logs go on; were they set aside, this start's log would move
+            # away under it, and what it acknowledges next would be lost
+            layout = [f for f in folders if (f.world_size, f.legacy) in changed] \
+                if changed else [f for f in folders if self._ours(f)]
         paths = {f.path for f in layout}
         adopted = {self.statedir.root / name for name in
                    (checkpoint.adopted if checkpoint is not None else [])}
