@@ -263,28 +263,40 @@ class Producer:
     def request(self, message: dict) -> dict:
         """Send a request and wait for its answer, asking again while the daemon is away.
         One about a stream goes to the rank that owns it, any other to the rank asked."""
-        started = time.monotonic()
+        started, asked = time.monotonic(), None  # asked: (rank, id) of the request sent
         while True:
             # the topology itself is asked of the endpoint given, before there is one
             cluster = self.cluster if message.get("type") == "topology" else self.topology()
             rank = cluster.rank_for(message, self.home) if cluster else self.home
-            endpoint, request_id = self.links.endpoints[rank], next(self.ids)
+            if asked is None or asked[0] != rank:
+                asked = (rank, next(self.ids))
+            # asked again with the same id: the daemon recognises a request that still
+            # runs (a long generate) and answers `working` instead of running it twice
+            endpoint, request_id = self.links.endpoints[rank], asked[1]
+            answer = None
             if not self._send({**message, "id": request_id}, rank):
                 time.sleep(0.05)
-            elif (answer := self._answer(request_id)) is not None:
-                if answer.get("type") != "nack":
-                    return answer
-                if answer.get("reason") != "moved":
-                    raise Refused(answer.get("reason", "?"), answer.get("message", ""),
-                                  message.get("stream"))
-                if self.cluster is cluster:  # else a new topology came meanwhile
-                    self._relearn(rank)
-            elif cluster is not None and self.cluster is cluster:
-                # silence is no `moved`: a restart with fewer ranks may have left this
-                # rank's endpoint dead, and with nothing of the window waiting on it
-                # (all acked) _resend_due would never ask
-                self._ask_another(rank)
-                self._await_topology()
+            else:
+                answer = self._answer(request_id)
+                if answer is not None and answer.get("type") == "working":
+                    started = time.monotonic()  # it runs: that is progress
+                    answer = self._answer(request_id) or answer  # still quiet: ask again
+            if answer is None:
+                if cluster is not None and self.cluster is cluster:
+                    # silence is no `moved`: a restart with fewer ranks may have left
+                    # this rank's endpoint dead, and with nothing of the window waiting
+                    # on it (all acked) _resend_due would never ask
+                    self._ask_another(rank)
+                    self._await_topology()
+            elif answer.get("type") == "working":
+                pass  # it runs and went quiet for a reply_timeout: ask again
+            elif answer.get("type") != "nack":
+                return answer
+            elif answer.get("reason") != "moved":
+                raise Refused(answer.get("reason", "?"), answer.get("message", ""),
+                              message.get("stream"))
+            elif self.cluster is cluster:  # else a new topology came meanwhile
+                self._relearn(rank)
             waited = time.monotonic() - started
             if waited > self.retry_seconds:
                 raise Unreachable(f"no answer from {endpoint} within {waited:.0f} s: "

@@ -407,3 +407,22 @@ def test_ended_streams_are_kept_across_save_and_load():
     assert restored.streams.ended == {"a"}
     restored.flush()
     assert restored.streams.ids == ["b"]
+
+
+def test_a_sliced_generation_is_the_one_of_the_moment_it_was_asked_for():
+    """The daemon advances a generation a token at a time between updates: its tokens are
+    those of the model and stream when it was asked, whatever trains meanwhile."""
+    learner = make()
+    tokens = np.random.default_rng(1).integers(0, 13, 300)
+    learner.learn("s", tokens[:150])
+    reference = copy.deepcopy(learner).generate("s", 40, temperature=0.8, seed=5)
+    sliced = learner.generation("s", 40, temperature=0.8, seed=5)
+    slices, fed = 0, 150
+    while not sliced.advance(pause=lambda: True):  # one token per slice
+        slices += 1
+        learner.learn("s", tokens[fed:fed + 5])  # the weights and the stream move on
+        fed += 5
+    assert slices == 39 and learner.updates > 40
+    assert sliced.tokens == reference
+    # and the moved model samples otherwise: the test would see a live-weights bug
+    assert learner.generate("s", 40, temperature=0.8, seed=5) != reference

@@ -120,7 +120,8 @@ def check_reply(reply: dict, sent_id, table) -> str:
 def test_the_readme_tables_parse_and_name_every_reason():
     table = reply_table()
     assert {"every reply", "ack", "busy", "nack", "position", "status", "prediction",
-            "generated", "flush", "ended", "checkpoint", "checkpoint (failed)"} == set(table)
+            "generated", "flush", "ended", "checkpoint", "checkpoint (failed)",
+            "working"} == set(table)
     assert table["status"]["vocab_size"][0] == "int"
     assert table["status"]["last_checkpoint"][0] == "map or nil"
     reasons = [unquote(row[0]) for row in table_after("**Refusals.**")]
@@ -424,6 +425,16 @@ def test_every_reply_matches_the_readme_table(tmp_path):
             order = [(-p, t) for t, p in again["top"]]
             assert order == sorted(order) and len(order) == 256
             ask_({"type": "generate", "stream": "a", "num_tokens": 5, "seed": 3})
+            # a long request asked again with its id while it runs: `working`, run once
+            # (the position after it would get a second `generated` otherwise)
+            long = pack({"type": "generate", "stream": "a", "num_tokens": 4096, "id": "g"})
+            client.send(long)
+            client.send(long)
+            replies = [client.receive(timeout=60), client.receive(timeout=60)]
+            assert [r["type"] for r in replies] == ["working", "generated"], replies
+            seen.update(check_reply(r, "g", table) for r in replies)
+            assert replies[0]["request"] == "generate" and 0 <= replies[0]["progress"] < 1
+            ask_({"type": "position", "stream": "a"}, next_offset=7)
             ask_({"type": "flush"}, type="flush", stream=None, scheduled=1)
             ask_({"type": "flush", "stream": "nobody"}, type="flush", scheduled=0)
             ask_({"type": "flush", "stream": "a"})

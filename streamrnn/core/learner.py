@@ -18,6 +18,7 @@ import torch
 from ..config import Config, ConfigError, TrainConfig, config_from_dict, torch_threads
 from .collective import Ranks
 from .engine import Engine, nats_to_bits
+from .generation import Generation
 from .model import RecurrentLM
 from .optim import apply_settings, learning_rate, make_optimizer
 from .streams import Plan, StreamId, StreamTable
@@ -251,28 +252,27 @@ class Learner:
                                    self.model.from_tuple(state))
         return torch.log_softmax(logits[-1, 0].float(), dim=-1).cpu()  # float32 is plenty
 
-    @torch.no_grad()
     def generate(self, stream_id: StreamId, num_tokens: int, temperature: float = 1.0,
                  seed: int = 0) -> list[int]:
         """Sample a continuation of a stream from the model; the stream is unchanged."""
-        model = self.model
+        generation = self.generation(stream_id, num_tokens, temperature, seed)
+        generation.advance()
+        return generation.tokens
+
+    @torch.no_grad()
+    def generation(self, stream_id: StreamId, num_tokens: int, temperature: float = 1.0,
+                   seed: int = 0) -> Generation:
+        """`generate` in slices (Generation.advance), from the model and the stream as
+        they are now, whatever trains meanwhile."""
         row = self.streams.row_of.get(stream_id)
-        if row is None or self.streams.next_offset(stream_id) == 0:
-            logits = torch.zeros(1, 1, self.config.model.vocab_size)
-            state = None
-        else:
+        history = state = None
+        if row is not None and self.streams.next_offset(stream_id) > 0:
             history = torch.from_numpy(self.streams.tokens_from_start(row).astype(np.int64))
-            state = model.from_tuple(self.streams.states.state(row))
-            with self.engine.autocast():
-                logits, state = model(history.to(self.device)[:, None], state)
-        generator = torch.Generator().manual_seed(seed)
-        out: list[int] = []
-        for _ in range(num_tokens):
-            probs = torch.softmax(logits[-1, 0].float().cpu() / temperature, dim=-1)
-            out.append(int(torch.multinomial(probs, 1, generator=generator)))
-            with self.engine.autocast():
-                logits, state = model(torch.tensor([[out[-1]]], device=self.device), state)
-        return out
+            # a copy: the pool's slot (a view) changes as the stream trains on
+            state = self.model.from_tuple(tuple(
+                t.clone() for t in self.streams.states.state(row)))
+        return Generation(self.model, history, state, num_tokens, temperature, seed,
+                          self.engine.autocast)
 
     def check_tokens(self, tokens: Any) -> np.ndarray:
         """tokens (bytes, list, numpy array or tensor of ints < vocab_size) -> int32."""

@@ -33,7 +33,8 @@ from ..core.learner import LearnResult, Learner
 from . import auth, faults, logs
 from .checkpointer import Checkpointer
 from .cluster import Cluster, ClusterFault
-from .handlers import Deferred, Handlers, checkpoint_reply, nack
+from .generations import Generations
+from .handlers import Deferred, Generating, Handlers, checkpoint_reply, nack
 from .journal import Journal, LogFull, apply
 from .metrics import Metrics
 from .recovery import Recovery
@@ -98,8 +99,9 @@ class Daemon:
         self.journal = Journal(config, self.metrics, self.log, clock)
         self.checkpointer = Checkpointer(config, self.learner, self.cluster, self.statedir,
                                          self.journal, self.metrics, self.log, clock)
+        self.generations = Generations(self.metrics)
         self.handlers = Handlers(config, self.learner, self.journal, self.checkpointer,
-                                 self.metrics, clock, self.cluster)
+                                 self.metrics, clock, self.cluster, self.generations)
         self.counted = (0, 0)  # streams flushed and forgotten, as the metrics have them
         self.source: Source | None = None
         self.context: zmq.Context | None = None
@@ -230,8 +232,10 @@ class Daemon:
         stops at the same tick)."""
         faults.maybe_hang("turn")
         self.notifier.ping()  # from this loop only: if it hangs, systemd restarts us
-        timeout_ms = 0 if self.training_pending or self.inbox else 50
-        if self.inbox or self.source.socket.poll(timeout_ms, zmq.POLLIN):
+        busy = self.training_pending or self.inbox or self.generations
+        ready = self.inbox or self.source.socket.poll(0 if busy else 50, zmq.POLLIN)
+        started = time.perf_counter()  # the turn's work, not its wait for input
+        if ready:
             self.intake()
         # what this rank wants (to stop, a checkpoint ...) and its log has no room,
         # summed over the ranks: every rank then does the same
@@ -250,6 +254,8 @@ class Daemon:
             else:
                 self.log.info("training resumes: every rank's log has room")
         self.train()
+        for envelope, reply in self.generations.advance():
+            self.source.reply(envelope, reply)
         if tally["check"]:
             self.cluster.check_weights(self.learner.model)
         self.journal.sync_if_due()
@@ -260,6 +266,7 @@ class Daemon:
             self.next_housekeeping = now + HOUSEKEEPING_SECONDS
             self.housekeeping(now)
         self._publish()
+        self.metrics.turn_seconds.observe(time.perf_counter() - started)
         return False
 
     def train(self) -> None:
@@ -339,6 +346,10 @@ class Daemon:
             self.outbox.append((incoming.envelope, wire.refusal_reply(request)))
             return
         self.metrics.messages.labels(request.type).inc()
+        if request.request_id is not None and request.type != "tokens" and \
+                (working := self._working(incoming.envelope, request.request_id)):
+            self.outbox.append((incoming.envelope, working))  # asked again: runs once
+            return
         try:
             faults.maybe_fail(f"request_{request.type}")
             reply = self.handlers.handle(request)
@@ -353,9 +364,21 @@ class Daemon:
         if isinstance(reply, Deferred):
             self.awaiting.append((incoming.envelope, request.request_id, reply.ticket))
             return
+        if isinstance(reply, Generating):
+            self.generations.add(incoming.envelope, request.request_id, request.stream,
+                                 reply.generation)
+            return
         if reply.get("type") == "nack":
             self._count_refusal(reply["reason"], reply["message"])
         self.outbox.append((incoming.envelope, reply))
+
+    def _working(self, envelope: list[bytes], request_id) -> dict | None:
+        """The answer to a request this producer asked again (the same id) while the
+        first is still being worked on (a generation, a checkpoint), else None."""
+        if any(a[0] == envelope and a[1] == request_id for a in self.awaiting):
+            return {"type": "working", "id": request_id, "request": "checkpoint",
+                    "progress": None}
+        return self.generations.working(envelope, request_id)
 
     def _answer_checkpoints(self) -> None:
         """Reply to `checkpoint` requests whose write is done (durable, or failed)."""

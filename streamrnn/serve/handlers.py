@@ -20,11 +20,19 @@ from ..core.collective import weights_checksum
 from ..core.learner import LearnResult, Learner
 from .checkpointer import Checkpointer
 from .cluster import Cluster
+from .generations import Generations
 from .journal import FLUSH_RECORD_STREAMS, Journal, LogFull, tokens_record
 
 MAX_PREDICT_BACKLOG = 16384  # predict/generate run the model over a stream's backlog
 RECENT_SECONDS = 60.0
 MAX_RETRY_MS = 5000
+
+
+@dataclass(frozen=True)
+class Generating:
+    """No reply yet: the loop advances this generation a slice per turn (generations.py)
+    and answers once it is done."""
+    generation: object
 
 
 @dataclass(frozen=True)
@@ -89,10 +97,11 @@ class Rate:
 class Handlers:
     def __init__(self, config: Config, learner: Learner, journal: Journal,
                  checkpointer: Checkpointer, metrics, clock: Callable[[], float],
-                 cluster: Cluster):
+                 cluster: Cluster, generations: Generations):
         self.config, self.learner, self.journal = config, learner, journal
         self.checkpointer = checkpointer
         self.metrics, self.clock, self.cluster = metrics, clock, cluster
+        self.generations = generations
         self.started = clock()
         self.activity = Activity()
         self.rate = Rate()
@@ -101,7 +110,7 @@ class Handlers:
         # fault); at most ingest.max_streams, the oldest forgotten first
         self.busy_at: OrderedDict[str, int] = OrderedDict()
 
-    def handle(self, request: wire.Request) -> dict | Deferred:
+    def handle(self, request: wire.Request) -> dict | Deferred | Generating:
         if request.stream is not None and self.cluster.owner(request.stream) != \
                 self.cluster.rank:
             reply = self.moved(request.stream)
@@ -215,11 +224,13 @@ class Handlers:
                 "next_offset": self.learner.streams.next_offset(r.stream),
                 "top": [[int(t), float(v)] for t, v in zip(tokens, values)]}
 
-    def _on_generate(self, r: wire.Request) -> dict:
+    def _on_generate(self, r: wire.Request) -> dict | Generating:
         if refusal := self._backlogged(r):
             return refusal
-        tokens = self.learner.generate(r.stream, r.num_tokens, r.temperature, r.seed)
-        return {"type": "generated", "stream": r.stream, "tokens": tokens}
+        if self.generations.full:  # each holds a copy of the weights
+            return self.busy(r.stream, 1000)
+        return Generating(self.learner.generation(r.stream, r.num_tokens, r.temperature,
+                                                  r.seed))
 
     # ---- streams ---------------------------------------------------------------------
     def _on_flush(self, r: wire.Request) -> dict:

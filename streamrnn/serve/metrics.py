@@ -53,8 +53,9 @@ class Metrics:
             "handshake ZeroMQ rejects, e.g. a client without CURVE), other (the peer hung "
             "up during the handshake, e.g. a client without CURVE). One refused attempt may "
             "count under both protocol and other.", ["kind"], registry=r)
-        self.busy = Counter("streamrnn_busy_replies", "Token messages answered busy (queue "
-                            "full) and not taken.", registry=r)
+        self.busy = Counter("streamrnn_busy_replies", "Messages answered busy and not "
+                            "taken (the queue or the log full, or too many generations).",
+                            registry=r)
         self.flushes = Counter("streamrnn_stream_flushes", "Streams whose last targets were "
                                "trained by a flush (idle or requested).", registry=r)
         self.streams_ended = Counter(
@@ -64,6 +65,13 @@ class Metrics:
             "streamrnn_update_duration_seconds", "Wall time of each update on the host (on a "
             "GPU, once the loop runs ahead, the device's time per update).",
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.turn_seconds = Histogram(
+            "streamrnn_turn_duration_seconds", "Wall time of one turn of the main loop "
+            "(intake, training, generation slices, housekeeping): acks and watchdog pings "
+            "wait at most about this long.",
+            buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
+        self.generated_tokens = Counter(
+            "streamrnn_generated_tokens", "Tokens sampled for generate requests.", registry=r)
         self.updates_per_turn = Histogram(
             "streamrnn_turn_updates", "Updates run in one turn of the main loop.",
             buckets=(0, 1, 2, 4, 8, 16, 32, 64), registry=r)

@@ -27,11 +27,14 @@ class Notifier:
     def send(self, *assignments: str) -> None:
         if self.address is None:
             return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        # non-blocking: a receiver that stopped reading fills its queue, and a blocking
+        # send would then hold the loop for good; a message it cannot take is dropped
+        kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        with socket.socket(socket.AF_UNIX, kind) as s:
             try:
                 s.sendto("\n".join(assignments).encode(), self.address)
             except OSError:
-                pass  # systemd went away; nothing to tell, nothing to fail
+                pass  # systemd went away or is not reading: nothing to fail
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")
