@@ -251,13 +251,38 @@ class Producer:
         from offset 0 once `position` reports 0. A daemon that cannot log it yet (a
         full disk) answers busy: asked again after its retry_after_ms, for up to
         retry_seconds, then Unreachable."""
-        deadline = time.monotonic() + self.retry_seconds
-        while (reply := self.request({"type": "end", "stream": stream}))["type"] == "busy":
-            if time.monotonic() > deadline:
-                raise Unreachable(f"{self.endpoint} answered busy to ending {stream!r} "
-                                  f"for {self.retry_seconds:g} s (its log cannot take it)")
-            time.sleep(reply.get("retry_after_ms", 100) / 1000)
+        reply = self._request_past_busy({"type": "end", "stream": stream},
+                                        f"ending {stream!r} (its log cannot take it)")
         self.next_offset.pop(stream, None)
+        return reply
+
+    def predict(self, stream: str, top_k: int = 10) -> list[tuple[int, float]]:
+        """The `top_k` most likely next tokens of the stream, [(token, probability)],
+        most likely first (Refused `backlogged` while the stream has over 16,384 tokens
+        not trained yet)."""
+        reply = self.request({"type": "predict", "stream": stream, "top_k": top_k})
+        return [(int(token), float(p)) for token, p in reply["top"]]
+
+    def generate(self, stream: str, num_tokens: int = 200, temperature: float = 1.0,
+                 seed: int = 0) -> list[int]:
+        """A sampled continuation of the stream (the stream is not changed); with the
+        byte vocabulary, bytes(...) of it is text. A long one is waited for, not asked
+        twice; a daemon running its most generations at once answers busy: asked again
+        after its retry_after_ms, for up to retry_seconds, then Unreachable."""
+        reply = self._request_past_busy(
+            {"type": "generate", "stream": stream, "num_tokens": num_tokens,
+             "temperature": temperature, "seed": seed},
+            f"generating for {stream!r} (it runs its most generations at once)")
+        return list(reply["tokens"])
+
+    def _request_past_busy(self, message: dict, what: str) -> dict:
+        """request(), asked again while the answer is busy, for up to retry_seconds."""
+        deadline = time.monotonic() + self.retry_seconds
+        while (reply := self.request(message))["type"] == "busy":
+            if time.monotonic() > deadline:
+                raise Unreachable(f"{self.endpoint} answered busy to {what} for "
+                                  f"{self.retry_seconds:g} s")
+            time.sleep(reply.get("retry_after_ms", 100) / 1000)
         return reply
 
     def request(self, message: dict) -> dict:

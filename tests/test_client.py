@@ -332,3 +332,32 @@ def test_end_asks_again_while_the_daemon_answers_busy(tmp_path):
                         if line.startswith("streamrnn_wal_write_failures_total "))
     assert float(failures.split()[-1]) == 1  # the busy answer was asked again
     assert d.stop() == 0
+
+
+def test_predict_and_generate_from_python(tmp_path):
+    """The README's example: the most likely next bytes, and a continuation as text."""
+    d = DaemonProcess(tmp_path, []).start()
+    try:
+        with Producer(d.endpoint) as producer:
+            producer.send("log", b"GET /index.html 200\n" * 20)
+            producer.flush()
+            producer.request({"type": "flush"})  # trained to the end: the model stays
+            deadline = time.monotonic() + 60
+            while producer.status()["queued_tokens"]:
+                assert time.monotonic() < deadline, "never trained"
+                time.sleep(0.1)
+            top = producer.predict("log", top_k=5)
+            assert len(top) == 5 and all(0 <= t < 256 for t, _ in top)
+            assert [p for _, p in top] == sorted((p for _, p in top), reverse=True)
+            text = bytes(producer.generate("log", 64, temperature=0.5, seed=1))
+            assert len(text) == 64
+            assert producer.generate("log", 64, temperature=0.5, seed=1) == list(text)
+            assert producer.generate("log", 64, temperature=0.5, seed=2) != list(text)
+            assert producer.predict("nobody", top_k=2) == [(0, 1 / 256), (1, 1 / 256)]
+            producer.send("big", bytes(17000))
+            producer.flush()
+            with pytest.raises(Refused) as refused:
+                producer.generate("big")
+            assert refused.value.reason == "backlogged"
+    finally:
+        d.stop()

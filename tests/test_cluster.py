@@ -102,6 +102,13 @@ def test_two_ranks_share_streams_route_checkpoint_and_recover(tmp_path):
     assert [r["streams"] for r in ranks] == [3, 3]
     trained = sum(r["tokens_trained"] for r in ranks)
     assert trained == sum(sizes.values()) - len(streams)  # every target, exactly once
+    from streamrnn.client import Producer
+    with Producer(cluster.endpoints[0]) as producer:  # given rank 0, asked of the owner
+        for stream in (streams[0], streams[-1]):  # owned by rank 0, by rank 1
+            top = producer.predict(stream, top_k=3)
+            assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1] > 0
+            sampled = producer.generate(stream, 30, seed=7)
+            assert len(sampled) == 30 and sampled == producer.generate(stream, 30, seed=7)
     saved = cluster.ask(1, {"type": "checkpoint"})  # asked of any rank: the cluster's
     assert saved["ok"] and saved["path"].endswith(".json")
     assert cluster.stop() == 0
