@@ -141,8 +141,7 @@ def _summary(control: Producer, feeder: _Feeder, s: dict, say) -> None:
                f"{bits_per_byte / best[0] - 1:.0%} more bits than {best[1]}")
     say(f"  {verdict}: the model predicted each byte before learning from it, in one pass")
     name = next(iter(feeder.data))
-    generated = control.request({"type": "generate", "stream": name, "num_tokens": 240,
-                                 "temperature": 0.7})["tokens"]
+    generated = control.generate(name, 240, temperature=0.7)
     say(f"sampled from the model, continuing {name}:")
     text = bytes(t for t in generated if t < 256).decode("utf-8", "replace")
     say("  | " + text.replace("\n", "\n  | "))
