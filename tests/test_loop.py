@@ -6,6 +6,7 @@ import threading
 import time
 
 import prometheus_client
+import pytest
 import torch
 
 from inprocess import arrive, ask, ask_until_answered
@@ -249,3 +250,24 @@ def test_the_daemon_gives_back_the_signal_handlers_it_replaced(tmp_path):
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
+
+
+def test_the_training_rate_keeps_its_sums_as_a_walk_would_find_them():
+    """Every tokens message reads the rate: its sums are kept as turns come and expire,
+    equal to summing the last 60 s again."""
+    import random
+
+    from streamrnn.core.learner import LearnResult
+    from streamrnn.serve.handlers import RECENT_SECONDS, Rate
+
+    rng, rate, now, kept = random.Random(3), Rate(), 0.0, []
+    for _ in range(5000):
+        # mostly turns that expire one by one; now and then a pause that expires all
+        now += rng.choices([0.001, 0.05, 0.3, 2.0, 70.0], [30, 30, 30, 9, 0.2])[0]
+        entry = (now, rng.randrange(0, 500), rng.uniform(0, 4000), rng.uniform(0, 0.2))
+        rate.add(now, LearnResult(targets=entry[1], bits=entry[2]), entry[3])
+        kept = [k for k in kept + [entry] if k[0] >= now - RECENT_SECONDS]
+        targets, bits, seconds = rate.totals()
+        assert targets == sum(k[1] for k in kept)
+        assert bits == pytest.approx(sum(k[2] for k in kept), rel=1e-9, abs=1e-6)
+        assert seconds == pytest.approx(sum(k[3] for k in kept), rel=1e-9, abs=1e-9)
