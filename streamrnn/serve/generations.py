@@ -29,12 +29,17 @@ class _Job:
     stream: str
     generation: Generation
 
+    @property
+    def key(self) -> tuple:
+        """Who asked, and under which id: a repeat has the same."""
+        return tuple(self.envelope), self.request_id
+
 
 class Generations:
     def __init__(self, metrics):
         self.metrics = metrics
         self.jobs: deque[_Job] = deque()
-        # (envelope, id) -> (when answered, the answer), oldest first
+        # _Job.key -> (when answered, the answer), oldest first
         self.answered: OrderedDict[tuple, tuple[float, dict]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -56,7 +61,7 @@ class Generations:
         if (key := (tuple(envelope), request_id)) in self.answered:
             return self.answered[key][1]
         for job in self.jobs:
-            if job.request_id == request_id and job.envelope == envelope:
+            if job.key == key:
                 g = job.generation
                 return {"type": "working", "id": request_id, "request": "generate",
                         "progress": len(g.tokens) / g.num_tokens}
@@ -77,8 +82,7 @@ class Generations:
                          "tokens": job.generation.tokens}
                 if job.request_id is not None:
                     reply["id"] = job.request_id
-                    self.answered[(tuple(job.envelope), job.request_id)] = \
-                        (time.monotonic(), reply)
+                    self.answered[job.key] = (time.monotonic(), reply)
                     if len(self.answered) > MAX_ANSWERS:
                         self.answered.popitem(last=False)
                 finished.append((job.envelope, reply))

@@ -17,6 +17,7 @@ import torch
 from .. import __version__, wire
 from ..config import Config
 from ..core.collective import weights_checksum
+from ..core.generation import Generation
 from ..core.learner import LearnResult, Learner
 from .checkpointer import Checkpointer
 from .cluster import Cluster
@@ -32,7 +33,7 @@ MAX_RETRY_MS = 5000
 class Generating:
     """No reply yet: the loop advances this generation a slice per turn (generations.py)
     and answers once it is done."""
-    generation: object
+    generation: Generation
 
 
 @dataclass(frozen=True)
