@@ -36,6 +36,15 @@ def _reap_daemons():
         except ProcessLookupError:
             pass
         proc.wait()
+    if harness and harness.Zygote._instance:
+        harness.Zygote._instance.close()
+
+
+@pytest.fixture
+def long_windows(monkeypatch):
+    """Daemons started by this test train with harness.LONG_WINDOWS."""
+    import harness
+    monkeypatch.setattr(harness, "TINY", [*harness.TINY, *harness.LONG_WINDOWS])
 
 
 @pytest.fixture

@@ -22,6 +22,13 @@ TINY = ["model.hidden_size=16", "model.embed_dim=8", "model.num_layers=1",
         "train.device=cpu", "train.cpu_threads=1", "log.format=json", "log.summary_seconds=0"]
 
 
+# the durability and cluster tests train tens of thousands of tokens each, many of them
+# on two ranks, where every update is a collective: windows of the default k1 (k2 > k1,
+# so a replayed update still rebuilds a state inside its window) take 4x fewer updates
+# than TINY's. Their modules use it through the `long_windows` fixture (conftest.py).
+LONG_WINDOWS = ["train.k1=16", "train.k2=24"]
+
+
 STARTED: list[subprocess.Popen] = []  # every daemon a test started; conftest reaps them
 
 
@@ -47,14 +54,10 @@ class DaemonProcess:
 
     def start(self, wait: bool = True, env: dict | None = None,
               args: tuple[str, ...] = ()) -> "DaemonProcess":
-        command = [sys.executable, "-m", "streamrnn", "serve", *args]
+        command = ["serve", *args]
         for item in self.overrides:
             command += ["--set", item]
-        with open(self.log_path, "ab") as log:  # the child keeps its own copy
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.workdir, env={**os.environ,
-                                                                "PYTHONUNBUFFERED": "1",
-                                                                **(env or {})})
+        self.proc = start_streamrnn(command, self.log_path, self.workdir, env)
         STARTED.append(self.proc)
         if wait:
             self.wait_ready()
@@ -192,20 +195,15 @@ class ClusterProcess:
 
     def start(self, wait: bool = True, args: tuple[str, ...] = (),
               env: dict | None = None) -> "ClusterProcess":
-        command = [sys.executable, "-m", "streamrnn", "serve", "--nproc", str(self.nproc),
+        command = ["serve", "--nproc", str(self.nproc),
                    "--max-restarts", str(self.max_restarts), *args]
         if self.nnodes > 1:
             command += ["--nnodes", str(self.nnodes), "--rdzv-endpoint",
                         f"127.0.0.1:{self.port + self.world_size}"]
         for item in self.overrides:
             command += ["--set", item]
-        self.procs = []
-        for log_path in self.log_paths:
-            with open(log_path, "ab") as log:
-                self.procs.append(subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                    start_new_session=True,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}))
+        self.procs = [start_streamrnn(command, log_path, self.workdir, env, new_session=True)
+                      for log_path in self.log_paths]
         STARTED_GROUPS.extend(self.procs)
         if wait:
             self.wait_ready()
@@ -308,6 +306,96 @@ class ClusterProcess:
 
     def log(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.log_paths if p.exists())
+
+
+def start_streamrnn(argv: list[str], log_path: Path, cwd: Path, env: dict | None = None,
+                    new_session: bool = False):
+    """`python -m streamrnn ARGV`, its output appended to `log_path`: forked from this
+    test process's zygote (tests/zygote.py: torch imported once, not at every start),
+    or, with STREAMRNN_TEST_ZYGOTE=0, started from scratch by subprocess.Popen."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if os.environ.get("STREAMRNN_TEST_ZYGOTE", "1") == "0":
+        with open(log_path, "ab") as log:  # the child keeps its own copy
+            return subprocess.Popen([sys.executable, "-m", "streamrnn", *argv], stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                    start_new_session=new_session)
+    return Zygote.get().spawn(argv, log_path, cwd, env, new_session)
+
+
+class Zygote:
+    """The client of this test process's tests/zygote.py, started at its first use."""
+    _instance: "Zygote | None" = None
+
+    @classmethod
+    def get(cls) -> "Zygote":
+        if cls._instance is None or cls._instance.proc.poll() is not None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self):
+        import tempfile
+        import threading
+        self.folder = tempfile.mkdtemp(prefix="streamrnn-zygote-")
+        path = os.path.join(self.folder, "socket")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py")),
+                                      path], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE)
+        ready = self.proc.stdout.readline()  # once it has imported torch and the daemon
+        assert ready == b"ready\n", f"the test zygote did not start ({ready!r})"
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.socket.connect(path)
+        self.replies = self.socket.makefile("rb")
+        self.lock = threading.Lock()
+
+    def ask(self, request: dict) -> dict:
+        import json
+        with self.lock:
+            self.socket.sendall(json.dumps(request).encode() + b"\n")
+            return json.loads(self.replies.readline())
+
+    def close(self) -> None:
+        """It ends when its client goes away."""
+        import shutil
+        self.replies.close()
+        self.socket.close()
+        self.proc.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def spawn(self, argv: list[str], log_path: Path, cwd: Path, env: dict,
+              new_session: bool) -> "Forked":
+        reply = self.ask({"op": "spawn", "argv": argv, "env": env, "cwd": str(cwd),
+                          "log": str(log_path), "new_session": new_session})
+        return Forked(self, reply["pid"])
+
+
+class Forked:
+    """A process the zygote forked, as much of subprocess.Popen as the tests use."""
+
+    def __init__(self, zygote: Zygote, pid: int):
+        self.zygote, self.pid, self.returncode = zygote, pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.zygote.ask({"op": "status", "pid": self.pid})["returncode"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"streamrnn (pid {self.pid})", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # (a pid that ended may be another process's by now)
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
 
 
 def serve(workdir: Path, overrides: list[str], nproc: int = 1, **options):

@@ -28,7 +28,8 @@ from harness import RawClient, load_checkpoint, serve
 from streamrnn.client import Producer
 from streamrnn.tools.textdata import text_streams
 
-pytestmark = pytest.mark.slow  # every test starts, kills and restarts real daemons
+# every test starts, kills and restarts real daemons, and trains with long windows
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("long_windows")]
 
 # no idle flushes (their timing would differ between runs); checkpoints every 20 updates,
 # so a kill usually lands between two and recovery needs the log
@@ -73,8 +74,8 @@ def flush_all(d) -> None:
             assert client.ask({"type": "flush"}, timeout=60)["type"] == "flush"
 
 
-def wait_trained(d, at_most: int = 3) -> dict:
-    """Wait until at most `at_most` targets are queued (default: the r < k1 = 4 of one
+def wait_trained(d, at_most: int = 15) -> dict:
+    """Wait until at most `at_most` targets are queued (default: the r < k1 = 16 of one
     stream, which only a flush trains); the status."""
     deadline = time.monotonic() + 120
     while (s := status(d))["queued_tokens"] > at_most:
@@ -292,9 +293,11 @@ def test_sigterm_under_load_checkpoints_and_next_start_replays_nothing(tmp_path,
 
 def test_a_stop_during_a_replay_writes_nothing_and_the_next_start_replays_it(tmp_path,
                                                                              nproc):
-    d = serve(tmp_path, DURABLE[:1] + ["checkpoint.interval_seconds=0"], nproc).start()
+    # short windows (TINY's): many steps to replay, to stop in the middle of
+    d = serve(tmp_path, DURABLE[:1] + ["checkpoint.interval_seconds=0", "train.k1=4",
+                                       "train.k2=8"], nproc).start()
     send_all(d, "s", text(3000, seed=5))
-    before = wait_trained(d)
+    before = wait_trained(d, at_most=3)
     d.kill()  # no checkpoint: everything is in the log, ~750 steps to replay
     starts = count(d, "starting")
     d.start(wait=False, env={"STREAMRNN_SLOW_AT": "replay_step:1"})  # 20 ms a step
@@ -436,7 +439,7 @@ def test_replay_uses_the_batch_width_the_log_was_written_with(tmp_path, nproc):
                 p.send(f"s{i}", text(200, seed=i)[half * 100:(half + 1) * 100],
                        offset=half * 100)
             p.flush(timeout=60)
-        before = wait_trained(d, at_most=6 * ((100 * half + 99) % 4))
+        before = wait_trained(d, at_most=6 * ((100 * half + 99) % 16))
         if half == 0:
             assert ask(d, {"type": "checkpoint"})["ok"]
     d.kill()
@@ -491,15 +494,16 @@ def test_full_log_disk_answers_busy_and_acks_nothing(tmp_path, nproc):
     d = serve(tmp_path, DURABLE, nproc)
     d.start(env={"STREAMRNN_FAIL_AT": d.cue("wal_write:4", "s")})
     with RawClient(d.endpoint_of("s")) as c:
-        ok = c.ask({"type": "tokens", "stream": "s", "offset": 0, "tokens": list(range(10))})
+        # 19 targets: one update (k1 = 16)
+        ok = c.ask({"type": "tokens", "stream": "s", "offset": 0, "tokens": list(range(20))})
         assert ok["type"] == "ack"
-        busy = c.ask({"type": "tokens", "stream": "s", "offset": 10, "tokens": [1, 2, 3]})
+        busy = c.ask({"type": "tokens", "stream": "s", "offset": 20, "tokens": [1, 2, 3]})
         assert busy["type"] == "busy"
-        assert c.ask({"type": "position", "stream": "s"})["next_offset"] == 10
+        assert c.ask({"type": "position", "stream": "s"})["next_offset"] == 20
     assert float(metric(scrape(d, d.rank_of("s")), "streamrnn_wal_write_failures_total")) >= 1
     d.kill()
     d.start()
-    assert ask(d, {"type": "position", "stream": "s"})["next_offset"] == 10
+    assert ask(d, {"type": "position", "stream": "s"})["next_offset"] == 20
     assert d.stop() == 0
 
 
@@ -559,7 +563,7 @@ def test_checkpoint_commands(tmp_path, nproc):
     assert Path(saved.stdout.split()[1]) == (tmp_path / newest["path"]).absolute()
     inspect = subprocess.run([*cli, "inspect", newest["path"]], cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
-    assert inspect.returncode == 0 and "TBPTT(4, 8)" in inspect.stdout
+    assert inspect.returncode == 0 and "TBPTT(16, 24)" in inspect.stdout
     bad = tmp_path / "not-a-checkpoint.pt"
     bad.write_bytes(b"garbage")
     refused = subprocess.run([*cli, "inspect", str(bad)], capture_output=True, text=True,

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -149,6 +150,20 @@ class Daemon:
         if self.stop_requested:  # the second one: the user does not want to wait
             os._exit(128 + signum)  # what was acked is in the log; the next start replays
         self.stop_requested = True  # the loop notices within one turn
+        if self.ranks.distributed:
+            # torchrun waits cluster.shutdown_seconds for a rank after SIGTERM when told
+            # to stop, but 30 s when it restarts every rank after a failure: a rank that
+            # cannot end its turn (hung) ends itself at the configured bound either way
+            deadline = threading.Timer(self.config.cluster.shutdown_seconds,
+                                       self._stop_overdue)
+            deadline.daemon = True
+            deadline.start()
+
+    def _stop_overdue(self) -> None:
+        print(f"streamrnn rank {self.ranks.rank}: not stopped cluster.shutdown_seconds "
+              f"({self.config.cluster.shutdown_seconds:g} s) after SIGTERM; exiting (what "
+              "it acknowledged is in its log)", file=sys.stderr, flush=True)
+        os._exit(1)
 
     def start(self) -> None:
         c, learner, m = self.config, self.learner, self.metrics
