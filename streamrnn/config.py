@@ -59,7 +59,8 @@ class TrainConfig:
     k1: int = _opt(16, "an update every k1 new tokens of a stream, with loss on those k1 targets")
     k2: int = _opt(16, "each update backpropagates through the last k2 inputs (k2 >= k1)")
     optimizer: str = _opt("adam", "update rule", choices=("adam", "sgd"))
-    lr: float = _opt(0.01, "peak learning rate (see warmup_updates, lr_decay_updates)")
+    lr: float = _opt(0.01, "peak learning rate, at most 10 (see warmup_updates, "
+                     "lr_decay_updates)")
     adam_beta1: float = _opt(0.0, "Adam's momentum decay (0 = none, as in the online "
                              "compressors: on text seen once it learns fastest; torch's "
                              "default is 0.9)", before=0.9)
@@ -108,8 +109,12 @@ class TrainConfig:
             raise ConfigError(f"train.k2 = {self.k2} must be >= train.k1 = {self.k1}: "
                               "each update backpropagates through the last k2 inputs and "
                               "trains the newest k1 targets")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr = {self.lr} must be > 0")
+        if not 0 < self.lr <= 10:
+            # past that, a step wrecks the model: its forward overflows, and every later
+            # update is skipped (a restart replays the logged steps with the rate they
+            # ran with, so only --fresh would recover)
+            raise ConfigError(f"train.lr = {self.lr} must be in (0, 10] (Adam learns "
+                              "well near 0.01, SGD near 1)")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)} must be in "

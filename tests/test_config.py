@@ -35,12 +35,13 @@ def test_file_then_overrides(tmp_path):
     (["model.kind=transformer"], "model.kind = 'transformer': expected one of lstm, gru"),
     (["train.precision=fp16"], "train.precision = 'fp16': expected one of"),
     (["train.device=gpu"], "train.device = 'gpu'"),
-    (["train.lr=0"], "train.lr = 0.0 must be > 0"),
     (["train.grad_clip=-1"], "train.grad_clip = -1.0 must be >= 0"),
     # one infinite setting would poison the weights for good (every later update skipped,
     # and a restart's replay runs the logged updates with the rate they ran with)
     (["train.lr=inf"], "train.lr = inf: expected a finite number"),
     (["train.lr=1e400"], "train.lr = inf: expected a finite number"),
+    (["train.lr=1000"], "train.lr = 1000.0 must be in (0, 10]"),  # finite, but a wreck
+    (["train.lr=0"], "train.lr = 0.0 must be in (0, 10]"),
     (["train.grad_clip=inf"], "train.grad_clip = inf: expected a finite number"),
     (["train.flush_after_seconds=nan"], "train.flush_after_seconds = nan: expected a "
      "finite number"),
