@@ -266,10 +266,11 @@ class ClusterProcess:
         raise TimeoutError(f"cluster not ready:\n{self.log()[-5000:]}")
 
     def rank_pids(self, node: int | None = None) -> list[int]:
-        """The ranks' processes (the launchers' children; of one launcher's if given)."""
+        """The ranks' processes (of one launcher's if given): the children of the
+        forkserver each launcher forks them from (serve/launch.py)."""
         procs = self.procs if node is None else [self.procs[node]]
-        return [int(c) for p in procs
-                for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+        return [rank for p in procs for child in _children(p.pid)
+                if b"forkserver" in _cmdline(child) for rank in _children(child)]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
         """Signal every launcher; the exit status of each (0 when all are 0)."""
@@ -417,6 +418,20 @@ def load_checkpoint(manifest: Path) -> dict:
     return {"manifest": m,
             "replicated": torch.load(root / m["replicated"], weights_only=True),
             "parts": [torch.load(root / p["path"], weights_only=True) for p in m["parts"]]}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # it ended
+        return []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _alive(pid: int) -> bool:

@@ -5,20 +5,25 @@ as (its environment says which). `launch` is `serve --nproc N`: torchrun's launc
 this process, on one machine.
 
 It is `torchrun --standalone --nproc-per-node N --max-restarts R -m streamrnn serve ...`
-without a second command to learn: this process is the agent (systemd's main process),
-the N ranks are its children. When a rank dies, torchrun stops the others and starts
-all N again, up to R times; they recover in lockstep from their logs. SIGTERM is passed
-on to every rank, which stop at the same tick and write a final checkpoint; the agent
-waits `shutdown_seconds` for that before it kills them.
+without a second command to learn: this process is the agent (systemd's main process).
+The N ranks are forked, with torch already imported, from a forkserver that imported it
+once (multiprocessing's: one clean process, no threads), not started as N fresh
+interpreters: `import torch` is ~2 CPU-s a process, and a restart after a crash forks
+again at once. When a rank dies, torchrun stops the others and starts all N again, up to
+R times; they recover in lockstep from their logs. SIGTERM is passed on to every rank,
+which stop at the same tick and write a final checkpoint; the agent waits
+`shutdown_seconds` for that before it kills them.
 
 Several machines: the same with --nnodes M --rdzv-endpoint HOST:PORT on each (torchrun's
 c10d rendezvous), or torchrun itself (README).
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
+import threading
 import uuid
 
 import prometheus_client
@@ -41,6 +46,7 @@ def launch(nproc: int, max_restarts: int, cluster: ClusterConfig, serve_args: li
     machines that meet at `rdzv_endpoint`; the exit status to return."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
 
@@ -55,8 +61,10 @@ def launch(nproc: int, max_restarts: int, cluster: ClusterConfig, serve_args: li
         # read by this process's agent, and passed on to the ranks
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     grace = [f"--shutdown_timeout={int(cluster.shutdown_seconds)}"]
+    # torchrun's own command line (its defaults, its checks); the ranks run _rank, not
+    # the module named last
     command = [*where, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-               *grace, "--module", "streamrnn", "serve", *serve_args]
+               *grace, "--start-method=forkserver", "--module", "streamrnn", "serve"]
     args, unknown = torchrun.get_args_parser().parse_known_args(command)
     if unknown == grace:  # torch before 2.11: torchrun kills ranks 30 s after SIGTERM
         print(f"streamrnn serve --nproc: this torch ({torch.__version__}) has no torchrun "
@@ -64,8 +72,13 @@ def launch(nproc: int, max_restarts: int, cluster: ClusterConfig, serve_args: li
               f"checkpoint, not cluster.shutdown_seconds ({cluster.shutdown_seconds:g}); "
               "what they do not write, their logs hold", file=sys.stderr)
         args = torchrun.get_args_parser().parse_args([a for a in command if a not in grace])
+    if args.standalone:  # as torchrun.run: a rendezvous of this machine's own
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = \
+            "c10d", "localhost:0", uuid.uuid4().hex
+    config, _, _ = torchrun.config_from_args(args)  # (sets OMP_NUM_THREADS=1 if unset)
+    multiprocessing.set_forkserver_preload([__name__])  # torch, the daemon, this file
     try:
-        torchrun.run(args)
+        elastic_launch(config, entrypoint=_rank)(serve_args)
     except SignalException:
         return 0  # SIGTERM/SIGINT: the ranks were told and made their final checkpoints
     except ChildFailedError as e:
@@ -81,6 +94,30 @@ def launch(nproc: int, max_restarts: int, cluster: ClusterConfig, serve_args: li
               f"reach that address ({type(e).__name__}{': ' + str(e) if str(e) else ''})",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _rank(serve_args: list[str]) -> int:
+    """A rank: `streamrnn serve SERVE_ARGS` in a process torchrun forked (its
+    environment says which rank). A failure ends the process with its exit status,
+    which torchrun reports; returning is success."""
+    os.setsid()  # as torchrun starts a command: a terminal's Ctrl-C reaches the agent
+    #              alone, which passes SIGTERM on (a rank signalled twice stops at once)
+    sys.stdout.reconfigure(line_buffering=True)  # its lines as they come (python -u)
+    sys.stderr.reconfigure(line_buffering=True)
+    from ..cli import main
+    code = main(["serve", *serve_args])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        os._exit(code)
+    # torchrun's worker posts this return to the agent, then waits until the agent has
+    # read every rank's. An agent told to stop never reads them: it waits for the ranks
+    # to exit, and would kill them after shutdown_seconds. What is posted stays in the
+    # pipe after the rank is gone, so the rank ends a moment after posting it.
+    ending = threading.Timer(1.0, os._exit, args=(0,))
+    ending.daemon = True
+    ending.start()
     return 0
 
 
@@ -136,10 +173,11 @@ def _run(config: Config, fresh: bool, ranks: Ranks) -> int:
 
 
 def _end_with_launcher() -> None:
-    """A rank ends when torchrun's agent, its parent, dies (SIGKILL'd, or the OOM
-    killer): torchrun puts each rank in a session of its own, so nothing else would
-    stop it, and it would hold its state folder and port against the restarted ones.
-    What it acknowledged is in its log. (Linux; elsewhere nothing.)"""
+    """A rank ends when its parent dies: the forkserver it was forked from, which ends
+    with torchrun's agent (SIGKILL'd, or the OOM killer). A rank has a session of its
+    own, so nothing else would stop it, and it would hold its state folder and port
+    against the restarted ones. What it acknowledged is in its log. (Linux; elsewhere
+    nothing.)"""
     import ctypes
     import sys
     if not sys.platform.startswith("linux"):
