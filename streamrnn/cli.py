@@ -239,6 +239,9 @@ def _add_bench_e2e(modes) -> None:
     p.add_argument("--nproc", default="1", metavar="N,M", help="comma-separated numbers "
                    "of ranks to measure in turn (serve --nproc; the first wal mode), e.g. "
                    "1,2: the cost of the collectives, and each one's time per update (1)")
+    p.add_argument("--chunk", type=_positive_int, default=1024, metavar="TOKENS",
+                   help="tokens per message; small ones (e.g. 16) measure how many "
+                   "messages a second the daemon acknowledges while it trains (1024)")
     p.set_defaults(run=_bench_e2e)
 
 
@@ -560,7 +563,8 @@ def _bench_e2e(args) -> int:
                   "such as 1,2", file=sys.stderr)
             return 2
         bench_e2e.run(config, args.streams, args.producers, args.seconds, args.json,
-                      wal_modes=tuple(args.wal_modes.split(",")), nprocs=nprocs)
+                      wal_modes=tuple(args.wal_modes.split(",")), nprocs=nprocs,
+                      chunk=args.chunk)
     return 0
 
 

@@ -79,7 +79,8 @@ def test_bench_writes_json_with_ratios(tmp_path):
 def test_bench_e2e_reports_daemon_next_to_engine(tmp_path):
     path = tmp_path / "e2e.json"
     out = streamrnn("bench", "e2e", "--seconds", "2", "--streams", "4", "--producers", "2",
-                    "--set", "model.hidden_size=32", "--json", str(path), timeout=300)
+                    "--chunk", "64", "--set", "model.hidden_size=32", "--json", str(path),
+                    timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(path.read_text())
     assert result["engine_tokens_per_s"] > 0 and result["daemon"]["tokens_per_s"] > 0
@@ -89,6 +90,10 @@ def test_bench_e2e_reports_daemon_next_to_engine(tmp_path):
     assert daemon["cpu_vs_engine"] == pytest.approx(
         result["engine_cpu_seconds_per_token"] / daemon["cpu_seconds_per_token"])
     assert 0 < daemon["update_share"] <= 1.01  # of the wall time
+    # messages of 64 tokens (shorter where a stream wraps around its text)
+    assert result["tokens_per_message"] == 64
+    assert 0 < daemon["tokens_acked"] <= 64 * daemon["ack_latency_s"]["count"]
+    assert daemon["acks_per_s"] > 0 and "a second)" in out.stdout
     assert "CPU us/token" in out.stdout and "wal fsync" in out.stdout
 
 

@@ -10,7 +10,9 @@ daemon's own CPU seconds per trained token (its process_cpu_seconds_total) again
 engine's in-process CPU seconds per token, and the share of the daemon's wall time
 spent in updates (streamrnn_update_duration_seconds) and outside them (decoding,
 logging, replies, housekeeping, waiting). The CPU ratio holds on a busy machine: the
-daemon's goal is >= 0.9, within 10% of the engine. Plus the producers' ack latency.
+daemon's goal is >= 0.9, within 10% of the engine. Plus the producers' ack latency,
+and the messages acknowledged per second (with small messages, `--chunk 16`, the
+daemon's intake while it trains).
 3. `--nproc 1,2`: the same daemon as N ranks (serve --nproc N), the producers routing
    each stream to its rank. Reported beside tokens/s: each rank's time per update in
    the two all-reduces (streamrnn_collective_seconds: agree and gradients). On one
@@ -29,14 +31,15 @@ from .textdata import text_streams
 
 def run(base: Config, num_streams: int, num_producers: int, seconds: float,
         json_path: str | None, echo=print, wal_modes: tuple[str, ...] = ("fsync",),
-        nprocs: tuple[int, ...] = (1,)) -> dict:
+        nprocs: tuple[int, ...] = (1,), chunk: int = 1024) -> dict:
     from .bench_engine import _engine, machine_info
     from ..core.learner import resolve_device
     config = widened(base, num_streams)
     device = resolve_device(config.train.device)
     data = text_streams(num_streams, int(max(200_000, 40_000 * seconds)))
     echo(f"# streamrnn bench e2e on {machine_info(device)['device']}: {num_streams} "
-         f"streams, {num_producers} producer processes, {seconds:g} s each")
+         f"streams, {num_producers} producer processes, {seconds:g} s each, {chunk} "
+         "tokens a message")
     tokens, elapsed, _, engine_cpu = _engine(config, data, device, seconds)
     engine_tps = tokens / elapsed
     engine_cpu_per_token = engine_cpu / max(1, tokens)
@@ -45,7 +48,7 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
     daemons = {}
     for mode in wal_modes:  # the same daemon with each write-ahead-log mode, in turn
         daemon = daemons[mode] = _measure_daemon(config, data, num_producers, seconds,
-                                                 (f"wal.mode={mode}",))
+                                                 (f"wal.mode={mode}",), chunk=chunk)
         _report(echo, f"daemon, wal {mode:6s}", daemon, engine_tps, engine_cpu_per_token)
     by_nproc = {}
     for nproc in nprocs:  # the first wal mode, as N ranks
@@ -53,7 +56,8 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
             by_nproc[1] = daemons[wal_modes[0]]
             continue
         daemon = by_nproc[nproc] = _measure_daemon(
-            config, data, num_producers, seconds, (f"wal.mode={wal_modes[0]}",), nproc)
+            config, data, num_producers, seconds, (f"wal.mode={wal_modes[0]}",), nproc,
+            chunk)
         _report(echo, f"daemon, {nproc} ranks  ", daemon, engine_tps, engine_cpu_per_token)
     for nproc, daemon in by_nproc.items():
         one = by_nproc.get(1)
@@ -65,7 +69,7 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
                  f"{daemon['gradients_ms_per_update']:.2f} ms of "
                  f"{daemon['update_ms']:.2f} ms")
     result = {"info": machine_info(device), "streams": num_streams,
-              "producers": num_producers, "seconds": seconds,
+              "producers": num_producers, "seconds": seconds, "tokens_per_message": chunk,
               "engine_tokens_per_s": engine_tps,
               "engine_cpu_seconds_per_token": engine_cpu_per_token,
               "daemon": daemons[wal_modes[0]],
@@ -86,11 +90,13 @@ def _report(echo, label: str, daemon: dict, engine_tps: float,
          f"engine's efficiency ({daemon['vs_engine']:.2f}x its tokens/s); in updates "
          f"{daemon['update_share']:.0%} of the time, outside "
          f"{1 - daemon['update_share']:.0%}; ack latency p50 {lat['p50'] * 1e3:.1f} "
-         f"ms, p99 {lat['p99'] * 1e3:.1f} ms over {lat['count']:,} acks")
+         f"ms, p99 {lat['p99'] * 1e3:.1f} ms over {lat['count']:,} acks "
+         f"({daemon['acks_per_s']:,.0f} a second)")
 
 
 def _measure_daemon(config: Config, data: list[bytes], num_producers: int, seconds: float,
-                    extra_settings: tuple[str, ...], nproc: int = 1) -> dict:
+                    extra_settings: tuple[str, ...], nproc: int = 1,
+                    chunk: int = 1024) -> dict:
     metrics_port = free_port(nproc)  # rank r serves on metrics_port + r
     settings = [f"metrics.port={metrics_port}", *extra_settings]
     scrape = lambda: [_daemon_counters(f"http://127.0.0.1:{metrics_port + r}/metrics")
@@ -102,7 +108,7 @@ def _measure_daemon(config: Config, data: list[bytes], num_producers: int, secon
         results = context.Queue()
         shares = [list(range(i, len(data), num_producers)) for i in range(num_producers)]
         workers = [context.Process(target=_produce, args=(
-            endpoint, {f"s{j}": data[j] for j in share}, seconds + 5, results))
+            endpoint, {f"s{j}": data[j] for j in share}, seconds + 5, chunk, results))
             for share in shares if share]
         for w in workers:
             w.start()
@@ -130,25 +136,30 @@ def _measure_daemon(config: Config, data: list[bytes], num_producers: int, secon
             "gradients_ms_per_update": 1e3 * mean("gradients") / updates,
             "tokens_acked": sum(r["acked"] for r in reports),
             "busy_replies": sum(r["busy"] for r in reports),
+            # every producer's acks over its sending time, summed
+            "acks_per_s": sum(len(r["latencies"]) / r["elapsed"] for r in reports),
             "ack_latency_s": latency_summary(latencies)}
 
 
-def _produce(endpoint: str, streams: dict[str, bytes], seconds: float, results) -> None:
+def _produce(endpoint: str, streams: dict[str, bytes], seconds: float, chunk: int,
+             results) -> None:
     """One producer process: send its streams round-robin for `seconds` (wrapping around
     their text, so none runs dry), then report."""
     from ..client import Producer, Unreachable
-    stop = time.monotonic() + seconds
+    started = time.monotonic()
+    stop = started + seconds
     # a daemon that took a big backlog before it knew its training rate answers busy for
     # longer than the window measured: then this producer stops early (the daemon
     # trains what it holds meanwhile, which is what is measured)
     with Producer(endpoint, retry_seconds=seconds, keep_latencies=True) as producer:
         try:
-            round_robin(producer, streams, 1024, go_on=lambda: time.monotonic() < stop,
+            round_robin(producer, streams, chunk, go_on=lambda: time.monotonic() < stop,
                         wrap=True)
             producer.flush(timeout=60)  # the window is over: the tail adds ack latencies
         except Unreachable:
             pass
         results.put({"acked": producer.stats.tokens_acked, "busy": producer.stats.busy,
+                     "elapsed": time.monotonic() - started,
                      "unacked": producer.unacked, "latencies": producer.stats.ack_latencies})
 
 
