@@ -438,6 +438,35 @@ def test_a_rank_whose_disk_fills_pauses_the_cluster_then_it_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_ranks_end_when_their_launcher_is_killed(tmp_path):
+    """SIGKILL to torchrun's launcher alone (the OOM killer, say): its ranks must end
+    too, not hold the state folder and the ports against the next start, which then
+    recovers what they acknowledged."""
+    import time
+    from harness import _alive
+    settings = [f"checkpoint.dir={tmp_path / 'state'}"]
+    cluster = ClusterProcess(tmp_path, settings).start()
+    ranks = cluster.rank_pids()
+    assert len(ranks) == 2, ranks
+    streams = streams_on_both(2)
+    for stream in streams:
+        assert send(cluster, stream, 0, TEXT[:300])["type"] == "ack"
+    os.kill(cluster.proc.pid, signal.SIGKILL)
+    cluster.proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in ranks):
+        assert time.monotonic() < deadline, "the ranks outlived their launcher"
+        time.sleep(0.1)
+    again = ClusterProcess(tmp_path, settings)
+    again.port, again.endpoints = cluster.port, cluster.endpoints  # the same ports, free
+    again.overrides = cluster.overrides
+    again.start()
+    for stream in streams:
+        assert again.ask(owner(stream, 2), {"type": "position", "stream": stream}
+                         )["next_offset"] == 300
+    assert again.stop() == 0
+
+
 def test_a_hung_rank_times_out_and_torchrun_restarts_every_rank(tmp_path):
     """Rank 1's loop stops forever: rank 0's next collective fails after
     cluster.timeout_seconds, torchrun stops both (the hung one killed after

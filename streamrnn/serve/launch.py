@@ -103,6 +103,13 @@ def _rank(serve_args: list[str]) -> int:
     which torchrun reports; returning is success."""
     os.setsid()  # as torchrun starts a command: a terminal's Ctrl-C reaches the agent
     #              alone, which passes SIGTERM on (a rank signalled twice stops at once)
+    # multiprocessing hands every forked process the write end of the pipe that keeps
+    # the forkserver alive; a rank that kept it would keep the forkserver, its parent,
+    # alive after the agent died, and so itself (_end_with_launcher): let it go
+    from multiprocessing import forkserver
+    alive = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_alive_fd", None)
+    if alive is not None:
+        os.close(alive)
     sys.stdout.reconfigure(line_buffering=True)  # its lines as they come (python -u)
     sys.stderr.reconfigure(line_buffering=True)
     from ..cli import main
