@@ -84,6 +84,10 @@ class SummingThreads:
                 first, second = pair.exchange(rank, list(values))
                 return [a + b for a, b in zip(first, second)]
 
+            def zero_gradients(self, params):
+                for p in params:  # fresh gradients from backward: this sum copies them
+                    p.grad = None
+
             def sum_gradients(self, params, loss):
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p)
                          for p in params]

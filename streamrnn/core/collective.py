@@ -40,6 +40,10 @@ class Ranks:
         # gradient sum is launched, not waited for: that is host time
         self.timer: Callable[[], float] | None = None
         self.observe: Callable[[str, float], None] = lambda kind, seconds: None
+        # every gradient, then the loss, in one buffer that the all-reduce sums in place
+        self._flat: torch.Tensor | None = None
+        self._flat_params: list[torch.Tensor] = []
+        self._flat_views: list[int] = []  # where each gradient must be (data_ptr)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], cluster: ClusterConfig,
@@ -93,20 +97,38 @@ class Ranks:
         dist.all_gather_object(values, value, group=self.control)
         return values
 
+    def zero_gradients(self, params: list[torch.Tensor]) -> None:
+        """Before a backward pass of several ranks: every parameter's gradient becomes
+        zeros, a view into one flat buffer, which backward adds into in place, so the
+        all-reduce of sum_gradients needs no copy (of every gradient, every update)."""
+        if self._flat is None or len(params) != len(self._flat_params) or any(
+                p is not q for p, q in zip(params, self._flat_params)):
+            self._flat = torch.zeros(sum(p.numel() for p in params) + 1,
+                                     dtype=params[0].dtype, device=params[0].device)
+            self._flat_params, offset = list(params), 0
+            for p in params:
+                p.grad = self._flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            self._flat_views = [p.grad.data_ptr() for p in params]
+            return
+        self._flat.zero_()
+
     def sum_gradients(self, params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
         """Replace every parameter's gradient by its sum over the ranks, in one flat
-        all-reduce that also sums `loss` (a scalar); returns the summed loss. A missing
-        gradient counts as zeros."""
+        all-reduce that also sums `loss` (a scalar); returns the summed loss. The
+        gradients are the views zero_gradients made (a rank with nothing to train
+        adds its zeros)."""
         if not self.distributed:
             return loss
         started = self._now()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
+        # backward adds into a gradient that is there, in place; a gradient that is
+        # anywhere else would be left out of the sum, silently: refuse (host-side check)
+        if [p.grad.data_ptr() if p.grad is not None else 0 for p in params] != \
+                self._flat_views or len(params) != len(self._flat_params):
+            raise RuntimeError("the gradients are not the views zero_gradients made")
+        flat = self._flat
+        flat[-1] = loss.detach()
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p)  # a view: no copy
-            offset += g.numel()
         self._took("gradients", started)
         return flat[-1]
 

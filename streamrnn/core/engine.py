@@ -54,13 +54,16 @@ class Engine:
         With several ranks, the loss is divided by `num_targets`, the targets of every
         rank's batch, and the gradients are summed over the ranks before the step; a
         rank with nothing to train passes batch None and adds zeros."""
-        self.optimizer.zero_grad()
+        params = list(self.model.parameters())
+        if self.ranks.distributed:
+            self.ranks.zero_gradients(params)  # views into the all-reduce's buffer
+        else:
+            self.optimizer.zero_grad()
         if batch is None:
             total_ce, at_p, slots = torch.zeros((), device=self.device), None, None
         else:
             total_ce, at_p, slots = self._forward(batch, pools)
             (total_ce / (num_targets or batch.num_targets)).backward()
-        params = list(self.model.parameters())
         if self.ranks.distributed:
             summed_ce = self.ranks.sum_gradients(params, total_ce.detach())
         else:

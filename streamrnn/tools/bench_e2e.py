@@ -64,7 +64,9 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
         daemon["vs_one_rank"] = (daemon["tokens_per_s"] / one["tokens_per_s"]
                                  if one and one["tokens_per_s"] else None)
         if nproc > 1:
-            echo(f"{nproc} ranks: {daemon['vs_one_rank'] or 0:.2f}x the tokens/s of one; "
+            versus = (f"{daemon['vs_one_rank']:.2f}x the tokens/s of one; "
+                      if daemon["vs_one_rank"] else "")  # (one rank measured too: 1,N)
+            echo(f"{nproc} ranks: {versus}"
                  f"per update, agree {daemon['agree_ms_per_update']:.2f} ms, gradient sum "
                  f"{daemon['gradients_ms_per_update']:.2f} ms of "
                  f"{daemon['update_ms']:.2f} ms")
