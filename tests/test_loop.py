@@ -271,3 +271,18 @@ def test_the_training_rate_keeps_its_sums_as_a_walk_would_find_them():
         assert targets == sum(k[1] for k in kept)
         assert bits == pytest.approx(sum(k[2] for k in kept), rel=1e-9, abs=1e-6)
         assert seconds == pytest.approx(sum(k[3] for k in kept), rel=1e-9, abs=1e-9)
+
+
+def test_status_computes_the_weights_checksum_once_per_update(make_daemon, monkeypatch):
+    from streamrnn.core.collective import weights_checksum
+    from streamrnn.serve import handlers
+    computed = []
+    monkeypatch.setattr(handlers, "weights_checksum",
+                        lambda params: computed.append(1) or weights_checksum(params))
+    d, clock, c = make_daemon()
+    first = [ask(d, c, {"type": "status"})["weights_checksum"] for _ in range(3)]
+    assert len(set(first)) == 1 and len(computed) == 1
+    ask(d, c, tokens("s", 0, range(9)))  # two updates change the weights
+    after = ask(d, c, {"type": "status"})["weights_checksum"]
+    assert len(computed) == 2 and after != first[0]
+    assert after == weights_checksum(list(d.learner.model.parameters()))

@@ -29,9 +29,11 @@ import traceback
 
 
 def main(path: str) -> None:
-    import torch  # noqa: F401  what every child would import first
-    import torch.distributed.run  # noqa: F401  serve --nproc: the launcher's
-    import streamrnn.serve.launch  # noqa: F401  the daemon, its loop and recovery
+    import importlib
+    # what every child would import first: torch, the launcher's torchrun (serve
+    # --nproc), the daemon with its loop and recovery
+    for module in ("torch", "torch.distributed.run", "streamrnn.serve.launch"):
+        importlib.import_module(module)
     from streamrnn import cli
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

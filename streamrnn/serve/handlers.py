@@ -121,6 +121,7 @@ class Handlers:
         self.started = clock()
         self.activity = Activity()
         self.rate = Rate()
+        self.checksum: tuple[int, int] | None = None  # (update count, weights checksum)
         # streams whose last answer was busy, at which offset: the messages a producer
         # had sent after that one are answered busy too, not as gaps (they are no
         # fault); at most ingest.max_streams, the oldest forgotten first
@@ -299,9 +300,12 @@ class Handlers:
 
     def _on_status(self, r: wire.Request) -> dict:
         # equal on every rank of a cluster (one model). Note: a device sync, and a copy
-        # of the weights: asked for, never computed by the loop itself
-        checksum = weights_checksum(list(self.learner.model.parameters()))
-        return {"type": "status", **self.status(), "weights_checksum": checksum}
+        # of the weights as int64: once per update count (only an update changes them
+        # once requests are answered), for however many status requests come
+        updates = self.learner.updates
+        if self.checksum is None or self.checksum[0] != updates:
+            self.checksum = (updates, weights_checksum(list(self.learner.model.parameters())))
+        return {"type": "status", **self.status(), "weights_checksum": self.checksum[1]}
 
     def status(self) -> dict:
         learner, c = self.learner, self.config
