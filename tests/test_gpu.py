@@ -110,3 +110,21 @@ def test_cuda_state_resumes_on_cpu():
     cpu.load_state_dict(state)
     assert cpu.streams.next_offset("s") == 100
     assert torch.allclose(cpu.predict("s"), learner.predict("s"), atol=1e-4)
+
+
+def _train_on_cuda() -> int:
+    learner = streamrnn.Learner(streamrnn.load_config(overrides=[
+        f"model.vocab_size={VOCAB}", f"model.hidden_size={HIDDEN}", "train.device=cuda"]))
+    return learner.learn("s", np.arange(200) % VOCAB).updates
+
+
+def test_a_process_forked_from_the_forkserver_trains_on_cuda():
+    """`serve --nproc` forks its ranks from a forkserver that imported torch and the
+    engine (serve/launch.py), not from fresh interpreters: CUDA must initialise in
+    such a child. (The forkserver is a fresh process: whatever this one did with CUDA
+    does not reach it.)"""
+    import multiprocessing
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "streamrnn.core.learner"])
+    with context.Pool(1) as pool:
+        assert pool.apply(_train_on_cuda) > 0
