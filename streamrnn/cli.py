@@ -424,10 +424,8 @@ def _serve(args) -> int:
               "where the machines meet, go together", file=sys.stderr)
         return 2
     if args.nproc > 1 or args.nnodes > 1:
-        serve_args = (["--config", args.config] if args.config else []) + \
-            [item for override in args.overrides for item in ("--set", override)] + \
-            (["--fresh"] if args.fresh else [])
-        return launch.launch(args.nproc, args.max_restarts, config.cluster, serve_args,
+        return launch.launch(args.nproc, args.max_restarts, config.cluster,
+                             (args.config, args.overrides, args.fresh),
                              nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint)
     return launch.serve(config, fresh=args.fresh)
 

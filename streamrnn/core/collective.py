@@ -124,7 +124,7 @@ class Ranks:
         # backward adds into a gradient that is there, in place; a gradient that is
         # anywhere else would be left out of the sum, silently: refuse (host-side check)
         if [p.grad.data_ptr() if p.grad is not None else 0 for p in params] != \
-                self._flat_views or len(params) != len(self._flat_params):
+                self._flat_views:
             raise RuntimeError("the gradients are not the views zero_gradients made")
         flat = self._flat
         flat[-1] = loss.detach()

@@ -30,7 +30,7 @@ import prometheus_client
 import torch
 import torch.distributed
 
-from ..config import ClusterConfig, Config, ConfigError, StartupError
+from ..config import ClusterConfig, Config, ConfigError, StartupError, load_config
 from ..core.collective import Ranks
 from ..core.learner import resolve_device
 from ..keys import KeyError_
@@ -40,17 +40,19 @@ from .daemon import Daemon
 from .journal import IncompatibleState
 
 
-def launch(nproc: int, max_restarts: int, cluster: ClusterConfig, serve_args: list[str],
+def launch(nproc: int, max_restarts: int, cluster: ClusterConfig,
+           serve_args: tuple[str | None, list[str], bool],
            nnodes: int = 1, rdzv_endpoint: str | None = None) -> int:
-    """Run `streamrnn serve SERVE_ARGS` as `nproc` ranks on this machine, of `nnodes`
-    machines that meet at `rdzv_endpoint`; the exit status to return."""
+    """Run `streamrnn serve` as `nproc` ranks on this machine, of `nnodes` machines that
+    meet at `rdzv_endpoint`; the exit status to return. `serve_args`: the config file,
+    the overrides and --fresh, which every rank loads at each (re)start."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
 
-    if "--fresh" in serve_args:  # once for this launch, not at every restart
+    if serve_args[2]:  # --fresh: once for this launch, not at every restart
         os.environ["STREAMRNN_FRESH_ID"] = uuid.uuid4().hex  # (recovery.py)
     where = ["--standalone"]
     if nnodes > 1:
@@ -78,7 +80,7 @@ def launch(nproc: int, max_restarts: int, cluster: ClusterConfig, serve_args: li
     config, _, _ = torchrun.config_from_args(args)  # (sets OMP_NUM_THREADS=1 if unset)
     multiprocessing.set_forkserver_preload([__name__])  # torch, the daemon, this file
     try:
-        elastic_launch(config, entrypoint=_rank)(serve_args)
+        elastic_launch(config, entrypoint=_rank)(*serve_args)
     except SignalException:
         return 0  # SIGTERM/SIGINT: the ranks were told and made their final checkpoints
     except ChildFailedError as e:
@@ -97,10 +99,10 @@ def launch(nproc: int, max_restarts: int, cluster: ClusterConfig, serve_args: li
     return 0
 
 
-def _rank(serve_args: list[str]) -> int:
-    """A rank: `streamrnn serve SERVE_ARGS` in a process torchrun forked (its
-    environment says which rank). A failure ends the process with its exit status,
-    which torchrun reports; returning is success."""
+def _rank(config_file: str | None, overrides: list[str], fresh: bool) -> int:
+    """A rank: `streamrnn serve` in a process torchrun forked (its environment says
+    which rank), on the config as the file and overrides give it now. A failure ends the
+    process with its exit status, which torchrun reports; returning is success."""
     os.setsid()  # as torchrun starts a command: a terminal's Ctrl-C reaches the agent
     #              alone, which passes SIGTERM on (a rank signalled twice stops at once)
     # multiprocessing hands every forked process the write end of the pipe that keeps
@@ -112,8 +114,11 @@ def _rank(serve_args: list[str]) -> int:
         os.close(alive)
     sys.stdout.reconfigure(line_buffering=True)  # its lines as they come (python -u)
     sys.stderr.reconfigure(line_buffering=True)
-    from ..cli import main
-    code = main(["serve", *serve_args])
+    try:
+        code = serve(load_config(config_file, overrides), fresh)
+    except ConfigError as e:  # the file changed into a bad one before a restart
+        print(f"streamrnn: config error: {e}", file=sys.stderr)
+        code = 2
     sys.stdout.flush()
     sys.stderr.flush()
     if code:
