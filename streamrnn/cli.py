@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streamrnn",
         description="Learn recurrent language models online from live token streams.")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for add in (_add_serve, _add_checkpoint, _add_feed, _add_status, _add_keys, _add_demo,
-                _add_bench, _add_config):
+    for add in (_add_serve, _add_checkpoint, _add_feed, _add_status, _add_watch, _add_keys,
+                _add_demo, _add_bench, _add_config):
         add(sub)
     return parser
 
@@ -155,6 +155,40 @@ def _add_status(sub) -> None:
     p.add_argument("--timeout", type=float, default=5, help="seconds to wait for an "
                    "answer (5)")
     p.set_defaults(run=_status)
+
+
+def _add_watch(sub) -> None:
+    p = sub.add_parser("watch", help="print the lines the model did not expect, as they "
+                       "are trained", description="Subscribe to the daemon's score feed "
+                       "(every rank's, found from the ingest endpoint) and print each line "
+                       "that surprised the model: by default the lines that score at least "
+                       "0.999, their rank among their stream's recent lines by bits per "
+                       "token. On a terminal, the surprising bytes are highlighted. Runs "
+                       "until Ctrl-C; reconnects by itself when the daemon restarts (lines "
+                       "it replays may come again: the same stream, line and offset).")
+    _endpoint_option(p)
+    p.add_argument("--scores-endpoint", action="append", default=[], metavar="E",
+                   help="the score feed itself (repeat for every rank), instead of asking "
+                   "the daemon at --endpoint")
+    p.add_argument("--stream", action="append", default=[], metavar="S",
+                   help="this stream only (repeat for several; default: every stream)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="every line")
+    which.add_argument("--above", type=float, metavar="BITS_PER_TOKEN",
+                       help="the lines above this many bits per token")
+    which.add_argument("--top-quantile", type=_quantile, default=0.999, metavar="Q",
+                       help="the lines scoring at least Q, in 0 .. 1 (0.999)")
+    _json_flag(p, "one JSON object per line record (stream, line, offset, tokens, bits, "
+               "bits_per_token, score, complete, worst, text, token_bits, seq, run, "
+               "missed, restarted)")
+    p.set_defaults(run=_watch)
+
+
+def _quantile(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in 0 .. 1")
+    return value
 
 
 def _add_keys(sub) -> None:
@@ -513,6 +547,13 @@ def _status(args) -> int:
     else:
         print(format_status(status))
     return 0
+
+
+def _watch(args) -> int:
+    from . import watch
+    return watch.run(args.endpoint, args.scores_endpoint, args.stream, args.all,
+                     args.above, args.top_quantile, args.json,
+                     (args.server_key, args.client_key))
 
 
 def _cluster_status(cluster: dict, as_json: bool) -> int:

@@ -16,6 +16,9 @@ request and keeps a socket to every rank: a stream's messages and requests go to
 rank that owns it (routing.py). A `moved` nack (the cluster restarted with another
 layout) makes it learn the topology again and send the stream's unacked messages to
 the new owner; a single daemon is a cluster of one, on the one socket.
+
+What the model made of the streams comes back on the score feed: `Scores` (from
+subscriber.py) iterates over its records.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import zmq
 
 from .keys import secure_client
 from .routing import Links, Topology, cluster_totals, one_process, parse_topology
+from .subscriber import Scores, score_endpoints  # noqa: F401 (the score feed's reader)
 from .wire import encode_tokens, pack, token_array
 
 DEFAULT_WINDOW = 64  # unacknowledged messages in flight (the daemon's queues allow for it)

@@ -280,6 +280,51 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ScoresConfig:
+    endpoint: str = _opt("tcp://127.0.0.1:5600", "the score feed: a ZeroMQ PUB endpoint "
+                         "(XPUB) the daemon binds, publishing how surprising each line and "
+                         "token of a watched stream was (streamrnn watch); several ranks: "
+                         "port + rank. Loopback by default; CURVE when the ingest has it. "
+                         "Empty: no feed")
+    line_token: int = _opt(-1, "the token that ends a line (-1: newline, 10, for a byte "
+                           "vocabulary, vocab_size 256; no line records for other "
+                           "vocabularies unless set)")
+    recent_lines: int = _opt(1000, "a line's score is its rank (0 .. 1) among this many "
+                             "recent lines of its stream, by bits per token")
+    warmup_lines: int = _opt(100, "lines a stream's subscribers have seen scored before "
+                             "any of its lines gets a score above 0")
+    alert_quantile: float = _opt(0.999, "lines scoring at least this count in "
+                                 "streamrnn_surprising_lines_total (and are what streamrnn "
+                                 "watch shows by default)")
+    send_queue: int = _opt(10000, "records queued per subscriber; past it they are dropped "
+                           "(streamrnn_scores_dropped_total), never waited for")
+    all_streams: bool = _opt(False, "score every stream's lines, watched or not (the line "
+                             "metrics then cover all streams; costs a little per update)")
+
+    def check(self) -> None:
+        if self.endpoint:
+            problem = endpoint_problem(self.endpoint, bind=True)
+            if problem:
+                raise ConfigError(f"scores.endpoint = {self.endpoint!r}: {problem} (or "
+                                  "empty for no score feed)")
+        if self.line_token < -1:
+            raise ConfigError(f"scores.line_token = {self.line_token} must be a token id, "
+                              "or -1 for newline in a byte vocabulary")
+        _positive(self, "recent_lines", "send_queue")
+        if self.warmup_lines < 0:
+            raise ConfigError(f"scores.warmup_lines = {self.warmup_lines} must be >= 0")
+        if not 0 < self.alert_quantile <= 1:
+            raise ConfigError(f"scores.alert_quantile = {self.alert_quantile} must be in "
+                              "(0, 1]")
+
+    def resolved_line_token(self, vocab_size: int) -> int:
+        """The token that ends a line, or -1 for none."""
+        if self.line_token >= 0:
+            return self.line_token if self.line_token < vocab_size else -1
+        return 10 if vocab_size == 256 else -1
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -289,6 +334,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wal: WalConfig = field(default_factory=WalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -446,6 +492,10 @@ def _build(values: dict[str, dict[str, Any]]) -> Config:
     sections = {name: cls(**values[name]) for name, cls in _sections().items()}
     for section in sections.values():
         section.check()
+    vocab, line_token = sections["model"].vocab_size, sections["scores"].line_token
+    if line_token >= vocab:
+        raise ConfigError(f"scores.line_token = {line_token} must be < model.vocab_size = "
+                          f"{vocab}: it is a token")
     return Config(**sections)
 
 

@@ -19,7 +19,8 @@ from streamrnn.keygroups import owner
 # shape, several layers with skip connections)
 TINY = ["model.hidden_size=16", "model.embed_dim=8", "model.num_layers=1",
         "model.skip=false", "train.k1=4", "train.k2=8",
-        "train.device=cpu", "train.cpu_threads=1", "log.format=json", "log.summary_seconds=0"]
+        "train.device=cpu", "train.cpu_threads=1", "log.format=json", "log.summary_seconds=0",
+        "scores.endpoint=tcp://127.0.0.1:*"]  # a free port: tests run side by side
 
 
 # the durability and cluster tests train tens of thousands of tokens each, many of them

@@ -58,6 +58,9 @@ class ReferenceTBPTT:
         self.start: dict[str, int] = {}       # s: position of the stored state
         self.start_state: dict[str, list] = {}  # per layer: tuple of (hidden,) tensors
         self.step_bits: list[float] = []
+        # (stream, offset) -> (bits, most likely token, its probability) of each target,
+        # under the weights before the update that trained it
+        self.target_scores: dict[tuple[str, int], tuple[float, int, float]] = {}
 
     def zero_state(self):
         return [tuple(torch.zeros(self.hidden, dtype=torch.float64)
@@ -117,7 +120,11 @@ class ReferenceTBPTT:
                     next_states[sid] = [tuple(v.detach() for v in ls) for ls in state]
                 if t >= e - n:  # the newest n targets carry the loss
                     logits = out @ self.params["head.weight"].T + self.params["head.bias"]
-                    total_loss = total_loss - torch.log_softmax(logits, -1)[x[t + 1]]
+                    log_p = torch.log_softmax(logits, -1)
+                    total_loss = total_loss - log_p[x[t + 1]]
+                    self.target_scores[(sid, t + 1)] = (
+                        -log_p[x[t + 1]].item() / math.log(2), int(log_p.argmax()),
+                        log_p.max().exp().item())
                     num_targets += 1
             self.trained[sid], self.start[sid] = e, next_start
         self.step_bits.append(total_loss.item() / math.log(2))

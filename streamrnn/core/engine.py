@@ -46,11 +46,13 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def step(self, batch: Batch | None, pools: State,
-             num_targets: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, batch: Batch | None, pools: State, num_targets: int | None = None,
+             score: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Train one batch; returns the summed cross-entropy (nats) of its targets,
         computed before the weights changed, and 1.0 if the step was skipped (the loss
-        or the gradient was not finite) else 0.0: device scalars, no host sync.
+        or the gradient was not finite) else 0.0: device scalars, no host sync. With
+        `score`, also each target's scores from the same logits (see `target_scores`),
+        else None.
         With several ranks, the loss is divided by `num_targets`, the targets of every
         rank's batch, and the gradients are summed over the ranks before the step; a
         rank with nothing to train passes batch None and adds zeros."""
@@ -59,10 +61,11 @@ class Engine:
             self.ranks.zero_gradients(params)  # views into the all-reduce's buffer
         else:
             self.optimizer.zero_grad()
+        scores = None
         if batch is None:
             total_ce, at_p, slots = torch.zeros((), device=self.device), None, None
         else:
-            total_ce, at_p, slots = self._forward(batch, pools)
+            total_ce, at_p, slots, scores = self._forward(batch, pools, score)
             (total_ce / (num_targets or batch.num_targets)).backward()
         if self.ranks.distributed:
             summed_ce = self.ranks.sum_gradients(params, total_ce.detach())
@@ -85,11 +88,11 @@ class Engine:
                     # forward) would stay in its stream for good: it starts from zeros
                     pool[:, slots] = torch.nan_to_num(state, nan=0.0, posinf=0.0,
                                                       neginf=0.0).to(pool.dtype)
-        return total_ce.detach(), skipped
+        return total_ce.detach(), skipped, scores
 
-    def _forward(self, batch: Batch, pools: State):
-        """The summed cross-entropy of the batch's targets, the next start states, and
-        the batch's pool slots on the device."""
+    def _forward(self, batch: Batch, pools: State, score: bool = False):
+        """The summed cross-entropy of the batch's targets, the next start states, the
+        batch's pool slots on the device, and the targets' scores if asked for."""
         g = batch.geometry
         rows_a, rows_b, loss_rows, token_index = self._geometry_on_device(g)
         slots, windows = self._upload(batch.slots, batch.windows)
@@ -117,7 +120,8 @@ class Engine:
             logits = self.model.head(_loss_rows(outputs, g, loss_rows))  # (targets, vocab)
         if logits.dtype == torch.bfloat16:
             logits = logits.float()  # the loss in float32 even under bf16 autocast
-        return F.cross_entropy(logits, targets, reduction="sum"), at_p, slots
+        scores = target_scores(logits.detach(), targets) if score else None
+        return F.cross_entropy(logits, targets, reduction="sum"), at_p, slots, scores
 
     def _segment(self, tokens: torch.Tensor, lengths: np.ndarray, state: State):
         """Run the recurrent layers over (T, n) tokens from `state`; returns the top
@@ -163,6 +167,19 @@ def _loss_rows(outputs: list[torch.Tensor], g: Geometry, loss_rows: torch.Tensor
                 break
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return y.index_select(0, loss_rows)
+
+
+def target_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(3, targets) float32: each target's bits (-log2 of its probability), the most
+    likely token there, and that token's probability. From the logits the loss came
+    from, apart from it: the loss and its gradient stay exactly what they are without
+    scores, so a watched stream trains (and replays) bit for bit as an unwatched one.
+    Costs one more pass over the (targets, vocab) logits, only when asked."""
+    log_norm = logits.logsumexp(-1)
+    top, expected = logits.max(-1)
+    nats = log_norm - logits.gather(1, targets[:, None])[:, 0]
+    return torch.stack([nats / math.log(2), expected.float(),
+                        (top - log_norm).exp()]).float()
 
 
 def _rows(state: State, rows: torch.Tensor, num_streams: int) -> State:

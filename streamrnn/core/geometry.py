@@ -32,6 +32,7 @@ class Geometry:
     window_length: int        # L: the longest window's inputs and targets, e - s + 1
     token_index: np.ndarray   # (Ta*nA + Tb*nB + targets,) segment A inputs, B inputs and
                               #   targets as flat indices into the (B, L) window block
+    target_stream: np.ndarray  # (targets,) which of the B streams each target is of
     device: dict = field(default_factory=dict)  # engine's cache of device copies
 
 
@@ -51,6 +52,17 @@ class Batch:
     @property
     def num_targets(self) -> int:
         return self.geometry.num_targets
+
+    def targets(self) -> np.ndarray:
+        """(targets,) the target tokens, in the geometry's order (time-major), on the
+        host."""
+        g = self.geometry
+        return np.take(self.windows, g.token_index[len(g.token_index) - g.num_targets:])
+
+    def previous(self) -> np.ndarray:
+        """(targets,) the token before each target (the input that predicts it)."""
+        g = self.geometry
+        return np.take(self.windows, g.token_index[len(g.token_index) - g.num_targets:] - 1)
 
 
 def plan_geometry(a: np.ndarray, b: np.ndarray, n: np.ndarray) -> Geometry:
@@ -87,4 +99,4 @@ def plan_geometry(a: np.ndarray, b: np.ndarray, n: np.ndarray) -> Geometry:
         span = (int(loss_rows[0]), int(loss_rows[0]) + len(loss_rows))
     return Geometry((ta, len(rows_a)), a[rows_a], rows_a, (tb, len(rows_b)), b[rows_b],
                     rows_b, loss_rows, span, int(n.sum()), length,
-                    gather_stream * length + gather_offset)
+                    gather_stream * length + gather_offset, stream)

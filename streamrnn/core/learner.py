@@ -43,12 +43,42 @@ class LearnResult:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """One update's scored targets, for the watched streams among its streams (see
+    Learner.scorer): stream by stream, each stream's targets in order."""
+    streams: list             # (S,) stream ids
+    first_offset: np.ndarray  # (S,) the offset in its stream of each one's first target
+    counts: np.ndarray        # (S,) its targets in this update
+    lines_before: np.ndarray  # (S,) line tokens in the stream before its first target
+    tokens: np.ndarray        # (targets,) the target tokens
+    previous: np.ndarray      # (targets,) the token before each
+    bits: np.ndarray          # (targets,) -log2 p(target), under the weights before
+    expected: np.ndarray      # (targets,) the most likely token there
+    p_expected: np.ndarray    # (targets,) and its probability
+    skipped: bool             # the update's step was skipped (not finite): not trained
+
+
+@dataclass(frozen=True)
+class _Watched:
+    """What an update knew on the host about its watched streams (see Scored)."""
+    scores: torch.Tensor   # (3, targets) on the device: engine.target_scores
+    streams: list
+    first_offset: np.ndarray
+    counts: np.ndarray
+    lines_before: np.ndarray
+    order: np.ndarray      # the watched targets, in Scored's order, among the update's
+    tokens: np.ndarray
+    previous: np.ndarray
+
+
+@dataclass(frozen=True)
 class _Ran:
     """An update whose outcome is still on the device (see Learner.settle)."""
     nats: torch.Tensor     # summed cross-entropy of its targets
     skipped: torch.Tensor  # 1.0 if its step was skipped
     num_targets: int
     streams: np.ndarray  # their StreamTable.serial: rows move when streams are forgotten
+    watched: _Watched | None = None
 
 
 class Learner:
@@ -75,7 +105,8 @@ class Learner:
         self.tuning = train
         self.streams = StreamTable(
             train.k1, train.k2, (config.model.num_layers, config.model.hidden_size),
-            self.model.num_state_tensors, self.device, dtype, train.max_resident_streams)
+            self.model.num_state_tensors, self.device, dtype, train.max_resident_streams,
+            line_token=config.scores.resolved_line_token(config.model.vocab_size))
         self.engine = Engine(self.model, self.optimizer, train.grad_clip, train.precision,
                              self.device, self.ranks)
         # batch width; recovery replays each logged update with the width it ran with
@@ -88,6 +119,10 @@ class Learner:
         self._skipped_updates = 0
         self._unsettled: list[_Ran] = []  # ran, outcome not fetched from the device yet
         self._fetched: list[tuple[_Ran, float, bool]] = []  # fetched, not reported yet
+        # who wants per-target scores (the daemon's score feed): `watched(ids)` says of
+        # which streams (a bool array, or None: none of them), `scored(Scored)` takes
+        # them, update by update in order, at the host sync (settle). None: no scores.
+        self.scorer = None
 
     # ---- learning --------------------------------------------------------------------
     def learn(self, stream_id: StreamId, tokens: Any) -> LearnResult:
@@ -129,12 +164,36 @@ class Learner:
         batch = self.streams.batch(plan) if plan is not None else None
         for group in self.optimizer.param_groups:  # a float per step: no recompile
             group["lr"] = learning_rate(self.tuning, self.updates)
-        nats, skipped = self.engine.step(batch, self.streams.states.tensors, num_targets)
+        watched = self._watched(plan, batch) if batch is not None else None
+        nats, skipped, scores = self.engine.step(batch, self.streams.states.tensors,
+                                                 num_targets, score=watched is not None)
+        if watched is not None:
+            watched = _Watched(scores, *watched)
         serials = self.streams.serial[plan.rows] if plan else np.zeros(0, np.int64)
         if plan is not None:
-            self.streams.commit(plan)  # after the step: one that raised changed nothing
+            # after the step: one that raised changed nothing
+            self.streams.commit(plan, batch)
         self.updates += 1
-        self._unsettled.append(_Ran(nats, skipped, plan.num_targets if plan else 0, serials))
+        self._unsettled.append(_Ran(nats, skipped, plan.num_targets if plan else 0, serials,
+                                    watched))
+
+    def _watched(self, plan: Plan, batch) -> tuple | None:
+        """What the scorer needs of this update's watched streams (all but the scores),
+        or None where none is watched: then nothing more is computed."""
+        if self.scorer is None or not self.scorer.active:
+            return None
+        ids = [self.streams.ids[row] for row in plan.rows.tolist()]
+        mask = self.scorer.watched(ids)
+        if mask is None or not mask.any():
+            return None
+        target_stream = batch.geometry.target_stream
+        order = np.argsort(target_stream, kind="stable")  # stream by stream, in order
+        order = order[mask[target_stream[order]]]
+        rows = plan.rows[mask]
+        return ([sid for sid, m in zip(ids, mask.tolist()) if m],
+                self.streams.trained_end[rows] + 1, plan.n[mask],
+                self.streams.lines[rows].copy(), order, batch.targets()[order],
+                batch.previous()[order])
 
     def settle(self) -> LearnResult:
         """What the updates run since the last settle did (their outcomes fetched from
@@ -162,6 +221,11 @@ class Learner:
             return
         outcomes = torch.stack([torch.stack([r.nats.double(), r.skipped.double()])
                                 for r in ran]).tolist()
+        watched = [r.watched for r in ran if r.watched is not None]
+        if watched:  # the same sync: the device has finished these updates already
+            host = torch.cat([w.scores for w in watched], 1).cpu().numpy()
+            scores = iter(np.split(host, np.cumsum([w.scores.shape[1] for w in watched])[:-1],
+                                   axis=1))
         for r, (nats, skipped) in zip(ran, outcomes):
             if skipped:
                 self._skipped_updates += 1
@@ -169,6 +233,12 @@ class Learner:
                 self._bits += nats_to_bits(nats)
                 self._tokens_trained += r.num_targets
             self._fetched.append((r, nats, bool(skipped)))
+            if r.watched is not None and self.scorer is not None:
+                w, (bits, expected, p_expected) = r.watched, next(scores)
+                self.scorer.scored(Scored(
+                    w.streams, w.first_offset, w.counts, w.lines_before, w.tokens,
+                    w.previous, bits[w.order], expected[w.order].astype(np.int64),
+                    p_expected[w.order], bool(skipped)))
 
     def tune(self, train: TrainConfig) -> None:
         """Run the next updates with these learning settings (rate and schedule, Adam's

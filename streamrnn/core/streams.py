@@ -52,8 +52,13 @@ class Plan:
 class StreamTable:
     def __init__(self, k1: int, k2: int, state_shape: tuple[int, int], num_state_tensors: int,
                  device: torch.device, dtype: torch.dtype, max_resident: int = 1 << 30,
-                 capacity: int = 16):
+                 capacity: int = 16, line_token: int = -1):
         self.k1, self.k2 = k1, k2
+        # lines: `lines` counts the line_token among each stream's trained tokens (its
+        # first token included), so a score record can say which line of its stream a
+        # line is, after a restart too (-1: no lines)
+        self.line_token = line_token
+        self.lines = np.zeros(0, np.int64)
         # the ring holds a window's k2 + 1 tokens plus room for the next few windows;
         # `ring` has ring_width columns and then the copy of the first k2 + 1
         self.ring_width = k2 + 1 + 4 * k1
@@ -230,12 +235,15 @@ class StreamTable:
         self.states.touch(rows)
         return Batch(rows, self.states.slots(rows), windows, geometry)
 
-    def commit(self, plan: Plan) -> None:
+    def commit(self, plan: Plan, batch: Batch | None = None) -> None:
         """The plan's update ran: its targets are trained, its streams' start states are
         at p = max(0, e + k1 - k2). A flush asked for is done once nothing is left, and
         an ended stream is then forgotten. Called after the step, so a step that raises
-        leaves the table where the model is."""
+        leaves the table where the model is. `batch`: the plan's, to count lines by
+        (see line_token)."""
         rows, n = plan.rows, plan.n
+        if self.line_token >= 0 and batch is not None:
+            self.lines[rows] += self.lines_in(plan, batch)
         e = self.trained_end[rows] + n
         self.trained_end[rows] = e
         self.start_pos[rows] = np.maximum(0, e + self.k1 - self.k2)
@@ -248,6 +256,15 @@ class StreamTable:
             self.flushing[done] = False
             self.num_flushed += len(done)
             self._forget([self.ids[row] for row in done if self.ids[row] in self.ended])
+
+    def lines_in(self, plan: Plan, batch: Batch) -> np.ndarray:
+        """(B,) how many line tokens the plan's targets hold, stream by stream (a
+        stream's first update counts its first token too: no target, but a token)."""
+        ends = batch.targets() == self.line_token
+        counts = np.bincount(batch.geometry.target_stream[ends], minlength=len(plan.rows))
+        first = self.trained_end[plan.rows] == 0  # its window starts at offset 0
+        counts[first] += batch.windows[first, 0] == self.line_token
+        return counts
 
     # ---- flushes and streams that end ----------------------------------------------
     def flush(self, stream_ids) -> int:
@@ -291,7 +308,8 @@ class StreamTable:
         if row != last:
             moved = self.ids[last]
             for array in (self.num_tokens, self.trained_end, self.start_pos,
-                          self.last_served, self.flushing, self.serial, self.ring):
+                          self.last_served, self.flushing, self.serial, self.ring,
+                          self.lines):
                 array[row] = array[last]
             if last in self.overflow:
                 self.overflow[row], self.waiting[row] = (self.overflow.pop(last),
@@ -301,7 +319,7 @@ class StreamTable:
             self.row_of[moved] = row
         self.ids.pop()
         for array in (self.num_tokens, self.trained_end, self.start_pos, self.last_served,
-                      self.flushing):
+                      self.flushing, self.lines):
             array[last] = 0  # a new stream takes this row next: it must start clean
 
     # ---- moving a stream to another table (another rank) ------------------------------
@@ -312,7 +330,8 @@ class StreamTable:
         return {"tokens": self.tokens_from_start(row), "start_pos": int(self.start_pos[row]),
                 "trained_end": int(self.trained_end[row]),
                 "state": tuple(t[:, 0].cpu() for t in self.states.state(row)),
-                "ended": stream_id in self.ended, "flushing": bool(self.flushing[row])}
+                "ended": stream_id in self.ended, "flushing": bool(self.flushing[row]),
+                "lines": int(self.lines[row])}
 
     def adopt(self, stream_id: StreamId, exported: dict) -> None:
         """Take over a stream another table exported; it continues as it would have
@@ -334,6 +353,7 @@ class StreamTable:
         if exported["ended"]:
             self.ended.add(stream_id)
         self.flushing[row] = exported["flushing"]
+        self.lines[row] = exported.get("lines", 0)
 
     # ---- capacity and persistence ---------------------------------------------------
     def _grow(self, capacity: int) -> None:
@@ -345,6 +365,7 @@ class StreamTable:
         self.last_served = np.concatenate([self.last_served, zeros])
         self.flushing = np.concatenate([self.flushing, np.zeros(extra, bool)])
         self.serial = np.concatenate([self.serial, zeros])
+        self.lines = np.concatenate([self.lines, zeros])
         self.ring = np.concatenate(
             [self.ring, np.zeros((extra, self.ring_width + self.mirrored), np.int32)])
         self.states.add_rows(extra)
@@ -365,6 +386,7 @@ class StreamTable:
             "ended": sorted(self.ended, key=self.row_of.__getitem__),
             "flushing": [self.ids[row] for row in np.flatnonzero(self.flushing[:used])],
             "total_tokens": self.num_received,
+            "lines": torch.from_numpy(self.lines[:used].copy()),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -373,7 +395,8 @@ class StreamTable:
             raise ValueError("saved stream table has a different ring width (k1/k2 changed)")
         self.__init__(self.k1, self.k2, self.state_shape, self.num_state_tensors,
                       self.device, self.dtype, self.max_resident,
-                      capacity=len(state["states"]["slot_of_row"]))
+                      capacity=len(state["states"]["slot_of_row"]),
+                      line_token=self.line_token)
         self.ids = list(state["ids"])
         self.row_of = {sid: row for row, sid in enumerate(self.ids)}
         self.num_created = used
@@ -393,3 +416,5 @@ class StreamTable:
         self.num_received = int(state.get("total_tokens",
                                           sum(self.next_offset(sid) for sid in self.ids)))
         self.num_untrained = sum(self.untrained(sid) for sid in self.ids)
+        if "lines" in state:  # (absent from older checkpoints: count from here)
+            self.lines[:used] = state["lines"].numpy()

@@ -13,10 +13,14 @@ from zmq.auth.thread import ThreadAuthenticator
 from ..keys import KeyError_, expand, load
 
 
-def secure_server(socket: zmq.Socket, secret_key_path: str, allowed_dir: str,
-                  context: zmq.Context) -> ThreadAuthenticator:
-    """Make `socket` (not bound yet) a CURVE server that lets in only allowed keys."""
-    public, secret = load(secret_key_path, secret=True)
+def start(context: zmq.Context, secret_key_path: str,
+          allowed_dir: str) -> ThreadAuthenticator | None:
+    """The context's gatekeeper: every CURVE server socket of `context` (curve_server)
+    then lets in only the allowed keys. None when CURVE is off (no secret key). Started
+    before any such socket binds: one bound without it would let in any key."""
+    if not secret_key_path:
+        return None
+    load(secret_key_path, secret=True)  # a bad key file stops the start here
     folder = expand(allowed_dir)
     if not allowed_dir or not folder.is_dir():
         what = "does not exist" if allowed_dir and not folder.exists() else "is not a folder"
@@ -27,10 +31,16 @@ def secure_server(socket: zmq.Socket, secret_key_path: str, allowed_dir: str,
     authenticator = ThreadAuthenticator(context)
     authenticator.start()
     authenticator.configure_curve(domain="*", location=str(folder))
+    return authenticator
+
+
+def curve_server(socket: zmq.Socket, secret_key_path: str) -> None:
+    """Make `socket` (not bound yet) a CURVE server with the daemon's key; who may
+    connect is the context's authenticator's to say (see `start`)."""
+    public, secret = load(secret_key_path, secret=True)
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_server = True
-    return authenticator
 
 
 def reload(authenticator: ThreadAuthenticator, allowed_dir: str) -> None:

@@ -81,6 +81,7 @@ class Cluster:
         self.num_groups = DEFAULT_NUM_GROUPS
         self.generation = 0
         self.endpoints: list[str] = []
+        self.score_endpoints: list[str] = []  # each rank's score feed ("" where none)
         self.next_check = time.monotonic() + CHECK_SECONDS
 
     @property
@@ -107,10 +108,10 @@ class Cluster:
         self.generation = self.ranks.agree([mine])[0]
         return self.generation
 
-    def bind_endpoint(self) -> str:
-        """This rank's ingest endpoint: ingest.endpoint's port + rank (any free port
-        stays any free port; ipc paths get .RANK appended)."""
-        endpoint = self.config.ingest.endpoint
+    def bind_endpoint(self, endpoint: str | None = None) -> str:
+        """This rank's ingest endpoint (or score feed's, `endpoint`): ingest.endpoint's
+        port + rank (any free port stays any free port; ipc paths get .RANK appended)."""
+        endpoint = self.config.ingest.endpoint if endpoint is None else endpoint
         if not self.distributed:
             return endpoint
         if endpoint.startswith("tcp://"):
@@ -122,8 +123,11 @@ class Cluster:
         port = self.config.metrics.port
         return port + self.rank if port else 0
 
-    def share_endpoints(self, bound: str) -> None:
-        self.endpoints = self.ranks.gather(advertised(bound, os.environ))
+    def share_endpoints(self, bound: str, scores_bound: str = "") -> None:
+        listed = self.ranks.gather((advertised(bound, os.environ), advertised(
+            scores_bound, os.environ) if scores_bound else ""))
+        self.endpoints = [ingest for ingest, _ in listed]
+        self.score_endpoints = [scores for _, scores in listed]
 
     # ---- ownership ---------------------------------------------------------------------
     def owner(self, stream: str) -> int:
@@ -132,7 +136,8 @@ class Cluster:
     def topology(self) -> dict:
         return {"type": "topology", "rank": self.rank, "world_size": self.world_size,
                 "num_groups": self.num_groups, "generation": self.generation,
-                "endpoints": list(self.endpoints)}
+                "endpoints": list(self.endpoints),
+                "score_endpoints": list(self.score_endpoints)}
 
     # ---- agreements ----------------------------------------------------------------------
     def tick(self, fields: dict[str, int]) -> dict[str, int]:

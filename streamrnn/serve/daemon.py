@@ -40,6 +40,7 @@ from .journal import Journal, LogFull, apply
 from .metrics import Metrics
 from .recovery import Recovery
 from .replay import StopDuringRecovery
+from .scores import ScoreFeed
 from .source import Incoming, Source
 from .statedir import StateDir, lock
 from .systemd import Notifier
@@ -105,7 +106,9 @@ class Daemon:
                                  self.metrics, clock, self.cluster, self.generations)
         self.counted = (0, 0)  # streams flushed and forgotten, as the metrics have them
         self.source: Source | None = None
+        self.feed: ScoreFeed | None = None
         self.context: zmq.Context | None = None
+        self.authenticator = None
         self.metrics_server = None
 
     def _lock(self) -> list:
@@ -178,6 +181,14 @@ class Daemon:
         m.world_size.set(self.ranks.world_size)
         m.rank.set(self.ranks.rank)
         m.generation.set(self.cluster.agree_generation())
+        self.context = zmq.Context()
+        # CURVE: one gatekeeper for the ingest and the score feed, up before either binds
+        self.authenticator = auth.start(self.context, c.ingest.curve_secret_key,
+                                        c.ingest.curve_allowed_keys)
+        if c.scores.endpoint:  # before the replay: a watch that reconnects sees it too
+            self.feed = ScoreFeed(c, self.cluster.bind_endpoint(c.scores.endpoint),
+                                  self.context, m)
+            learner.scorer = self.feed
         # before anyone can send: state first (systemd hears that a long replay goes on)
         Recovery(c, learner, self.cluster, self.statedir, self.journal, self.checkpointer,
                  m, self.log).run(self.fresh, should_stop=lambda: self.stop_requested,
@@ -194,12 +205,12 @@ class Daemon:
         metrics_port = self.cluster.metrics_port()
         if metrics_port:
             self.metrics_server = m.serve(c.metrics.address, metrics_port)
-        self.context = zmq.Context()
         self.source = Source(dataclasses.replace(c.ingest,
                                                  endpoint=self.cluster.bind_endpoint()),
                              self.context)
         # also a barrier: every rank is bound and recovered once this returns
-        self.cluster.share_endpoints(self.source.endpoint)
+        self.cluster.share_endpoints(self.source.endpoint,
+                                     self.feed.endpoint if self.feed else "")
         self._publish()
         ready = f"listening on {self.source.endpoint}" + (
             f" (rank 0 of {self.ranks.world_size}: every rank is ready)"
@@ -207,6 +218,7 @@ class Daemon:
         self.notifier.ready(ready)
         self.log.info("listening", endpoint=self.source.endpoint,
                       curve="on" if self.source.curve else "off",
+                      scores=self.feed.endpoint if self.feed else "off",
                       metrics=(f"http://{c.metrics.address}:{metrics_port}/metrics"
                                if metrics_port else "off"), device=str(learner.device),
                       **({"ranks": self.ranks.world_size, "endpoints": self.cluster.endpoints}
@@ -224,6 +236,12 @@ class Daemon:
         if started:
             self.log.info("stopping")
             self.source.close()
+        if self.feed is not None:
+            self.learner.scorer = None
+            self.feed.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        if self.context is not None:
             self.context.term()
         self.checkpointer.close()
         self.journal.close()
@@ -444,9 +462,9 @@ class Daemon:
             self.metrics.handshake_failures.labels(kind).inc(count)
             self.refused.add(f"handshake_{kind}", "a connection failed its handshake (a "
                              "key not allowed, or a client without CURVE)", count)
-        if self.source.authenticator is not None and now >= self.next_key_reload:
+        if self.authenticator is not None and now >= self.next_key_reload:
             self.next_key_reload = now + KEY_RELOAD_SECONDS  # new keys need no restart
-            auth.reload(self.source.authenticator, self.config.ingest.curve_allowed_keys)
+            auth.reload(self.authenticator, self.config.ingest.curve_allowed_keys)
         self._report(now)
 
     def _report(self, now: float) -> None:
@@ -481,6 +499,8 @@ class Daemon:
         m.flushes.inc(flushed - self.counted[0])  # (counted by the table as they happen)
         m.streams_ended.inc(forgotten - self.counted[1])
         self.counted = (flushed, forgotten)
+        if self.feed is not None:
+            self.feed.read_subscriptions()  # who watches, even while nothing trains
         m.learning_rate.set(learner.optimizer.param_groups[0]["lr"])
 
     def _count_refusal(self, reason: str, message: str) -> None:

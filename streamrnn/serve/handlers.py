@@ -331,6 +331,7 @@ class Handlers:
             "last_checkpoint": saved_fields(self.checkpointer.last),
             "rank": self.cluster.rank, "world_size": self.cluster.world_size,
             "generation": self.cluster.generation,
+            "score_endpoints": list(self.cluster.score_endpoints),
         }
 
 

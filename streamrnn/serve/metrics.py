@@ -134,6 +134,28 @@ class Metrics:
         self.idle_rank_updates = Counter(
             "streamrnn_idle_rank_updates", "Global updates this rank joined with no window "
             "of its own (it added zeros).", registry=r)
+        # the score feed (serve/scores.py); lines of watched streams only, unless
+        # scores.all_streams
+        self.scores_published = Counter(
+            "streamrnn_scores_published", "Score records sent on the score feed (line and "
+            "tokens records).", registry=r)
+        self.scores_dropped = Counter(
+            "streamrnn_scores_dropped", "Score records dropped: a subscriber's queue "
+            "(scores.send_queue) was full. Training never waits for a subscriber.",
+            registry=r)
+        self.score_subscriptions_refused = Counter(
+            "streamrnn_score_subscriptions_refused", "Frames on the score feed that were "
+            "not a subscription, or subscriptions past the limit of topics held.",
+            registry=r)
+        self.score_topics = Gauge("streamrnn_score_topics", "Topics subscribed to on the "
+                                  "score feed.", registry=r)
+        self.line_bits_per_token = Histogram(
+            "streamrnn_line_bits_per_token", "Bits per token of each scored line (the "
+            "lines of watched streams, or of all with scores.all_streams).",
+            buckets=(.25, .5, .75, 1, 1.5, 2, 3, 4, 5, 6, 8), registry=r)
+        self.surprising_lines = Counter(
+            "streamrnn_surprising_lines", "Scored lines at or above scores.alert_quantile "
+            "among their stream's recent lines.", registry=r)
         for kind in ("agree", "gradients"):
             self.collective_seconds.labels(kind)
         self.world_size.set(1)

@@ -45,20 +45,18 @@ class Source:
         # reap half-open connections of producers that vanished
         self.socket.heartbeat_ivl = 10_000
         self.socket.heartbeat_timeout = 30_000
-        self.authenticator = None
         self.curve = bool(config.curve_secret_key)  # producers must authenticate
         self.monitor = None
         try:
-            if self.curve:
-                self.authenticator = auth.secure_server(
-                    self.socket, config.curve_secret_key, config.curve_allowed_keys, context)
+            if self.curve:  # (the daemon started the context's authenticator: auth.start)
+                auth.curve_server(self.socket, config.curve_secret_key)
             # handshakes that fail (a key not allowed, a client without CURVE) are counted
             self.monitor = self.socket.get_monitor_socket(
                 zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
                 zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-            _bind(self.socket, config.endpoint)
+            bind(self.socket, config.endpoint, "ingest.endpoint")
         except BaseException:
-            self.close()  # no half-made socket or authenticator thread left behind
+            self.close()  # no half-made socket left behind
             raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -107,12 +105,9 @@ class Source:
                 self.socket.disable_monitor()
                 self.monitor.close(linger=0)
             self.socket.close(linger=0)
-        if self.authenticator is not None:
-            self.authenticator.stop()
-            self.authenticator = None
 
 
-def _bind(socket: zmq.Socket, endpoint: str) -> None:
+def bind(socket: zmq.Socket, endpoint: str, key: str) -> None:
     """Bind, or a StartupError in one line that says what to change."""
     try:
         socket.bind(endpoint)
@@ -125,5 +120,5 @@ def _bind(socket: zmq.Socket, endpoint: str) -> None:
         if e.errno == errno.ENOENT and endpoint.startswith("ipc://"):
             hint = f"the folder {os.path.dirname(endpoint[len('ipc://'):]) or '.'} " \
                    "does not exist"
-        raise StartupError(f"cannot bind ingest.endpoint {endpoint}: {reason[:1].lower()}"
+        raise StartupError(f"cannot bind {key} {endpoint}: {reason[:1].lower()}"
                            f"{reason[1:]}" + (f" ({hint})" if hint else "")) from None

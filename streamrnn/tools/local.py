@@ -50,7 +50,10 @@ class LocalDaemon:
             config_path = Path(state) / "config.toml"
             config_path.write_text(format_config(config))
             args += ["--config", str(config_path)]
-        for item in [f"ingest.endpoint={self.endpoint}", "log.format=json", *settings]:
+        # the score feed on any free port (one bench daemon beside another, or beside a
+        # service on the default port); Scores.of(endpoint) finds it
+        for item in [f"ingest.endpoint={self.endpoint}", "scores.endpoint=tcp://127.0.0.1:*",
+                     "log.format=json", *settings]:
             args += ["--set", item]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(args, cwd=state, stdout=log,
