@@ -13,7 +13,7 @@ from .wire import REQUEST_TYPES
 DEFAULT_ENDPOINT = IngestConfig().endpoint
 # the folder the systemd unit's StateDirectory= gives, for messages that suggest one
 SERVICE_CHECKPOINTS = "/var/lib/streamrnn"
-BENCH_MODES = ("engine", "e2e", "soak", "quality", "contention")
+BENCH_MODES = ("engine", "e2e", "soak", "quality", "contention", "anomaly")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,16 +226,16 @@ def _add_demo(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time the engine, the daemon end to end, a soak, or "
-                       "a shared host; measure learning quality",
-                       description="Five modes, each with its own --help; plain `streamrnn "
+                       "a shared host; measure learning quality and anomaly detection",
+                       description="Six modes, each with its own --help; plain `streamrnn "
                        "bench [options]` is `streamrnn bench engine [options]`. engine, "
                        "e2e, soak and contention time the reference config of the project's "
                        "figures (a 1x256 LSTM without skip connections, TBPTT(32, 128), sgd at a "
-                       "constant lr 0.05) unless --set says otherwise; quality runs the "
-                       "config `streamrnn serve` would.")
+                       "constant lr 0.05) unless --set says otherwise; quality and anomaly "
+                       "run the config `streamrnn serve` would.")
     modes = _subcommands(p, "mode")
     for add in (_add_bench_engine, _add_bench_e2e, _add_bench_soak, _add_bench_quality,
-                _add_bench_contention):
+                _add_bench_contention, _add_bench_anomaly):
         add(modes)
 
 
@@ -276,6 +276,9 @@ def _add_bench_e2e(modes) -> None:
     p.add_argument("--chunk", type=_positive_int, default=1024, metavar="TOKENS",
                    help="tokens per message; small ones (e.g. 16) measure how many "
                    "messages a second the daemon acknowledges while it trains (1024)")
+    p.add_argument("--watch", action="store_true", help="also measure the daemon with a "
+                   "subscriber to every stream's line and tokens scores (what `streamrnn "
+                   "watch --all` costs it), beside the unwatched one")
     p.set_defaults(run=_bench_e2e)
 
 
@@ -340,6 +343,31 @@ def _add_bench_quality(modes) -> None:
                    "process the same way instead of a daemon: the engine's learning "
                    "without sockets (for a machine without pyzmq, such as a bare GPU box)")
     p.set_defaults(run=_bench_quality)
+
+
+def _add_bench_anomaly(modes) -> None:
+    p = modes.add_parser("anomaly", help="how well the score feed finds unusual log lines, "
+                         "next to zlib and an order-3 model",
+                         description="For each log, start a daemon on the config `streamrnn "
+                         "serve` would run, subscribe to its score feed, and feed it a real "
+                         "log from loghub as one stream (--together: every log to one "
+                         "daemon at once): BGL_2k (alerts labelled per line) "
+                         "and six logs with foreign lines and garbled spans injected into "
+                         "their second half. Report, on each log's second half, AUC-ROC, "
+                         "AUC-PR and the best F1 of the model's line scores (bits per token, "
+                         "and the score watch filters on) beside zlib with 32 KiB of history "
+                         "and an order-3 byte model on the same bytes. The logs are looked "
+                         "for in $STREAMRNN_LOGHUB, else ../shared/data/loghub.")
+    _config_options(p)
+    p.add_argument("--logs", metavar="NAMES", help="comma-separated logs (default: all): "
+                   "BGL, Linux+injected, Apache+injected, Hadoop+injected, HPC+injected, "
+                   "Proxifier+injected, OpenStack+injected")
+    p.add_argument("--seed", type=int, default=0, help="where the anomalies are injected (0)")
+    p.add_argument("--together", action="store_true", help="every log to one daemon, a "
+                   "stream each (one model learns them all), instead of each log to a daemon "
+                   "of its own in turn (a model per log, as each baseline sees one log)")
+    p.add_argument("--json", metavar="FILE", help="also write the results here, as JSON")
+    p.set_defaults(run=_bench_anomaly)
 
 
 def _bench_options(p: argparse.ArgumentParser, seconds: float, seconds_help: str) -> None:
@@ -603,7 +631,7 @@ def _bench_e2e(args) -> int:
             return 2
         bench_e2e.run(config, args.streams, args.producers, args.seconds, args.json,
                       wal_modes=tuple(args.wal_modes.split(",")), nprocs=nprocs,
-                      chunk=args.chunk)
+                      chunk=args.chunk, watch=args.watch)
     return 0
 
 
@@ -624,6 +652,21 @@ def _bench_contention(args) -> int:
         bench_contention.run(passed, args.threads.split(","),
                              args.hogs or bench_contention.default_hogs(), args.seconds,
                              args.json)
+    return 0
+
+
+def _bench_anomaly(args) -> int:
+    from .tools import bench_anomaly
+    config = _load(args)
+    if config is None:
+        return 0
+    names = [n.strip() for n in (args.logs or "").split(",") if n.strip()] or None
+    try:
+        bench_anomaly.run(config, args.json, names, args.seed,
+                          separately=not args.together)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"streamrnn bench anomaly: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

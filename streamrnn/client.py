@@ -34,8 +34,11 @@ import zmq
 
 from .keys import secure_client
 from .routing import Links, Topology, cluster_totals, one_process, parse_topology
-from .subscriber import Scores, score_endpoints  # noqa: F401 (the score feed's reader)
+from .subscriber import Scores, score_endpoints
 from .wire import encode_tokens, pack, token_array
+
+__all__ = ["Producer", "ProducerError", "Refused", "Unreachable", "Scores",
+           "score_endpoints"]
 
 DEFAULT_WINDOW = 64  # unacknowledged messages in flight (the daemon's queues allow for it)
 

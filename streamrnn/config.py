@@ -290,7 +290,8 @@ class ScoresConfig:
                            "vocabulary, vocab_size 256; no line records for other "
                            "vocabularies unless set)")
     recent_lines: int = _opt(1000, "a line's score is its rank (0 .. 1) among this many "
-                             "recent lines of its stream, by bits per token")
+                             "recent lines of its stream, by the bits of its 8 most "
+                             "surprising tokens")
     warmup_lines: int = _opt(100, "lines a stream's subscribers have seen scored before "
                              "any of its lines gets a score above 0")
     alert_quantile: float = _opt(0.999, "lines scoring at least this count in "

@@ -158,3 +158,30 @@ def test_producer_key_errors_are_clear(keys):
     with pytest.raises(ProducerError, match="cannot read key file"):
         Producer("tcp://127.0.0.1:9", server_key=str(keys / "server/missing.key"),
                  client_key=str(keys / "allowed/good.key_secret"))
+
+
+def test_the_score_feed_lets_in_only_allowed_keys(tmp_path, keys):
+    """With CURVE on, a subscriber needs an allowed key as a producer does: a stranger
+    and a plain SUB socket get nothing, while an allowed one gets the lines."""
+    from streamrnn.client import Scores, score_endpoints
+    d = curve_daemon(tmp_path, keys).start(wait=False)  # (its readiness check has no key)
+    server, good = str(keys / "server/server.key"), str(keys / "allowed/good.key_secret")
+    try:
+        [feed] = score_endpoints(d.endpoint, 60, server_key=server, client_key=good)
+        allowed = Scores(feed, server_key=server, client_key=good)
+        stranger = Scores(feed, server_key=server,
+                          client_key=str(keys / "other/stranger.key_secret"))
+        plain = Scores(feed)
+        time.sleep(1.0)  # every handshake done (or refused)
+        with Producer(d.endpoint, server_key=server, client_key=good,
+                      retry_seconds=60) as producer:
+            producer.send("s", b"one line\nand another\n")
+            producer.flush(timeout=60)
+            producer.request({"type": "flush", "stream": "s"})
+        got = [allowed.receive(timeout=30), allowed.receive(timeout=30)]
+        assert [r["text"] for r in got] == [b"ne line\n", b"and another\n"]
+        assert stranger.receive(timeout=1.0) is None and plain.receive(timeout=0.1) is None
+        for scores in (allowed, stranger, plain):
+            scores.close()
+    finally:
+        assert d.stop() == 0

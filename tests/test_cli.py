@@ -293,7 +293,8 @@ def test_each_subcommand_has_its_own_help(command):
     assert own <= words and not others & words, (own - words, others & words)
 
 
-@pytest.mark.parametrize("command,modes", [("bench", ("engine", "e2e", "soak", "quality")),
+@pytest.mark.parametrize("command,modes", [("bench", ("engine", "e2e", "soak", "quality",
+                                                      "anomaly")),
                                            ("checkpoint", ("save", "list", "inspect")),
                                            ("keys", ("generate",))])
 def test_help_lists_the_modes(command, modes):

@@ -266,7 +266,8 @@ def test_dashboard_and_alerts_against_real_prometheus(tmp_path: Path):
     alerts = [rule for group in rules.values() for rule in group]
     assert len(alerts) == len(re.findall(r"^\s*- alert:", ALERTS.read_text(), re.M)) >= 9
 
-    daemon = DaemonProcess(tmp_path, ["checkpoint.interval_seconds=2"])
+    # every stream's lines scored: the Surprise panels get data, not only zeros
+    daemon = DaemonProcess(tmp_path, ["checkpoint.interval_seconds=2", "scores.all_streams=true"])
     instance = f"127.0.0.1:{daemon.metrics_port}"
     prometheus = PrometheusServer(tmp_path, instance)
     feeder = None

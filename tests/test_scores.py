@@ -159,8 +159,9 @@ def test_lines_equal_lines_cut_by_hand(k1, k2):
             assert r["bits_per_token"] == pytest.approx(w["bits"] / w["tokens"], rel=1e-9)
             assert r["complete"]
             assert len(r["token_bits"]) == 4 * r["tokens"]
-            worst = max(range(r["tokens"]), key=lambda j: all_bits[stream][r["offset"] + j])
-            assert r["worst"]["offset"] == r["offset"] + worst
+            line_bits = [all_bits[stream][r["offset"] + j] for j in range(r["tokens"])]
+            assert r["worst"]["offset"] == r["offset"] + int(np.argmax(line_bits))
+            assert r["peak_bits"] == pytest.approx(np.mean(sorted(line_bits)[-8:]), rel=1e-6)
 
 
 def test_a_line_seen_from_its_middle_says_so_and_the_next_is_whole():

@@ -22,6 +22,14 @@ from streamrnn.subscriber import topic
 REPO = Path(__file__).resolve().parent.parent
 
 
+def readme_line_fields() -> set[str]:
+    """The line record's fields as README.md ("Score feed") lists them."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("A line record, once its last token is trained:"):]
+    table = table[:table.index("\n\n", table.index("| field |"))]
+    return {row.split("`")[1] for row in table.splitlines() if row.startswith("| `")}
+
+
 def log_text(prefix: str, num_lines: int) -> bytes:
     return b"".join(f"{prefix} request {i % 7} served in {i % 13} ms\n".encode()
                     for i in range(num_lines))
@@ -79,6 +87,10 @@ def test_a_watched_stream_gets_every_line_in_order_and_others_nothing(tmp_path):
         records = collect(scores, lambda r: len(r) >= 40)
         assert scores.receive(timeout=1.0) is None  # nothing more: db is not watched
     lines = web.split(b"\n")[:-1]
+    # exactly the README's fields, those of every record, and what the reader adds
+    assert set(records[0]) == readme_line_fields() | {"kind", "stream", "seq", "run",
+                                                      "missed", "restarted"}
+    assert set(records[0]["worst"]) == {"offset", "bits", "expected", "p_expected"}
     assert [r["line"] for r in records] == list(range(40))
     assert [r["seq"] for r in records] == list(range(40))
     assert {r["stream"] for r in records} == {"web"}

@@ -10,10 +10,13 @@ token has been scored, which may be several updates after its first:
                     predicted by nothing, so line 0 starts being scored at offset 1)
     tokens, bits    how many tokens were scored, and their bits summed
     bits_per_token  bits / tokens
+    peak_bits       the mean bits of its PEAK_TOKENS most surprising tokens (all of a
+                    shorter line's): what a few garbled bytes do to a line, whatever
+                    its length; what `score` ranks by
     worst           the position with the most bits: offset, bits, the token the model
                     expected there, and that token's probability
     score           0 .. 1: the share of the stream's recent lines (scores.recent_lines)
-                    with fewer bits per token; 0 until warmup_lines lines were seen
+                    with a lower peak_bits; 0 until warmup_lines lines were seen
     complete        False when its first tokens were scored before this tracker knew
                     the stream (a subscription, or a restart, in the middle of a line):
                     tokens and bits then cover the part seen
@@ -31,6 +34,11 @@ import numpy as np
 from .learner import Scored
 
 MAX_LINE_TOKENS = 4096  # of a longer line, the first this many are sent as its text
+# A line's surprise is ranked by its few most surprising tokens, not by its mean: on
+# logs with garbled spans injected (bench anomaly, one log per stream, deploy/logs.toml)
+# the mean of the top 8 gave AUC-ROC 0.996 / 0.999 / 0.999 / 1.000 on the Linux, HPC,
+# Proxifier and OpenStack logs where the mean gave 0.968 / 0.998 / 0.998 / 0.996
+PEAK_TOKENS = 8
 
 
 @dataclass
@@ -42,6 +50,7 @@ class _OpenLine:
     tokens: int = 0
     bits: float = 0.0
     worst: tuple[int, float, int, float] | None = None  # offset, bits, expected, p
+    peak: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     text: list[np.ndarray] = field(default_factory=list)
     token_bits: list[np.ndarray] = field(default_factory=list)
     kept: int = 0      # tokens in text
@@ -55,6 +64,9 @@ class _OpenLine:
             self.worst = (offset + i, float(bits[i]), int(expected[i]), float(p_expected[i]))
         self.tokens += len(tokens)
         self.bits += float(bits.sum(dtype=np.float64))
+        both = np.concatenate([self.peak, bits])
+        self.peak = both if len(both) <= PEAK_TOKENS else \
+            np.partition(both, len(both) - PEAK_TOKENS)[-PEAK_TOKENS:]
         self.next_offset = offset + len(tokens)
         room = MAX_LINE_TOKENS - self.kept
         if room > 0:
@@ -64,7 +76,7 @@ class _OpenLine:
 
 
 class Recent:
-    """The last `size` lines' bits per token of one stream, to rank a new line among."""
+    """The last `size` lines' peak bits of one stream, to rank a new line among."""
 
     def __init__(self, size: int):
         self.values = np.zeros(size, np.float32)
@@ -136,15 +148,17 @@ class LineTracker:
 
     def _record(self, stream, line: _OpenLine) -> dict:
         per_token = line.bits / line.tokens if line.tokens else 0.0
+        peak = float(line.peak.mean(dtype=np.float64)) if len(line.peak) else 0.0
         recent = self.recent.get(stream)
         if recent is None:
             recent = self.recent[stream] = Recent(self.recent_lines)
         warm = recent.count >= self.warmup_lines
-        score = recent.rank(per_token)
+        score = recent.rank(peak)
         text = np.concatenate(line.text) if line.text else np.zeros(0, np.int64)
         worst = line.worst or (line.offset, 0.0, 0, 0.0)
         return {"kind": "line", "stream": stream, "line": line.number, "offset": line.offset,
                 "tokens": line.tokens, "bits": line.bits, "bits_per_token": per_token,
+                "peak_bits": peak,
                 "worst": {"offset": worst[0], "bits": worst[1], "expected": worst[2],
                           "p_expected": worst[3]},
                 "score": score if warm else 0.0, "complete": line.complete,

@@ -13,7 +13,11 @@ logging, replies, housekeeping, waiting). The CPU ratio holds on a busy machine:
 daemon's goal is >= 0.9, within 10% of the engine. Plus the producers' ack latency,
 and the messages acknowledged per second (with small messages, `--chunk 16`, the
 daemon's intake while it trains).
-3. `--nproc 1,2`: the same daemon as N ranks (serve --nproc N), the producers routing
+3. `--watch`: the same daemon (first wal mode, one rank) with a subscriber to every
+   stream's lines and tokens on its score feed, reading them in a process of its own
+   (what `streamrnn watch --all` costs the daemon): its tokens/s against the unwatched
+   daemon's, and the records received and dropped.
+4. `--nproc 1,2`: the same daemon as N ranks (serve --nproc N), the producers routing
    each stream to its rank. Reported beside tokens/s: each rank's time per update in
    the two all-reduces (streamrnn_collective_seconds: agree and gradients). On one
    machine's CPU cores the ranks share the cores: this measures the collectives'
@@ -31,7 +35,7 @@ from .textdata import text_streams
 
 def run(base: Config, num_streams: int, num_producers: int, seconds: float,
         json_path: str | None, echo=print, wal_modes: tuple[str, ...] = ("fsync",),
-        nprocs: tuple[int, ...] = (1,), chunk: int = 1024) -> dict:
+        nprocs: tuple[int, ...] = (1,), chunk: int = 1024, watch: bool = False) -> dict:
     from .bench_engine import _engine, machine_info
     from ..core.learner import resolve_device
     config = widened(base, num_streams)
@@ -50,6 +54,16 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
         daemon = daemons[mode] = _measure_daemon(config, data, num_producers, seconds,
                                                  (f"wal.mode={mode}",), chunk=chunk)
         _report(echo, f"daemon, wal {mode:6s}", daemon, engine_tps, engine_cpu_per_token)
+    watched = None
+    if watch:
+        watched = _measure_daemon(config, data, num_producers, seconds,
+                                  (f"wal.mode={wal_modes[0]}",), chunk=chunk, watch=True)
+        _report(echo, "daemon, watched     ", watched, engine_tps, engine_cpu_per_token)
+        plain = daemons[wal_modes[0]]["tokens_per_s"]
+        watched["vs_unwatched"] = watched["tokens_per_s"] / plain if plain else None
+        echo(f"watched: {watched['vs_unwatched']:.3f}x the unwatched daemon's tokens/s; "
+             f"{watched['score_records']:,} score records received, "
+             f"{watched['score_records_missed']:,} dropped")
     by_nproc = {}
     for nproc in nprocs:  # the first wal mode, as N ranks
         if nproc == 1 and wal_modes[0] in daemons:
@@ -76,6 +90,7 @@ def run(base: Config, num_streams: int, num_producers: int, seconds: float,
               "engine_cpu_seconds_per_token": engine_cpu_per_token,
               "daemon": daemons[wal_modes[0]],
               "daemon_by_wal_mode": daemons, "daemon_by_nproc": by_nproc,
+              "daemon_watched": watched,
               "config": config.to_dict()}
     write_json(result, json_path, echo)
     return result
@@ -98,7 +113,7 @@ def _report(echo, label: str, daemon: dict, engine_tps: float,
 
 def _measure_daemon(config: Config, data: list[bytes], num_producers: int, seconds: float,
                     extra_settings: tuple[str, ...], nproc: int = 1,
-                    chunk: int = 1024) -> dict:
+                    chunk: int = 1024, watch: bool = False) -> dict:
     metrics_port = free_port(nproc)  # rank r serves on metrics_port + r
     settings = [f"metrics.port={metrics_port}", *extra_settings]
     scrape = lambda: [_daemon_counters(f"http://127.0.0.1:{metrics_port + r}/metrics")
@@ -112,6 +127,13 @@ def _measure_daemon(config: Config, data: list[bytes], num_producers: int, secon
         workers = [context.Process(target=_produce, args=(
             endpoint, {f"s{j}": data[j] for j in share}, seconds + 5, chunk, results))
             for share in shares if share]
+        watcher = None
+        if watch:  # subscribed before the first byte is sent
+            watcher = context.Process(target=_subscribe, args=(endpoint, results))
+            watcher.start()
+            if results.get(timeout=60) != "subscribed":
+                raise RuntimeError("the score feed subscriber did not start")
+            time.sleep(1.0)  # the subscription reaches the daemon
         for w in workers:
             w.start()
         # measure the training rate once the queue is full, for `seconds`
@@ -122,6 +144,11 @@ def _measure_daemon(config: Config, data: list[bytes], num_producers: int, secon
         reports = [results.get(timeout=seconds + 120) for _ in workers]
         for w in workers:
             w.join(timeout=30)
+        received = None
+        if watcher is not None:
+            watcher.terminate()  # SIGTERM: it reports what it received, then exits
+            received = results.get(timeout=30)
+            watcher.join(timeout=30)
     latencies = [x for r in reports for x in r["latencies"]]
     trained = last["tokens_trained"] - first["tokens_trained"]
     # per rank: counters over the window; CPU adds up, the rest is each rank's own
@@ -140,7 +167,27 @@ def _measure_daemon(config: Config, data: list[bytes], num_producers: int, secon
             "busy_replies": sum(r["busy"] for r in reports),
             # every producer's acks over its sending time, summed
             "acks_per_s": sum(len(r["latencies"]) / r["elapsed"] for r in reports),
-            "ack_latency_s": latency_summary(latencies)}
+            "ack_latency_s": latency_summary(latencies),
+            **({"score_records": received["records"],
+                "score_records_missed": received["missed"]} if received else {})}
+
+
+def _subscribe(endpoint: str, results) -> None:
+    """A subscriber to every stream's line and tokens records, as fast as it can read;
+    on SIGTERM it reports the records received and those it missed (dropped)."""
+    import signal
+    from ..client import Scores
+    counts = {"records": 0, "missed": 0}
+
+    def report(*_):
+        results.put(counts)
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, report)
+    with Scores.of(endpoint, kinds=("line", "tokens")) as scores:
+        results.put("subscribed")
+        for record in scores:
+            counts["records"] += 1
+            counts["missed"] += record["missed"]
 
 
 def _produce(endpoint: str, streams: dict[str, bytes], seconds: float, chunk: int,
