@@ -33,8 +33,9 @@ import numpy as np
 import zmq
 
 from .keys import secure_client
-from .routing import Links, Topology, cluster_totals, one_process, parse_topology
-from .subscriber import Scores, score_endpoints
+from .routing import (Links, Topology, cluster_totals, one_process, parse_topology,
+                      reachable)
+from .subscriber import ScoreReader
 from .wire import encode_tokens, pack, token_array
 
 __all__ = ["Producer", "ProducerError", "Refused", "Unreachable", "Scores",
@@ -588,3 +589,33 @@ class Producer:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+
+def score_endpoints(endpoint: str, timeout: float = 5.0, server_key: str | None = None,
+                    client_key: str | None = None) -> list[str]:
+    """Every rank's score feed, asked of the daemon (any rank) at its ingest endpoint.
+    Raises ProducerError if it does not answer within `timeout` seconds, ValueError if
+    it has no score feed (scores.endpoint is empty)."""
+    with Producer(endpoint, retry_seconds=timeout, reply_timeout=timeout,
+                  server_key=server_key, client_key=client_key) as producer:
+        reply = producer.request({"type": "topology"})
+    listed = [reachable(e, endpoint) for e in reply.get("score_endpoints") or [] if e]
+    if not listed:
+        raise ValueError(f"the daemon at {endpoint} publishes no scores (its "
+                         "scores.endpoint is empty, or it predates the score feed)")
+    return listed
+
+
+class Scores(ScoreReader):
+    """The score feed's records (subscriber.py): Scores(endpoints, ...) reads the feeds
+    given; Scores.of(ingest endpoint, ...) asks the daemon where they are first."""
+
+    @classmethod
+    def of(cls, endpoint: str, streams: list[str] | None = None,
+           kinds: tuple[str, ...] = ("line",), *, server_key: str | None = None,
+           client_key: str | None = None, timeout: float = 5.0,
+           idle_timeout: float | None = None) -> "Scores":
+        """Scores of the daemon whose ingest endpoint (any rank's) is `endpoint`."""
+        return cls(score_endpoints(endpoint, timeout, server_key, client_key), streams,
+                   kinds, server_key=server_key, client_key=client_key,
+                   idle_timeout=idle_timeout)

@@ -1,5 +1,8 @@
 """Read the daemon's score feed: how surprising each line (or token) of a stream was.
 
+`ScoreReader` reads the feed at endpoints it is given; client.Scores is the same reader,
+which can also ask a daemon where its feeds are (`Scores.of`):
+
     with Scores.of("tcp://127.0.0.1:5557") as scores:     # finds every rank's feed
         for record in scores:                             # waits for the next, as tail -f
             if record["score"] > 0.999:
@@ -13,7 +16,7 @@ record per update with each scored target. Binary fields come back as numpy arra
 topic since the last one received (this subscriber read too slowly), and `restarted`:
 True on the first record of a new daemon process (after a crash its replayed updates
 are published again: a line may come twice, with the same stream, line and offset;
-keep the last).
+deduplicate by (stream, line), keeping a complete record over an incomplete one).
 """
 from __future__ import annotations
 
@@ -25,7 +28,6 @@ import numpy as np
 import zmq
 
 from .keys import secure_client
-from .routing import reachable
 
 ARRAYS = {"token_bits": "<f4", "bits": "<f4", "p_expected": "<f4", "tokens": "<i4",
           "expected": "<i4"}
@@ -39,23 +41,7 @@ def topic(kind: str, stream: str | None = None) -> bytes:
     return f"{kind}:".encode() + stream.encode("utf-8", "surrogateescape") + b"\0"
 
 
-def score_endpoints(endpoint: str, timeout: float = 5.0, server_key: str | None = None,
-                    client_key: str | None = None) -> list[str]:
-    """Every rank's score feed, asked of the daemon (any rank) at its ingest endpoint.
-    Raises ProducerError if it does not answer within `timeout` seconds, ValueError if
-    it has no score feed (scores.endpoint is empty)."""
-    from .client import Producer
-    with Producer(endpoint, retry_seconds=timeout, reply_timeout=timeout,
-                  server_key=server_key, client_key=client_key) as producer:
-        reply = producer.request({"type": "topology"})
-    listed = [reachable(e, endpoint) for e in reply.get("score_endpoints") or [] if e]
-    if not listed:
-        raise ValueError(f"the daemon at {endpoint} publishes no scores (its "
-                         "scores.endpoint is empty, or it predates the score feed)")
-    return listed
-
-
-class Scores:
+class ScoreReader:
     def __init__(self, endpoints: str | list[str], streams: list[str] | None = None,
                  kinds: tuple[str, ...] = ("line",), *, server_key: str | None = None,
                  client_key: str | None = None, idle_timeout: float | None = None):
@@ -85,16 +71,6 @@ class Scores:
         except BaseException:
             self.close()
             raise
-
-    @classmethod
-    def of(cls, endpoint: str, streams: list[str] | None = None,
-           kinds: tuple[str, ...] = ("line",), *, server_key: str | None = None,
-           client_key: str | None = None, timeout: float = 5.0,
-           idle_timeout: float | None = None) -> "Scores":
-        """Scores of the daemon whose ingest endpoint (any rank's) is `endpoint`."""
-        return cls(score_endpoints(endpoint, timeout, server_key, client_key), streams,
-                   kinds, server_key=server_key, client_key=client_key,
-                   idle_timeout=idle_timeout)
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -131,7 +107,9 @@ class Scores:
         if isinstance(run, int) and isinstance(seq, int):
             before = self.last.get((index, name))
             record["restarted"] = before is not None and before[0] != run
-            record["missed"] = seq - before[1] - 1 if before and before[0] == run else 0
+            # (a topic subscribed to again starts again from 0: nothing was missed)
+            record["missed"] = max(0, seq - before[1] - 1) if before and before[0] == run \
+                else 0
             self.last[(index, name)] = (run, seq)
         return record
 
@@ -140,7 +118,7 @@ class Scores:
             socket.close(linger=0)
         self.context.term()
 
-    def __enter__(self) -> "Scores":
+    def __enter__(self) -> "ScoreReader":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -15,7 +15,7 @@ from typing import TextIO
 
 import numpy as np
 
-from .subscriber import Scores, score_endpoints
+from .client import Scores, score_endpoints
 
 HIGHLIGHT, PLAIN = "\x1b[1;31m", "\x1b[0m"
 
