@@ -235,6 +235,15 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch):
     assert sections == list(Config.__dataclass_fields__)
 
 
+def test_the_log_preset_loads_and_scores_every_stream():
+    """deploy/logs.toml: the small model README measured for one live log (1x192,
+    TBPTT(64, 64)), every stream's lines scored so the surprise alert sees them."""
+    config = streamrnn.load_config(DEPLOY / "logs.toml")
+    assert (config.model.num_layers, config.model.hidden_size) == (1, 192)
+    assert (config.train.k1, config.train.k2) == (64, 64)
+    assert config.scores.all_streams and config.scores.resolved_line_token(256) == 10
+
+
 # ---- Prometheus -----------------------------------------------------------------------
 def test_prometheus_config_is_valid():
     # rule_files are relative to prometheus.yml: this also checks alerts.yml
