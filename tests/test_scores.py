@@ -193,3 +193,36 @@ def test_the_score_ranks_a_line_among_recent_ones_after_the_warm_up():
     assert odd["score"] > 0.95
     assert odd["score"] == max(r["score"] for r in records)
     assert 0 <= min(r["score"] for r in records[20:])
+
+
+def test_recent_ranks_among_the_last_lines_as_a_sort_would():
+    from streamrnn.core.lines import Recent
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 20, 300).astype(np.float32)  # ties on purpose
+    recent, seen = Recent(50), []
+    for value in values:
+        held = np.array(seen[-50:], np.float32)
+        want = ((held < value).sum() + 0.5 * (held == value).sum()) / len(held) \
+            if len(held) else 0.0
+        assert recent.rank(float(value)) == pytest.approx(want)
+        seen.append(value)
+    assert len(recent.values) == 50  # grown to its size, no further
+
+
+def test_the_feed_forgets_streams_the_learner_forgot():
+    import zmq
+    from streamrnn.core.lines import Recent
+    from streamrnn.serve.metrics import Metrics
+    from streamrnn.serve.scores import ScoreFeed
+    config = streamrnn.load_config(overrides=["scores.endpoint=tcp://127.0.0.1:*"])
+    context = zmq.Context()
+    feed = ScoreFeed(config, config.scores.endpoint, context, Metrics())
+    try:
+        for stream in ("gone", "kept"):
+            feed.watching[stream] = (True, False)
+            feed.tracker.recent[stream] = Recent(10)
+        feed.prune({"kept": 0})
+        assert list(feed.watching) == ["kept"] and list(feed.tracker.recent) == ["kept"]
+    finally:
+        feed.close()
+        context.term()

@@ -76,10 +76,12 @@ class _OpenLine:
 
 
 class Recent:
-    """The last `size` lines' peak bits of one stream, to rank a new line among."""
+    """The last `size` lines' peak bits of one stream, to rank a new line among. Grows
+    with the lines seen, to 4 bytes a line at most: a stream of few lines costs little."""
 
     def __init__(self, size: int):
-        self.values = np.zeros(size, np.float32)
+        self.size = size
+        self.values = np.zeros(min(size, 16), np.float32)
         self.count = 0  # lines seen (the ring holds the last `size`)
 
     def rank(self, value: float) -> float:
@@ -87,6 +89,9 @@ class Recent:
         held = self.values[:min(self.count, len(self.values))]
         below = np.count_nonzero(held < value) + 0.5 * np.count_nonzero(held == value)
         share = float(below / len(held)) if len(held) else 0.0
+        if self.count == len(self.values) < self.size:  # full before it wraps: grow
+            self.values = np.concatenate([self.values, np.zeros(
+                min(len(self.values), self.size - len(self.values)), np.float32)])
         self.values[self.count % len(self.values)] = value
         self.count += 1
         return share

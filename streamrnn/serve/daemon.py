@@ -50,6 +50,7 @@ HOUSEKEEPING_SECONDS = 0.5
 INTAKE_SECONDS = 0.25  # handling requests at most this long before training resumes
 STATUS_SECONDS = 5.0
 KEY_RELOAD_SECONDS = 30.0
+PRUNE_SECONDS = 60.0  # the score feed forgets streams the learner forgot this often
 
 
 class Daemon:
@@ -90,6 +91,7 @@ class Daemon:
         self.training_pending = False
         self.paused_for_log = False  # a rank's log is full: no rank trains
         self.next_housekeeping = self.next_status = self.next_key_reload = 0.0
+        self.next_prune = 0.0
         self.next_summary = clock() + config.log.summary_seconds
         self.learner = Learner(config, self.ranks)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -462,6 +464,9 @@ class Daemon:
             self.metrics.handshake_failures.labels(kind).inc(count)
             self.refused.add(f"handshake_{kind}", "a connection failed its handshake (a "
                              "key not allowed, or a client without CURVE)", count)
+        if self.feed is not None and now >= self.next_prune:
+            self.next_prune = now + PRUNE_SECONDS
+            self.feed.prune(self.learner.streams.row_of)
         if self.authenticator is not None and now >= self.next_key_reload:
             self.next_key_reload = now + KEY_RELOAD_SECONDS  # new keys need no restart
             auth.reload(self.authenticator, self.config.ingest.curve_allowed_keys)

@@ -128,6 +128,17 @@ class ScoreFeed:
         self.seq = {name: n for name, n in self.seq.items() if self._subscribed(name)}
         self.metrics.score_topics.set(len(self.topics))
 
+    def prune(self, held) -> None:
+        """Forget what is kept of streams no longer `held` (ended and forgotten by the
+        learner), so streams that come and go do not pile up here."""
+        gone = [stream for stream in self.watching if stream not in held]
+        if self.tracker is not None:
+            gone += [s for s in self.tracker.recent if s not in held]
+        for stream in set(gone):
+            self.watching.pop(stream, None)
+            if self.tracker is not None:
+                self.tracker.forget(stream)
+
     # ---- records (the learner hands over each update's scores at its host sync) -------
     def scored(self, scored: Scored) -> None:
         wants = [self._wants(s) for s in scored.streams]
