@@ -53,6 +53,7 @@ class ScoreFeed:
                                    config.model.vocab_size) if line_token >= 0 else None
         self.run = time.time_ns() // 1_000_000
         self.topics: set[bytes] = set()     # subscribed prefixes
+        self.prefixes: set[bytes] = set()   # those of them that are not one stream's
         self.watching: dict = {}  # stream -> (lines?, tokens?), for the current topics
         self.seq: dict[bytes, int] = {}
         self.socket = context.socket(zmq.XPUB)
@@ -90,9 +91,9 @@ class ScoreFeed:
         return wants
 
     def _subscribed(self, name: bytes) -> bool:
-        if name in self.topics:
-            return True
-        return any(name.startswith(t) for t in self.topics)
+        # a topic that ends in NUL names one stream: a set lookup; the others (a kind,
+        # everything, a partial id) are prefixes, few in practice, tried one by one
+        return name in self.topics or any(name.startswith(t) for t in self.prefixes)
 
     def read_subscriptions(self) -> None:
         """Take in (un)subscriptions: before each update, and once a turn of the loop.
@@ -121,6 +122,7 @@ class ScoreFeed:
             self._resubscribed()
 
     def _resubscribed(self) -> None:
+        self.prefixes = {t for t in self.topics if not t.endswith(b"\0")}
         before, self.watching = self.watching, {}
         for stream, (lines, _) in before.items():
             if lines and not self._wants(stream)[0] and self.tracker is not None:
