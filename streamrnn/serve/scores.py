@@ -28,17 +28,13 @@ import zmq
 from ..config import Config
 from ..core.learner import Scored
 from ..core.lines import LineTracker
+from ..subscriber import topic  # one spelling of a topic, for both ends
 from ..wire import pack
 from . import auth
 from .metrics import Metrics
 from .source import bind
 
-KINDS = (b"line:", b"tokens:")
 MAX_TOPICS = 100_000  # subscriptions held at most; more are ignored (and counted)
-
-
-def topic(kind: bytes, stream: str) -> bytes:
-    return kind + stream.encode("utf-8", "surrogateescape") + b"\0"
 
 
 class ScoreFeed:
@@ -86,8 +82,8 @@ class ScoreFeed:
             if len(self.watching) >= MAX_TOPICS:
                 self.watching.clear()
             wants = self.watching[stream] = (
-                self.all_streams or self._subscribed(topic(b"line:", stream)),
-                self._subscribed(topic(b"tokens:", stream)))
+                self.all_streams or self._subscribed(topic("line", stream)),
+                self._subscribed(topic("tokens", stream)))
         return wants
 
     def _subscribed(self, name: bytes) -> bool:
@@ -148,7 +144,7 @@ class ScoreFeed:
         for i, (stream, (_, tokens)) in enumerate(zip(scored.streams, wants)):
             if tokens:
                 at = slice(int(ends[i] - scored.counts[i]), int(ends[i]))
-                self._send(b"tokens:", stream, {
+                self._send("tokens", stream, {
                     "kind": "tokens", "stream": stream,
                     "offset": int(scored.first_offset[i]),
                     "tokens": scored.tokens[at].astype("<i4").tobytes(),
@@ -162,10 +158,10 @@ class ScoreFeed:
             m.line_bits_per_token.observe(record["bits_per_token"])
             if record["score"] >= self.alert_quantile:
                 m.surprising_lines.inc()
-            if self._subscribed(topic(b"line:", stream)):  # (all_streams: maybe not)
-                self._send(b"line:", stream, record)
+            if self._subscribed(topic("line", stream)):  # (all_streams: maybe not)
+                self._send("line", stream, record)
 
-    def _send(self, kind: bytes, stream: str, record: dict) -> None:
+    def _send(self, kind: str, stream: str, record: dict) -> None:
         name = topic(kind, stream)
         seq = self.seq.get(name, 0)
         self.seq[name] = seq + 1
